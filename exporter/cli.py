@@ -1,0 +1,222 @@
+"""Command line: flags in the Prometheus style, start-up, reload (SIGHUP, POST /-/reload), shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.client import WolkvoxClient
+from exporter.config import Config, ConfigError, OperationConfig, format_duration, load_config
+from exporter.logs import FORMATS, LEVELS, redact, setup_logging
+from exporter.scheduler import Refresher
+from exporter.statefile import StateFile, StateSaver
+from exporter.store import OperationInfo, Publisher, Store
+from exporter.web import LimitedSite, WebApp, parse_listen_address
+from exporter.webconfig import WebConfigError, load_web_config
+
+log = logging.getLogger("exporter")
+
+DEFAULT_PORT = 19726
+SHUTDOWN_SECONDS = 3.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wolkvox-exporter",
+        description="Prometheus exporter for wolkvox billing usage. Values are fetched in the background, "
+        "within the API's limits, and served from a cache.",
+    )
+    parser.add_argument("--config.file", dest="config_file", default="config.yml", help="YAML configuration")
+    parser.add_argument(
+        "--config.check", dest="config_check", action="store_true", help="validate the config file and exit"
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=f":{DEFAULT_PORT}",
+        help=f"address to listen on, host:port (default :{DEFAULT_PORT}, all interfaces)",
+    )
+    parser.add_argument(
+        "--web.telemetry-path", dest="telemetry_path", default="/metrics", help="path of the metrics page"
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="TLS and basic-auth settings, in the exporter-toolkit format",
+    )
+    parser.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=int,
+        default=512,
+        help="open HTTP connections beyond this are closed at once (default 512)",
+    )
+    parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
+    parser.add_argument("--log.format", dest="log_format", choices=FORMATS, default="logfmt")
+    parser.add_argument("--version", action="version", version=f"wolkvox-exporter {__version__}")
+    return parser
+
+
+def _infos(config: Config) -> list[OperationInfo]:
+    return [
+        OperationInfo(name=op.name, apis=op.apis, budget_minutes=op.budget_minutes)
+        for op in config.operations
+    ]
+
+
+def _use_config(config: Config) -> None:
+    redact.set(op.token.reveal() for op in config.operations)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+
+class Exporter:
+    """Wires config, client, refresher, store and web together, and owns reload and shutdown."""
+
+    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.state_file = StateFile(config.state_file) if config.state_file else None
+        saved = self.state_file.load() if self.state_file else None
+        self.store = Store(_infos(config), max_age=config.max_age)
+        if saved is not None:
+            self.store.restore_values(saved.values)
+        self.client = WolkvoxClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            max_body_bytes=config.max_body_bytes,
+            user_agent=f"wolkvox-exporter/{__version__}",
+        )
+        self.refresher = Refresher(
+            config,
+            self._fetch,
+            self.store.record,
+            last_used=saved.last_used if saved is not None else None,
+        )
+        self.publisher = Publisher(self.store)
+        self.saver = (
+            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.token_usage()))
+            if self.state_file
+            else None
+        )
+        self._reload_lock = asyncio.Lock()
+
+    def _fetch(self, operation: OperationConfig, api: str) -> float:
+        reading = self.client.fetch(
+            base_url=operation.base_url,
+            server=operation.server,
+            token=operation.token,
+            api=api,
+            ca_file=operation.ca_file,
+        )
+        return reading.value
+
+    async def reload(self) -> tuple[bool, str]:
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                config = await loop.run_in_executor(None, load_config, self.args.config_file)
+            except ConfigError as error:
+                self.store.set_reload_status(False)
+                log.error("reload failed, keeping the running configuration: %s", error)
+                return False, f"reload failed: {error}"
+            _use_config(config)
+            self.store.reconfigure(_infos(config), max_age=config.max_age)
+            self.refresher.reload(config)
+            self.store.set_reload_status(True)
+            self.config = config
+            log.info("configuration reloaded: %d operation(s)", len(config.operations))
+            return True, "OK"
+
+
+async def serve(exporter: Exporter, web_config_file: str | None) -> int:
+    args = exporter.args
+    try:
+        web_config = load_web_config(web_config_file)
+        host, port = parse_listen_address(args.listen_address)
+    except (WebConfigError, ValueError) as error:
+        log.error("%s", error)
+        return 1
+    app = WebApp(
+        exporter.store,
+        telemetry_path=args.telemetry_path,
+        reload=exporter.reload,
+        web_config=web_config,
+        operations_count=lambda: len(exporter.config.operations),
+    ).build()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS)
+    await runner.setup()
+    site = LimitedSite(
+        runner, host, port, ssl_context=web_config.ssl_context, max_connections=args.max_connections
+    )
+    try:
+        await site.start()
+    except OSError as error:
+        log.error("cannot listen on %s: %s", args.listen_address, error.strerror or error)
+        await runner.cleanup()
+        return 1
+    log.info(
+        "listening on %s (version %s, %d operation(s), refresh every %s)",
+        site.name,
+        __version__,
+        len(exporter.config.operations),
+        format_duration(exporter.config.refresh_interval),
+    )
+    exporter.publisher.start()
+    exporter.refresher.start()
+    if exporter.saver is not None:
+        exporter.saver.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(exporter.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    await loop.run_in_executor(None, exporter.refresher.stop, SHUTDOWN_SECONDS)
+    exporter.publisher.stop()
+    if exporter.saver is not None:
+        exporter.saver.stop()
+    exporter.client.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config_file)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 1
+    _use_config(config)
+    if args.config_check:
+        print(f"{args.config_file}: OK, {len(config.operations)} operation(s)")
+        return 0
+    if args.max_connections < 1:
+        log.error("--web.max-connections: must be at least 1")
+        return 1
+    exporter = Exporter(config, args)
+    return asyncio.run(serve(exporter, args.web_config_file))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The optional ``state_file``: when each token was last used and the last good values, across restarts.
+
+So a crash-looping exporter neither hits the API more often than allowed nor starts with an empty page.
+Tokens are never written: a lane is named by a truncated SHA-256 of its token (``scheduler.token_key``).
+The file is JSON, replaced atomically (write to a temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+Values = dict[str, dict[str, tuple[float, float]]]
+
+
+@dataclass
+class SavedState:
+    values: Values = field(default_factory=dict)
+    last_used: dict[str, float] = field(default_factory=dict)
+
+
+class StateFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._last_written: bytes | None = None
+
+    def load(self) -> SavedState | None:
+        """The saved state, or None if there is none or it cannot be used (logged, never fatal)."""
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("state_file %s: ignored, cannot read it: %s", self.path, error)
+            return None
+        try:
+            return _parse(raw)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            log.warning("state_file %s: ignored, unexpected content: %s", self.path, error)
+            return None
+
+    def save(self, values: Values, last_used: dict[str, float]) -> None:
+        document = {
+            "version": VERSION,
+            "values": {op: {api: list(pair) for api, pair in apis.items()} for op, apis in values.items()},
+            "last_used": last_used,
+        }
+        data = json.dumps(document, sort_keys=True).encode()
+        if data == self._last_written:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+            self._last_written = data
+        except OSError as error:
+            log.warning("state_file %s: cannot write it: %s", self.path, error)
+
+
+def _parse(raw: Any) -> SavedState:
+    if not isinstance(raw, dict) or raw.get("version") != VERSION:
+        raise ValueError("not a version 1 state file")
+    values: Values = {}
+    for op, apis in raw["values"].items():
+        values[str(op)] = {str(api): (float(pair[0]), float(pair[1])) for api, pair in apis.items()}
+    last_used = {str(key): float(when) for key, when in raw["last_used"].items()}
+    return SavedState(values=values, last_used=last_used)
+
+
+class StateSaver:
+    """Saves the state every ``interval`` seconds (only when it changed) until stopped."""
+
+    def __init__(
+        self,
+        state_file: StateFile,
+        snapshot: Callable[[], tuple[Values, dict[str, float]]],
+        interval: float = 1.0,
+    ) -> None:
+        self._state_file = state_file
+        self._snapshot = snapshot
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="state-saver", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._state_file.save(*self._snapshot())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._state_file.save(*self._snapshot())

@@ -1,0 +1,355 @@
+"""What is known per operation, and the /metrics page rendered from it.
+
+The scheduler's worker threads hand each ``FetchResult`` to ``Store.record``; that only updates the
+operation's state and marks it dirty. ``Store.render`` (called by the ``Publisher`` thread, at most
+about once a second and at least every few seconds) re-renders the dirty operations' lines, joins the
+cached lines of all operations family by family, and swaps in a new immutable ``RenderedPage`` holding
+the plain and the gzip bytes. A scrape only reads ``Store.page``: it never waits for upstream and never
+sees half an update.
+
+Sample output::
+
+    # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
+    # TYPE wolkvox_stereo_rec_minutes gauge
+    wolkvox_stereo_rec_minutes{operation="bogota"} 1234.5
+    # HELP wolkvox_up 1 if the last fetch for the operation succeeded, else 0.
+    # TYPE wolkvox_up gauge
+    wolkvox_up{operation="bogota"} 1
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY, generate_latest
+
+from exporter import __version__
+from exporter.client import REASONS
+from exporter.exposition import Family, sample
+from exporter.model import FetchResult
+
+log = logging.getLogger(__name__)
+
+STEREO_REC = "stereo_rec"
+
+STEREO_REC_MINUTES = Family(
+    "wolkvox_stereo_rec_minutes",
+    "gauge",
+    "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
+    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "of each month. Absent when the last good value is older than max_age.",
+)
+BUDGET = Family(
+    "wolkvox_stereo_rec_budget_minutes",
+    "gauge",
+    "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
+)
+UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+LAST_ERROR = Family(
+    "wolkvox_last_error_info",
+    "gauge",
+    "Reason of the last failed fetch for the operation; present (value 1) only while wolkvox_up is 0.",
+)
+ERRORS = Family(
+    "wolkvox_scrape_errors_total",
+    "counter",
+    "Failed requests to the wolkvox API for the operation, by reason (timeout, connection, http_status, "
+    "api_error, auth, token_limit, unknown_api, invalid_response, parse).",
+)
+REQUESTS = Family(
+    "wolkvox_scrape_requests_total", "counter", "Requests made to the wolkvox API for the operation."
+)
+LAST_SUCCESS = Family(
+    "wolkvox_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful fetch for the operation.",
+)
+DURATION = Family(
+    "wolkvox_scrape_duration_seconds",
+    "gauge",
+    "Duration of the last request to the wolkvox API for the operation, in seconds.",
+)
+# Order in which families appear on the page; each operation caches one string per family.
+OPERATION_FAMILIES: tuple[Family, ...] = (
+    STEREO_REC_MINUTES,
+    BUDGET,
+    UP,
+    LAST_ERROR,
+    ERRORS,
+    REQUESTS,
+    LAST_SUCCESS,
+    DURATION,
+)
+_INDEX = {family: i for i, family in enumerate(OPERATION_FAMILIES)}
+
+BUILD_INFO = Family(
+    "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
+)
+RELOAD_OK = Family(
+    "wolkvox_config_last_reload_successful",
+    "gauge",
+    "1 if the last configuration (re)load succeeded, else 0.",
+)
+RELOAD_TIME = Family(
+    "wolkvox_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful configuration load.",
+)
+
+
+@dataclass(frozen=True)
+class OperationInfo:
+    """The parts of an operation's configuration that the store needs."""
+
+    name: str
+    apis: tuple[str, ...] = (STEREO_REC,)
+    budget_minutes: float | None = None
+
+
+@dataclass
+class _OperationState:
+    info: OperationInfo
+    values: dict[str, tuple[float, float]] = field(default_factory=dict)  # api -> (value, fetched at)
+    last_ok: dict[str, bool] = field(default_factory=dict)  # api -> did its last request succeed
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    last_success: float | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+
+    @property
+    def tried(self) -> bool:
+        return bool(self.last_ok)
+
+    @property
+    def up(self) -> bool:
+        return self.tried and all(self.last_ok.values())
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """One immutable /metrics page, plain and gzip-compressed."""
+
+    plain: bytes
+    gzipped: bytes
+    rendered_at: float
+
+
+class Store:
+    """Per-operation state plus the latest rendered page. ``record`` is thread-safe."""
+
+    def __init__(
+        self,
+        operations: Iterable[OperationInfo],
+        *,
+        max_age: float,
+        wall: Callable[[], float] = time.time,
+        include_process_metrics: bool = True,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._wall = wall
+        self._max_age = max_age
+        self._include_process_metrics = include_process_metrics
+        self._states: dict[str, _OperationState] = {}
+        self._fragments: dict[str, list[str]] = {}
+        self._dirty: set[str] = set()
+        self._next_expiry = float("inf")
+        self._reload_ok = 1
+        self._reload_time = wall()
+        self.changed = threading.Event()  # set whenever a re-render is wanted
+        self.reconfigure(operations, max_age=max_age)
+        self.page = RenderedPage(b"", b"", 0.0)
+        self.render()
+
+    # ----- updates (any thread) -------------------------------------------------------------
+
+    def reconfigure(self, operations: Iterable[OperationInfo], *, max_age: float) -> None:
+        """Take a new list of operations; state of operations that keep their name is kept."""
+        with self._lock:
+            self._max_age = max_age
+            states: dict[str, _OperationState] = {}
+            for info in operations:
+                state = self._states.get(info.name) or _OperationState(info)
+                state.info = info
+                for api in list(state.values):
+                    if api not in info.apis:
+                        del state.values[api]
+                        state.last_ok.pop(api, None)
+                states[info.name] = state
+            self._states = states
+            self._fragments = {name: self._fragments.get(name, []) for name in states}
+            self._dirty = set(states)
+            self._next_expiry = 0.0
+        self.changed.set()
+
+    def record(self, result: FetchResult) -> None:
+        with self._lock:
+            state = self._states.get(result.operation)
+            if state is None or result.api not in state.info.apis:
+                return  # the operation was removed by a reload while its request was in flight
+            state.requests += 1
+            state.last_duration = result.duration
+            state.last_ok[result.api] = result.ok
+            if result.ok and result.value is not None:
+                state.values[result.api] = (result.value, result.finished_at)
+                state.last_success = max(state.last_success or 0.0, result.finished_at)
+                self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
+            elif result.reason is not None:
+                state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
+                state.last_error = result.reason
+            self._dirty.add(result.operation)
+        self.changed.set()
+
+    def set_reload_status(self, ok: bool) -> None:
+        with self._lock:
+            self._reload_ok = 1 if ok else 0
+            if ok:
+                self._reload_time = self._wall()
+        self.changed.set()
+
+    # ----- reads ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once every operation has been tried at least once."""
+        with self._lock:
+            return all(state.tried for state in self._states.values())
+
+    def values(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """Last good values per operation and api, (value, fetched at): for the state file."""
+        with self._lock:
+            return {name: dict(state.values) for name, state in self._states.items()}
+
+    def restore_values(self, saved: dict[str, dict[str, tuple[float, float]]]) -> None:
+        """Put back values remembered from an earlier run (not counted as requests)."""
+        with self._lock:
+            for name, per_api in saved.items():
+                state = self._states.get(name)
+                if state is None:
+                    continue
+                for api, (value, fetched_at) in per_api.items():
+                    if api in state.info.apis and api not in state.values:
+                        state.values[api] = (value, fetched_at)
+                        state.last_success = max(state.last_success or 0.0, fetched_at)
+                self._dirty.add(name)
+            self._next_expiry = 0.0
+        self.changed.set()
+
+    # ----- rendering (the publisher thread) ---------------------------------------------------
+
+    def render(self) -> RenderedPage:
+        """Re-render what changed and swap in a new page."""
+        now = self._wall()
+        with self._lock:
+            if now >= self._next_expiry:
+                self._expire(now)
+            for name in self._dirty:
+                self._fragments[name] = self._render_operation(self._states[name])
+            self._dirty.clear()
+            fragments = list(self._fragments.values())
+            global_lines = self._render_global()
+        parts: list[bytes] = []
+        for i, family in enumerate(OPERATION_FAMILIES):
+            body = "".join(fragment[i] for fragment in fragments)
+            if body:
+                parts.append(family.header())
+                parts.append(body.encode())
+        parts.append(global_lines.encode())
+        if self._include_process_metrics:
+            parts.append(generate_latest(REGISTRY))
+        plain = b"".join(parts)
+        # mtime=0 keeps the bytes reproducible; level 6 is zlib's default trade-off.
+        page = RenderedPage(plain, gzip.compress(plain, compresslevel=6, mtime=0), now)
+        self.page = page
+        return page
+
+    def _expire(self, now: float) -> None:
+        """Drop values older than max_age, so a stale value is never shown as current."""
+        next_expiry = float("inf")
+        for name, state in self._states.items():
+            for api, (_, fetched_at) in list(state.values.items()):
+                expires = fetched_at + self._max_age
+                if expires <= now:
+                    del state.values[api]
+                    self._dirty.add(name)
+                    log.warning("dropping %s value of operation %s: older than max_age", api, name)
+                else:
+                    next_expiry = min(next_expiry, expires)
+        self._next_expiry = next_expiry
+
+    @staticmethod
+    def _render_operation(state: _OperationState) -> list[str]:
+        name = state.info.name
+        op = {"operation": name}
+        lines = [""] * len(OPERATION_FAMILIES)
+        if STEREO_REC in state.values:
+            lines[_INDEX[STEREO_REC_MINUTES]] = sample(
+                STEREO_REC_MINUTES.name, op, state.values[STEREO_REC][0]
+            )
+        if state.info.budget_minutes is not None:
+            lines[_INDEX[BUDGET]] = sample(BUDGET.name, op, state.info.budget_minutes)
+        lines[_INDEX[UP]] = sample(UP.name, op, 1 if state.up else 0)
+        if not state.up and state.last_error is not None:
+            lines[_INDEX[LAST_ERROR]] = sample(
+                LAST_ERROR.name, {"operation": name, "reason": state.last_error}, 1
+            )
+        lines[_INDEX[ERRORS]] = "".join(
+            sample(ERRORS.name, {"operation": name, "reason": reason}, count)
+            for reason, count in state.errors.items()
+        )
+        lines[_INDEX[REQUESTS]] = sample(REQUESTS.name, op, state.requests)
+        if state.last_success is not None:
+            lines[_INDEX[LAST_SUCCESS]] = sample(LAST_SUCCESS.name, op, state.last_success)
+        if state.last_duration is not None:
+            lines[_INDEX[DURATION]] = sample(DURATION.name, op, state.last_duration)
+        return lines
+
+    def _render_global(self) -> str:
+        return "".join(
+            (
+                BUILD_INFO.header().decode(),
+                sample(BUILD_INFO.name, {"version": __version__}, 1),
+                RELOAD_OK.header().decode(),
+                sample(RELOAD_OK.name, {}, self._reload_ok),
+                RELOAD_TIME.header().decode(),
+                sample(RELOAD_TIME.name, {}, self._reload_time),
+            )
+        )
+
+
+class Publisher:
+    """A thread that re-renders the store's page when it changed (at most every ``min_interval``)
+    and at least every ``max_interval`` (so process metrics and expiries stay current)."""
+
+    def __init__(self, store: Store, *, min_interval: float = 1.0, max_interval: float = 5.0) -> None:
+        self._store = store
+        self._min_interval = min_interval
+        self._max_interval = max_interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._store.changed.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._store.changed.wait(timeout=self._max_interval)
+            if self._stop.is_set():
+                return
+            self._store.changed.clear()
+            try:
+                self._store.render()
+            except Exception:  # never let a rendering bug stop the page from being served
+                log.exception("rendering /metrics failed; serving the previous page")
+            # Coalesce bursts of results (thousands at start-up) into one render per interval.
+            self._stop.wait(self._min_interval)

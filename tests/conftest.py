@@ -1,0 +1,194 @@
+"""Shared test helpers: real processes (simulator, exporter) on loopback, and condition waits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_samples(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@dataclass
+class Process:
+    """A child process whose stderr goes to a file; ``url`` is parsed from its 'listening on' line."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+_LISTENING = re.compile(r"listening on (https?://(?:127\.0\.0\.1|\[::1\]|localhost):\d+)")
+
+
+def start_process(args: list[str], log_path: Path, timeout: float = 20.0) -> Process:
+    handle = log_path.open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env
+    )
+    handle.close()
+    process = Process(proc, log_path)
+
+    def listening() -> str | None:
+        if proc.poll() is not None:
+            pytest.fail(f"{args[:2]} exited with {proc.returncode}:\n{process.log()}")
+        match = _LISTENING.search(process.log())
+        return match.group(1) if match else None
+
+    process.url = wait_until(listening, timeout=timeout, what=f"{args[:2]} to listen")
+    return process
+
+
+@dataclass
+class Simulator:
+    process: Process
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def fault(self, mode: str, token: str = "*", **extra: Any) -> None:
+        response = requests.post(
+            f"{self.url}/-/faults", json={"mode": mode, "token": token, **extra}, timeout=5
+        )
+        response.raise_for_status()
+
+    def clear_faults(self) -> None:
+        requests.delete(f"{self.url}/-/faults", timeout=5).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        return requests.get(f"{self.url}/-/stats", timeout=5).json()
+
+
+@dataclass
+class Exporter:
+    process: Process
+    config_path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=5, **kwargs)
+
+    def samples(self) -> Samples:
+        response = self.get("/metrics")
+        response.raise_for_status()
+        return parse_samples(response.text)
+
+    def wait_for(self, predicate: Callable[[Samples], Any], timeout: float = 15.0, what: str = "") -> Samples:
+        """Wait until ``predicate(samples)`` holds on a scrape; returns those samples."""
+        found: dict[str, Samples] = {}
+
+        def check() -> bool:
+            samples = self.samples()
+            found["s"] = samples
+            return bool(predicate(samples))
+
+        wait_until(check, timeout=timeout, interval=0.1, what=what or "a /metrics condition")
+        return found["s"]
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> Iterator[Simulator]:
+    process = start_process(
+        ["-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0"], tmp_path / "simulator.log"
+    )
+    yield Simulator(process)
+    process.stop()
+
+
+@pytest.fixture
+def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
+    """Factory: ``start_exporter(config_dict, *extra_flags)`` runs the real exporter on a loopback port."""
+    started: list[Process] = []
+
+    def start(config: dict[str, Any], *flags: str, log_level: str = "debug") -> Exporter:
+        config_path = tmp_path / f"exporter-{len(started)}.yml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        process = start_process(
+            [
+                "-m",
+                "exporter.cli",
+                "--config.file",
+                str(config_path),
+                "--web.listen-address",
+                "127.0.0.1:0",
+                "--log.level",
+                log_level,
+                *flags,
+            ],
+            tmp_path / f"exporter-{len(started)}.log",
+        )
+        started.append(process)
+        return Exporter(process, config_path, config)
+
+    yield start
+    for process in started:
+        process.stop()
