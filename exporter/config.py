@@ -1,0 +1,624 @@
+"""The YAML configuration file: parsing, validation, ``${VAR}`` expansion and defaults.
+
+Every problem is a :class:`ConfigError` whose message is one line, ``<file>: <key path>: <problem>``, and
+never contains a token. Problems that do not stop the exporter end up in :attr:`Config.warnings`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import stat
+import unicodedata
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.constructor import ConstructorError
+
+from exporter.secret import Secret
+
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "refresh_interval",
+        "max_age",
+        "fetch_workers",
+        "connect_timeout",
+        "read_timeout",
+        "max_body_bytes",
+        "state_file",
+        "operations",
+    }
+)
+OPERATION_KEYS = frozenset(
+    {"name", "server", "token", "token_file", "budget_minutes", "base_url", "apis", "ca_file"}
+)
+
+DEFAULT_REFRESH_INTERVAL = 300.0
+DEFAULT_MAX_AGE = 3600.0
+DEFAULT_FETCH_WORKERS = 16
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+DEFAULT_APIS = ("stereo_rec",)
+
+API_MIN_INTERVAL = 300.0  # the wolkvox API answers one query per 5 minutes per token
+API_MAX_CALL = 60.0  # ... and spends at most 60 s on a call
+
+# Far above any sensible setting, and below threading.TIMEOUT_MAX, so a typo cannot crash a wait() later.
+MAX_DURATION = 365 * 86_400.0
+# A token is a few dozen bytes; a bigger file is most likely the wrong file, not worth reading whole.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+_SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_API = re.compile(r"[a-z0-9_]+")
+_VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
+_UNITS = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}  # units must come largest first
+_DURATION_HELP = "use seconds (300) or ms, s, m, h, d largest first (500ms, 30s, 5m, 1h30m)"
+
+
+class ConfigError(Exception):
+    """An invalid configuration. ``str()`` is one line: ``<file>: <key path>: <problem>``.
+
+    ``file`` is None while the error travels up from a helper (e.g. :func:`parse_duration`) and is filled
+    in by :func:`load_config`; ``key`` is None for problems with the file as a whole.
+    """
+
+    def __init__(self, problem: str, key: str | None = None, file: str | None = None) -> None:
+        self.problem = problem
+        self.key = key
+        self.file = file
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return _render(self.file, self.key, self.problem)
+
+    def with_file(self, file: str) -> ConfigError:
+        return ConfigError(self.problem, self.key, file)
+
+
+@dataclass(frozen=True)
+class OperationConfig:
+    """One wolkvox operation (one token). ``repr()`` shows the token as ``Secret('<redacted>')``."""
+
+    name: str
+    server: str
+    token: Secret
+    base_url: str
+    budget_minutes: float | None
+    apis: tuple[str, ...]
+    ca_file: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration file. Durations are seconds; ``state_file``, ``ca_file`` absolute paths."""
+
+    path: str
+    refresh_interval: float
+    max_age: float
+    fetch_workers: int
+    connect_timeout: float
+    read_timeout: float
+    max_body_bytes: int
+    state_file: str | None
+    operations: tuple[OperationConfig, ...]
+    warnings: tuple[str, ...]
+
+
+# ----- durations ------------------------------------------------------------------------------------
+
+
+def parse_duration(value: object, where: str = "duration") -> float:
+    """Seconds from ``300``, ``2.5``, ``"300"``, ``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"``.
+
+    Raises ConfigError naming ``where`` for anything else, for values <= 0 and above one year.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"expected a duration, got {_type_name(value)}; {_DURATION_HELP}", where)
+    if isinstance(value, str):
+        seconds = _parse_duration_text(value, where)
+    elif isinstance(value, int) and value > MAX_DURATION:
+        seconds = math.inf  # a huge YAML integer would overflow float()
+    else:
+        seconds = float(value)
+    if math.isnan(seconds):
+        raise ConfigError(f"invalid duration {_show(value)}; {_DURATION_HELP}", where)
+    if seconds <= 0:
+        raise ConfigError(f"must be greater than 0, got {_show(value)}", where)
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"too long, got {_show(value)} (at most {format_duration(MAX_DURATION)})", where)
+    return seconds
+
+
+def _parse_duration_text(text: str, where: str) -> float:
+    body = text.strip()
+    if _NUMBER.fullmatch(body):
+        return float(body)
+    if body.startswith("-"):
+        raise ConfigError(f"must be greater than 0, got {_show(text)}", where)
+    total, pos, last_rank = 0.0, 0, -1
+    while pos < len(body):
+        match = _DURATION_PART.match(body, pos)
+        if match is None or _UNIT_RANK[match.group(2)] <= last_rank:
+            raise ConfigError(f"invalid duration {_show(text)}; {_DURATION_HELP}", where)
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos, last_rank = match.end(), _UNIT_RANK[match.group(2)]
+    if not body:
+        raise ConfigError(f"invalid duration {_show(text)}; {_DURATION_HELP}", where)
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest ``parse_duration`` spelling, to the millisecond: 300 -> "5m", 90 -> "1m30s"."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    sign = "-" if seconds < 0 else ""
+    rest = round(abs(seconds) * 1000)
+    parts: list[str] = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return sign + "".join(parts) if parts else "0s"
+
+
+# ----- loading ----------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values."""
+    file = os.fsdecode(path)
+    try:
+        return _build(file, _read_yaml(file), os.environ if environ is None else environ)
+    except ConfigError as error:
+        # `from None`: the chained exception could carry file content (a token) into a logged traceback.
+        raise error.with_file(file) from None
+
+
+def _read_yaml(file: str) -> object:
+    try:
+        with open(file, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise ConfigError(f"cannot read the configuration file: {_os_reason(error)}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not valid UTF-8 (byte {error.start})") from None
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as error:
+        # e.g. a control character; the position is an index into the text.
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        problem = f"YAML error: character #x{error.character:04x}: {error.reason}"
+        raise ConfigError(problem, f"line {line}, column {column}") from None
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as error:
+        # Only the problem and its position: the error's own str() quotes the offending line,
+        # which may be the one holding a token.
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        problem = ", ".join(text for text in (error.context, error.problem) if text)
+        raise ConfigError(f"YAML syntax error: {problem}", where) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"YAML error: {type(error).__name__}") from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML keeps the last one silently) and reports
+    constructor failures (``!!int abc``, ``2024-13-01``) with their position instead of crashing."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as error:
+            raise ConstructorError(None, None, f"invalid value ({error})", node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` keys may legitimately be overridden
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+                if duplicate:
+                    raise ConstructorError(None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
+    if data is None:
+        raise ConfigError("the file is empty; expected a mapping with at least `operations`")
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {_type_name(data)}")
+    base_dir = os.path.dirname(os.path.abspath(file))
+    top = _Section(data, "", environ, TOP_LEVEL_KEYS)
+    refresh_interval = top.duration("refresh_interval", DEFAULT_REFRESH_INTERVAL)
+    max_age = top.duration("max_age", DEFAULT_MAX_AGE)
+    fetch_workers = top.integer("fetch_workers", DEFAULT_FETCH_WORKERS, minimum=1)
+    connect_timeout = top.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    read_timeout = top.duration("read_timeout", DEFAULT_READ_TIMEOUT)
+    max_body_bytes = top.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    state_file = top.string("state_file")
+    if state_file is not None:
+        _require_nonempty(state_file, "state_file")
+        state_file = os.path.join(base_dir, state_file)
+
+    items = data.get("operations")
+    if "operations" not in data:
+        raise ConfigError("missing; list at least one operation", "operations")
+    if not isinstance(items, list):
+        raise ConfigError(f"expected a list of operations, got {_type_name(items)}", "operations")
+    if not items:
+        raise ConfigError("is empty; list at least one operation", "operations")
+    operations: list[OperationConfig] = []
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(items):
+        where = f"operations[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"expected a mapping, got {_type_name(item)}", where)
+        operation = _operation(_Section(item, where, environ, OPERATION_KEYS), base_dir)
+        if operation.name in first_index:
+            origin = "" if "name" in item and item["name"] is not None else " (the name defaults to server)"
+            raise ConfigError(
+                f"duplicate operation name {_show(operation.name)}, already used by "
+                f"operations[{first_index[operation.name]}]{origin}",
+                f"{where}.name",
+            )
+        first_index[operation.name] = index
+        operations.append(operation)
+
+    warnings = _warnings(refresh_interval, max_age, read_timeout, operations)
+    return Config(
+        path=file,
+        refresh_interval=refresh_interval,
+        max_age=max_age,
+        fetch_workers=fetch_workers,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_body_bytes=max_body_bytes,
+        state_file=state_file,
+        operations=tuple(operations),
+        warnings=tuple(_render(file, key, text) for key, text in warnings),
+    )
+
+
+def _operation(section: _Section, base_dir: str) -> OperationConfig:
+    server = section.string("server")
+    if server is None:
+        raise ConfigError(
+            "missing; the operation's server nomenclature (e.g. wv9901)", section.where("server")
+        )
+    if not _SERVER.fullmatch(server):
+        raise ConfigError(
+            f"invalid server {_show(server)}; expected letters, digits and '-' (e.g. wv9901)",
+            section.where("server"),
+        )
+    name = section.string("name")
+    if name is None:
+        name = server
+    elif not name.strip() or any(_is_unprintable(ch) for ch in name):
+        raise ConfigError(
+            f"must be a non-empty string without control characters, got {_show(name)}", section.where("name")
+        )
+
+    base_url = section.string("base_url")
+    base_url = (
+        f"https://{server}.wolkvox.com"
+        if base_url is None
+        else _check_url(base_url, section.where("base_url"))
+    )
+
+    budget = section.number("budget_minutes")
+    apis = section.api_list("apis")
+    ca_file = section.string("ca_file")
+    if ca_file is not None:
+        _require_nonempty(ca_file, section.where("ca_file"))
+        ca_file = os.path.join(base_dir, ca_file)
+        _read_file(ca_file, section.where("ca_file"), limit=1)
+    return OperationConfig(
+        name=name,
+        server=server,
+        token=_token(section, base_dir),
+        base_url=base_url,
+        budget_minutes=budget,
+        apis=apis,
+        ca_file=ca_file,
+    )
+
+
+def _token(section: _Section, base_dir: str) -> Secret:
+    # Messages here may name keys, files and variables, never the value.
+    token = section.string("token")
+    token_file = section.string("token_file")
+    if token is not None and token_file is not None:
+        raise ConfigError("set either token or token_file, not both", section.where("token_file"))
+    if token is not None:
+        where, what, value = section.where("token"), "the token", token.strip()
+    elif token_file is not None:
+        where = section.where("token_file")
+        _require_nonempty(token_file, where)
+        path = os.path.join(base_dir, token_file)
+        what, value = f"the token in {path}", _read_token_file(path, where)
+    else:
+        raise ConfigError("missing; set token or token_file", section.where("token"))
+    if not value:
+        raise ConfigError(f"{what} is empty", where)
+    if not all("!" <= ch <= "~" for ch in value):
+        # An HTTP header cannot carry it: every refresh would fail.
+        raise ConfigError(f"{what} contains whitespace, control or non-ASCII characters", where)
+    return Secret(value)
+
+
+def _read_token_file(path: str, where: str) -> str:
+    raw = _read_file(path, where, limit=MAX_TOKEN_FILE_BYTES)
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_TOKEN_FILE_BYTES} bytes; not a token file?", where)
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid UTF-8 text", where) from None
+
+
+def _check_url(url: str, where: str) -> str:
+    # The URL is not quoted back: if it carries credentials, they must not reach the log.
+    if any(_is_unprintable(ch) or ch.isspace() for ch in url):
+        raise ConfigError("contains whitespace or control characters", where)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as error:
+        raise ConfigError(f"invalid URL ({error})", where) from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError("must start with http:// or https://", where)
+    if not parts.hostname:
+        raise ConfigError("has no host name", where)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("must not contain credentials (user:password@)", where)
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError("must not contain a query (?) or a fragment (#)", where)
+    return url.rstrip("/")
+
+
+def _read_file(path: str, where: str, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of a regular file (so callers can tell it is too big)."""
+    try:
+        # Checked first: opening a FIFO would block the load (and a reload) forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"cannot read {path}: not a regular file", where)
+        with open(path, "rb") as handle:
+            return handle.read(limit + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {_os_reason(error)}", where) from None
+
+
+def _require_nonempty(value: str, where: str) -> None:
+    if not value.strip():
+        raise ConfigError("is empty", where)
+
+
+def _warnings(
+    refresh_interval: float, max_age: float, read_timeout: float, operations: list[OperationConfig]
+) -> list[tuple[str, str]]:
+    warnings: list[tuple[str, str]] = []
+    if refresh_interval < API_MIN_INTERVAL:
+        text = f"{format_duration(refresh_interval)} is below {format_duration(API_MIN_INTERVAL)}"
+        warnings.append(
+            (
+                "refresh_interval",
+                f"{text}: the wolkvox API allows one query per 5 minutes per token, "
+                "expect token_limit errors",
+            )
+        )
+    if read_timeout > API_MAX_CALL:
+        text = f"{format_duration(read_timeout)} is above {API_MAX_CALL:g}s"
+        warnings.append(
+            (
+                "read_timeout",
+                f"{text}, the longest the wolkvox API spends on a call; a longer wait only delays failures",
+            )
+        )
+    # One query per refresh_interval per token: a token serving n apis refreshes each every n intervals.
+    jobs = Counter(op.token for op in operations for _ in op.apis)
+    cycle = refresh_interval * max(jobs.values())
+    if max_age <= cycle:
+        text = f"{format_duration(max_age)} is not longer than {format_duration(cycle)}"
+        warnings.append(
+            (
+                "max_age",
+                f"{text}, the time to refresh every api of a token; values will drop out of /metrics "
+                "between refreshes",
+            )
+        )
+    return warnings
+
+
+# ----- one mapping of the file ------------------------------------------------------------------------
+
+
+class _Section:
+    """A mapping being validated: typed getters that expand ``${VAR}`` and name errors by key path.
+
+    An absent key and an explicit null (``key:``) both mean "use the default".
+    """
+
+    def __init__(
+        self, data: dict[Any, Any], prefix: str, environ: Mapping[str, str], keys: Collection[str]
+    ) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._environ = environ
+        for key in data:
+            if key not in keys:
+                close = difflib.get_close_matches(str(key), sorted(keys), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(
+                    f"unknown key{hint}; known keys: {', '.join(sorted(keys))}", self.where(key)
+                )
+
+    def where(self, key: object) -> str:
+        name = key if isinstance(key, str) else repr(key)
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def _raw(self, key: str) -> tuple[object, bool]:
+        """The value with ``${VAR}`` expanded, and whether a variable was substituted."""
+        value = self._data.get(key)
+        if isinstance(value, str):
+            return _expand(value, self.where(key), self._environ)
+        return value, False
+
+    def string(self, key: str) -> str | None:
+        value, _ = self._raw(key)
+        if value is None or isinstance(value, str):
+            return value
+        # The value is not shown: this may be a token written without quotes.
+        raise ConfigError(f"expected a string, got {_type_name(value)} (quote it)", self.where(key))
+
+    def duration(self, key: str, default: float) -> float:
+        value, _ = self._raw(key)
+        return default if value is None else parse_duration(value, self.where(key))
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        value, from_env = self._raw(key)
+        if value is None:
+            return default
+        if from_env and isinstance(value, str):  # `${VAR}` always gives a string; accept a number in it
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"expected an integer, got {_show(value)}", self.where(key)) from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {_type_name(value)}", self.where(key))
+        if value < minimum:
+            raise ConfigError(f"must be at least {minimum}, got {value}", self.where(key))
+        return value
+
+    def number(self, key: str) -> float | None:
+        value, from_env = self._raw(key)
+        if value is None:
+            return None
+        if from_env and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"expected a number, got {_show(value)}", self.where(key)) from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {_type_name(value)}", self.where(key))
+        try:
+            number = float(value)
+        except OverflowError:  # a huge YAML integer
+            number = math.inf
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"must be a finite number >= 0, got {_show(value)}", self.where(key))
+        return number
+
+    def api_list(self, key: str) -> tuple[str, ...]:
+        value = self._data.get(key)
+        where = self.where(key)
+        if value is None:
+            return DEFAULT_APIS
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list of api names, got {_type_name(value)}", where)
+        if not value:
+            raise ConfigError(f"is empty; list at least one api (default: {', '.join(DEFAULT_APIS)})", where)
+        apis: list[str] = []
+        for index, item in enumerate(value):
+            item_where = f"{where}[{index}]"
+            if isinstance(item, str):
+                item, _ = _expand(item, item_where, self._environ)
+            if not isinstance(item, str):
+                raise ConfigError(f"expected an api name, got {_type_name(item)}", item_where)
+            if not _API.fullmatch(item):
+                raise ConfigError(f"invalid api name {_show(item)}; expected [a-z0-9_]+", item_where)
+            if item in apis:
+                raise ConfigError(f"duplicate api {_show(item)}", item_where)
+            apis.append(item)
+        return tuple(apis)
+
+
+def _expand(text: str, where: str, environ: Mapping[str, str]) -> tuple[str, bool]:
+    """Replace ``${VAR}`` from ``environ`` and ``$$`` by ``$``; any other ``$`` is kept as it is.
+
+    Substituted values are not expanded again, so a variable may hold a ``$``.
+    """
+    out: list[str] = []
+    pos, substituted = 0, False
+    while (dollar := text.find("$", pos)) >= 0:
+        out.append(text[pos:dollar])
+        following = text[dollar + 1 : dollar + 2]
+        if following == "$":
+            out.append("$")
+            pos = dollar + 2
+        elif following == "{":
+            match = _VAR_REF.match(text, dollar)
+            if match is None:
+                # Not quoted back: this may be a token.
+                raise ConfigError(
+                    "malformed ${...}; use ${NAME} (letters, digits, _) or $$ for a literal $", where
+                )
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(f"environment variable {name} is not set", where)
+            out.append(environ[name])
+            substituted, pos = True, match.end()
+        else:
+            out.append("$")
+            pos = dollar + 1
+    out.append(text[pos:])
+    return "".join(out), substituted
+
+
+# ----- message helpers --------------------------------------------------------------------------------
+
+
+def _render(file: str | None, key: str | None, problem: str) -> str:
+    return _one_line(": ".join(part for part in (file, key, problem) if part))
+
+
+def _is_unprintable(ch: str) -> bool:
+    # Cc control, Cf format (bidi overrides), Zl/Zp line and paragraph separators.
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+
+def _one_line(text: str) -> str:
+    """Escape anything that could break the message over lines (or mislead a terminal)."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if _is_unprintable(ch) else ch for ch in text)
+
+
+def _show(value: object) -> str:
+    """A short quoted rendering of a (non-secret) value for messages."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+def _type_name(value: object) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
