@@ -14,7 +14,7 @@ import stat
 import unicodedata
 from collections import Counter
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,11 +32,27 @@ TOP_LEVEL_KEYS = frozenset(
         "read_timeout",
         "max_body_bytes",
         "state_file",
+        "daily_request_limit",
+        "stretch_intervals",
+        "token_info_interval",
+        "currency",
+        "prices",
         "operations",
     }
 )
 OPERATION_KEYS = frozenset(
-    {"name", "server", "token", "token_file", "budget_minutes", "base_url", "apis", "ca_file"}
+    {
+        "name",
+        "server",
+        "token",
+        "token_file",
+        "budget_minutes",
+        "base_url",
+        "apis",
+        "ca_file",
+        "prices",
+        "cost_budget",
+    }
 )
 
 DEFAULT_REFRESH_INTERVAL = 300.0
@@ -46,6 +62,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_APIS = ("stereo_rec",)
+DEFAULT_DAILY_REQUEST_LIMIT = 1000  # wolkvox: about 1,000 requests per licence per day per token
+DEFAULT_CURRENCY = "USD"
+MIN_TOKEN_INFO_INTERVAL = 3600.0  # token_info is read at most hourly
+DAY = 86_400.0
 
 API_MIN_INTERVAL = 300.0  # the wolkvox API answers one query per 5 minutes per token
 API_MAX_CALL = 60.0  # ... and spends at most 60 s on a call
@@ -96,6 +116,9 @@ class OperationConfig:
     budget_minutes: float | None
     apis: tuple[str, ...]
     ca_file: str | None
+    # Unit price per api (top-level `prices` overlaid with the operation's own), and a monthly cost budget.
+    prices: tuple[tuple[str, float], ...] = ()
+    cost_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,27 @@ class Config:
     state_file: str | None
     operations: tuple[OperationConfig, ...]
     warnings: tuple[str, ...]
+    daily_request_limit: int = DEFAULT_DAILY_REQUEST_LIMIT
+    stretch_intervals: bool = True
+    token_info_interval: float | None = None
+    currency: str = DEFAULT_CURRENCY
+
+    def requests_per_token_per_day(self, refresh_interval: float | None = None) -> float:
+        """Requests one token makes in a day: one per refresh interval (whatever its number of apis,
+        since a token's apis take turns), plus the token_info reads."""
+        interval = self.refresh_interval if refresh_interval is None else refresh_interval
+        info = DAY / self.token_info_interval if self.token_info_interval else 0.0
+        return DAY / interval + info
+
+    @property
+    def effective_refresh_interval(self) -> float:
+        """``refresh_interval``, stretched (if allowed) so a token stays inside ``daily_request_limit``."""
+        if not self.stretch_intervals or self.requests_per_token_per_day() <= self.daily_request_limit:
+            return self.refresh_interval
+        info = DAY / self.token_info_interval if self.token_info_interval else 0.0
+        room = self.daily_request_limit - info
+        # A limit smaller than the token_info reads alone leaves no room: fall back to one request a day.
+        return DAY / room if room >= 1 else DAY
 
 
 # ----- durations ------------------------------------------------------------------------------------
@@ -259,6 +303,20 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     connect_timeout = top.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     read_timeout = top.duration("read_timeout", DEFAULT_READ_TIMEOUT)
     max_body_bytes = top.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    daily_request_limit = top.integer("daily_request_limit", DEFAULT_DAILY_REQUEST_LIMIT, minimum=1)
+    stretch_intervals = top.boolean("stretch_intervals", True)
+    token_info_interval = top.optional_duration("token_info_interval")
+    if token_info_interval is not None and token_info_interval < MIN_TOKEN_INFO_INTERVAL:
+        raise ConfigError(
+            f"must be at least {format_duration(MIN_TOKEN_INFO_INTERVAL)}; read at most hourly",
+            "token_info_interval",
+        )
+    currency = top.string("currency") or DEFAULT_CURRENCY
+    if not re.fullmatch(r"[A-Za-z]{1,8}", currency):
+        raise ConfigError(
+            f"expected a currency code of letters (e.g. USD, COP), got {_show(currency)}", "currency"
+        )
+    prices = top.prices("prices")
     state_file = top.string("state_file")
     if state_file is not None:
         _require_nonempty(state_file, "state_file")
@@ -277,7 +335,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         where = f"operations[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(f"expected a mapping, got {_type_name(item)}", where)
-        operation = _operation(_Section(item, where, environ, OPERATION_KEYS), base_dir)
+        operation = _operation(_Section(item, where, environ, OPERATION_KEYS), base_dir, prices)
         if operation.name in first_index:
             origin = "" if "name" in item and item["name"] is not None else " (the name defaults to server)"
             raise ConfigError(
@@ -289,7 +347,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         operations.append(operation)
 
     warnings = _warnings(refresh_interval, max_age, read_timeout, operations)
-    return Config(
+    config = Config(
         path=file,
         refresh_interval=refresh_interval,
         max_age=max_age,
@@ -300,10 +358,28 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         state_file=state_file,
         operations=tuple(operations),
         warnings=tuple(_render(file, key, text) for key, text in warnings),
+        daily_request_limit=daily_request_limit,
+        stretch_intervals=stretch_intervals,
+        token_info_interval=token_info_interval,
+        currency=currency,
     )
+    planned = config.requests_per_token_per_day()
+    if planned > daily_request_limit:
+        if stretch_intervals:
+            action = f"stretching refresh_interval to {format_duration(config.effective_refresh_interval)}"
+        else:
+            action = "stretch_intervals is off: expect token_limit errors"
+        budget_warning = (
+            f"the config makes {planned:.0f} requests per token per day, above the limit of "
+            f"{daily_request_limit}; {action}"
+        )
+        config = replace(
+            config, warnings=(*config.warnings, _render(file, "daily_request_limit", budget_warning))
+        )
+    return config
 
 
-def _operation(section: _Section, base_dir: str) -> OperationConfig:
+def _operation(section: _Section, base_dir: str, default_prices: dict[str, float]) -> OperationConfig:
     server = section.string("server")
     if server is None:
         raise ConfigError(
@@ -344,6 +420,8 @@ def _operation(section: _Section, base_dir: str) -> OperationConfig:
         budget_minutes=budget,
         apis=apis,
         ca_file=ca_file,
+        prices=tuple(sorted({**default_prices, **section.prices("prices")}.items())),
+        cost_budget=section.number("cost_budget"),
     )
 
 
@@ -531,6 +609,38 @@ class _Section:
         if not math.isfinite(number) or number < 0:
             raise ConfigError(f"must be a finite number >= 0, got {_show(value)}", self.where(key))
         return number
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value, _ = self._raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # from ${VAR}
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {_type_name(value)}", self.where(key))
+        return value
+
+    def optional_duration(self, key: str) -> float | None:
+        value, _ = self._raw(key)
+        return None if value is None else parse_duration(value, self.where(key))
+
+    def prices(self, key: str) -> dict[str, float]:
+        """A mapping of api name -> unit price (a number >= 0)."""
+        value = self._data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"expected a mapping of api: unit price, got {_type_name(value)}", self.where(key)
+            )
+        prices: dict[str, float] = {}
+        for api in value:
+            if not isinstance(api, str) or not _API.fullmatch(api):
+                raise ConfigError(f"invalid api name {_show(api)}; expected [a-z0-9_]+", self.where(key))
+            price = _Section(value, self.where(key), self._environ, value.keys()).number(api)
+            if price is not None:
+                prices[api] = price
+        return prices
 
     def api_list(self, key: str) -> tuple[str, ...]:
         value = self._data.get(key)
