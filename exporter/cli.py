@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from exporter import __version__
-from exporter.client import WolkvoxClient
+from exporter.client import TokenInfo, WolkvoxClient
 from exporter.config import Config, ConfigError, OperationConfig, format_duration, load_config
 from exporter.logs import FORMATS, LEVELS, redact, setup_logging
-from exporter.scheduler import Refresher
+from exporter.model import TOKEN_INFO
+from exporter.scheduler import Refresher, token_key
 from exporter.statefile import StateFile, StateSaver
-from exporter.store import OperationInfo, Publisher, Store
+from exporter.store import OperationInfo, Publisher, Schedule, Store
 from exporter.web import LimitedSite, WebApp, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
 
@@ -67,9 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _infos(config: Config) -> list[OperationInfo]:
     return [
-        OperationInfo(name=op.name, apis=op.apis, budget_minutes=op.budget_minutes)
+        OperationInfo(
+            name=op.name,
+            apis=op.apis,
+            budget_minutes=op.budget_minutes,
+            token_key=token_key(op.token),
+            prices=op.prices,
+            cost_budget=op.cost_budget,
+            currency=config.currency,
+        )
         for op in config.operations
     ]
+
+
+def _schedule(config: Config) -> Schedule:
+    interval = config.effective_refresh_interval
+    return Schedule(
+        refresh_interval=interval,
+        planned_requests_per_day=config.requests_per_token_per_day(interval),
+        daily_request_limit=config.daily_request_limit,
+    )
 
 
 def _use_config(config: Config) -> None:
@@ -86,7 +104,7 @@ class Exporter:
         self.args = args
         self.state_file = StateFile(config.state_file) if config.state_file else None
         saved = self.state_file.load() if self.state_file else None
-        self.store = Store(_infos(config), max_age=config.max_age)
+        self.store = Store(_infos(config), max_age=config.max_age, schedule=_schedule(config))
         if saved is not None:
             self.store.restore_values(saved.values)
         self.client = WolkvoxClient(
@@ -109,7 +127,14 @@ class Exporter:
         )
         self._reload_lock = asyncio.Lock()
 
-    def _fetch(self, operation: OperationConfig, api: str) -> float:
+    def _fetch(self, operation: OperationConfig, api: str) -> float | TokenInfo:
+        if api == TOKEN_INFO:
+            return self.client.fetch_token_info(
+                base_url=operation.base_url,
+                server=operation.server,
+                token=operation.token,
+                ca_file=operation.ca_file,
+            )
         reading = self.client.fetch(
             base_url=operation.base_url,
             server=operation.server,
@@ -129,7 +154,7 @@ class Exporter:
                 log.error("reload failed, keeping the running configuration: %s", error)
                 return False, f"reload failed: {error}"
             _use_config(config)
-            self.store.reconfigure(_infos(config), max_age=config.max_age)
+            self.store.reconfigure(_infos(config), max_age=config.max_age, schedule=_schedule(config))
             self.refresher.reload(config)
             self.store.set_reload_status(True)
             self.config = config

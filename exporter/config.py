@@ -136,26 +136,21 @@ class Config:
     operations: tuple[OperationConfig, ...]
     warnings: tuple[str, ...]
     daily_request_limit: int = DEFAULT_DAILY_REQUEST_LIMIT
-    stretch_intervals: bool = True
+    stretch_intervals: bool = False
     token_info_interval: float | None = None
     currency: str = DEFAULT_CURRENCY
 
     def requests_per_token_per_day(self, refresh_interval: float | None = None) -> float:
-        """Requests one token makes in a day: one per refresh interval (whatever its number of apis,
-        since a token's apis take turns), plus the token_info reads."""
-        interval = self.refresh_interval if refresh_interval is None else refresh_interval
-        info = DAY / self.token_info_interval if self.token_info_interval else 0.0
-        return DAY / interval + info
+        """Requests one token makes in a day: one per refresh interval, whatever its number of apis,
+        since a token's apis (and its token_info reads) take turns."""
+        return DAY / (self.refresh_interval if refresh_interval is None else refresh_interval)
 
     @property
     def effective_refresh_interval(self) -> float:
         """``refresh_interval``, stretched (if allowed) so a token stays inside ``daily_request_limit``."""
-        if not self.stretch_intervals or self.requests_per_token_per_day() <= self.daily_request_limit:
-            return self.refresh_interval
-        info = DAY / self.token_info_interval if self.token_info_interval else 0.0
-        room = self.daily_request_limit - info
-        # A limit smaller than the token_info reads alone leaves no room: fall back to one request a day.
-        return DAY / room if room >= 1 else DAY
+        if self.stretch_intervals:
+            return max(self.refresh_interval, DAY / self.daily_request_limit)
+        return self.refresh_interval
 
 
 # ----- durations ------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     read_timeout = top.duration("read_timeout", DEFAULT_READ_TIMEOUT)
     max_body_bytes = top.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     daily_request_limit = top.integer("daily_request_limit", DEFAULT_DAILY_REQUEST_LIMIT, minimum=1)
-    stretch_intervals = top.boolean("stretch_intervals", True)
+    stretch_intervals = top.boolean("stretch_intervals", False)
     token_info_interval = top.optional_duration("token_info_interval")
     if token_info_interval is not None and token_info_interval < MIN_TOKEN_INFO_INTERVAL:
         raise ConfigError(
@@ -368,7 +363,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         if stretch_intervals:
             action = f"stretching refresh_interval to {format_duration(config.effective_refresh_interval)}"
         else:
-            action = "stretch_intervals is off: expect token_limit errors"
+            action = "expect token_limit errors (set stretch_intervals: true to stay inside the limit)"
         budget_warning = (
             f"the config makes {planned:.0f} requests per token per day, above the limit of "
             f"{daily_request_limit}; {action}"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+# The pseudo-api of a token_info read (information.php): it takes a turn like any billing api.
+TOKEN_INFO = "token_info"  # noqa: S105 (an api name, not a password)
 
 
 @dataclass(frozen=True)
 class FetchResult:
     """The outcome of one request for one (operation, api).
 
-    ``value`` is set on success; ``reason`` (one of ``client.REASONS``) on failure.
+    ``value`` is set on success (a float; a ``client.TokenInfo`` for a token_info read); ``reason``
+    (one of ``client.REASONS``) on failure.
     ``finished_at`` is wall-clock time (seconds since the epoch), ``duration`` in seconds.
     """
 
@@ -17,7 +22,7 @@ class FetchResult:
     api: str
     finished_at: float
     duration: float
-    value: float | None = None
+    value: Any = None
     reason: str | None = None
 
     @property

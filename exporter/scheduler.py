@@ -25,10 +25,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from exporter.client import FetchError
 from exporter.config import Config, OperationConfig
-from exporter.model import FetchResult
+from exporter.model import TOKEN_INFO, FetchResult
 from exporter.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ FIRST_RETRY_SECONDS = 30.0
 TOKEN_LIMIT_BACKOFF_INTERVALS = 12
 SUSPECT_REASONS = frozenset({"timeout", "connection"})
 
-Fetch = Callable[[OperationConfig, str], float]
+# Returns the value for a billing api, or a client.TokenInfo for TOKEN_INFO; raises FetchError.
+Fetch = Callable[[OperationConfig, str], Any]
 
 
 def token_key(token: Secret) -> str:
@@ -68,6 +70,7 @@ class _Lane:
     queued: bool = False  # has a live entry in one of the heaps
     removed: bool = False
     last_used_wall: float | None = None
+    info_due: float = 0.0  # when the next token_info read may take a turn
     seq: int = field(default=0)
 
 
@@ -102,7 +105,8 @@ class Refresher:
         self._stopping = False
         self._work: queue.SimpleQueue[_Lane | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._refresh_interval = config.refresh_interval
+        self._refresh_interval = config.effective_refresh_interval
+        self._token_info_interval = config.token_info_interval
         self._apply_config(config, last_used or {})
 
     # ----- lifecycle ----------------------------------------------------------------------------
@@ -134,7 +138,8 @@ class Refresher:
         if config.fetch_workers != self._workers:
             log.warning("fetch_workers changes take effect after a restart (running with %d)", self._workers)
         with self._cond:
-            self._refresh_interval = config.refresh_interval
+            self._refresh_interval = config.effective_refresh_interval
+            self._token_info_interval = config.token_info_interval
             self._apply_config(config, {})
             self._cond.notify_all()
 
@@ -167,12 +172,14 @@ class Refresher:
                     if not lane.in_flight and not lane.queued:
                         self._push(lane)
                 continue
-            lane = _Lane(key=token_key(token), jobs=jobs, due=now)
+            # token_info (if enabled) takes the second turn, after every lane's first billing answer.
+            lane = _Lane(key=token_key(token), jobs=jobs, due=now, info_due=now + self._refresh_interval)
             used = last_used.get(lane.key)
             if used is not None:
                 # Restarted: the token was used at `used`; respect its interval across the restart.
                 lane.last_used_wall = used
-                lane.due = now + max(0.0, min(used + config.refresh_interval - wall, config.refresh_interval))
+                interval = self._refresh_interval
+                lane.due = now + max(0.0, min(used + interval - wall, interval))
             self._lanes[token] = lane
             self._push(lane)
         for token, lane in self._lanes.items():
@@ -233,7 +240,7 @@ class Refresher:
             lane = self._work.get()
             if lane is None:
                 return
-            operation, api = lane.jobs[lane.next_index % len(lane.jobs)]
+            operation, api = self._next_job(lane)
             result = self._run_one(operation, api)
             try:
                 self._on_result(result)
@@ -241,9 +248,17 @@ class Refresher:
                 log.exception("recording a result failed")
             self._reschedule(lane, result)
 
+    def _next_job(self, lane: _Lane) -> tuple[OperationConfig, str]:
+        """The lane's next turn: a due token_info read, else its next billing api (round-robin)."""
+        jobs = lane.jobs
+        if self._token_info_interval and self._clock() >= lane.info_due:
+            lane.info_due = self._clock() + self._token_info_interval
+            return jobs[0][0], TOKEN_INFO
+        return jobs[lane.next_index % len(jobs)]
+
     def _run_one(self, operation: OperationConfig, api: str) -> FetchResult:
         started = self._clock()
-        value: float | None = None
+        value: Any = None
         reason: str | None = None
         try:
             value = self._fetch(operation, api)
@@ -278,7 +293,8 @@ class Refresher:
                 self._suspect_in_flight -= 1
             lane.in_flight = False
             lane.last_used_wall = result.finished_at
-            lane.next_index = (lane.next_index + 1) % len(lane.jobs)
+            if result.api != TOKEN_INFO:
+                lane.next_index = (lane.next_index + 1) % len(lane.jobs)
             if result.ok:
                 lane.failures = 0
                 lane.suspect = False

@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY, generate_latest
 from exporter import __version__
 from exporter.client import REASONS
 from exporter.exposition import Family, sample
-from exporter.model import FetchResult
+from exporter.model import TOKEN_INFO, FetchResult
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,59 @@ DURATION = Family(
     "gauge",
     "Duration of the last request to the wolkvox API for the operation, in seconds.",
 )
+# Units of the billing apis, as far as the vendor's documentation tells (for HELP and the README).
+API_UNITS = {
+    "stereo_rec": "minutes of stereo recording",
+    "ivr_minutes": "IVR minutes",
+    "ivr_calls": "IVR calls",
+    "amd_ai": "AI answering-machine detections",
+    "rec_screen": "screen-recording time, as the API reports it",
+    "rsync_s3_mp3": "audio files copied to storage",
+    "interactions": "omnichannel interactions",
+    "agent_script": "active Agent Script licences",
+    "intelligent_dial": "active smart-dialling licences",
+    "amazon_s3": "licences enabled for external storage",
+    "chat_licenses": "chat licences",
+    "interaction_licenses": "interaction licences",
+    "wp_connectors": "WhatsApp connectors",
+    "wp_connectors_official": "official WhatsApp connectors",
+}
+BILLING_USAGE = Family(
+    "wolkvox_billing_usage",
+    "gauge",
+    "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
+    "drops at the start of each month). The unit depends on the api: "
+    + "; ".join(f"{api}: {unit}" for api, unit in API_UNITS.items())
+    + ".",
+)
+UNIT_PRICE = Family(
+    "wolkvox_billing_unit_price",
+    "gauge",
+    "Configured price of one unit of the api's usage, in the currency of the label.",
+)
+COST_BUDGET = Family(
+    "wolkvox_billing_cost_budget",
+    "gauge",
+    "Configured monthly cost budget of the operation, in the currency of the label.",
+)
+TOKEN_LIMIT = Family(
+    "wolkvox_token_limit",
+    "gauge",
+    "Daily request limit of the operation's token, as read from information.php?api=token_info.",
+)
+TOKEN_USED = Family(
+    "wolkvox_token_used_today",
+    "gauge",
+    "Requests made today with the operation's token (by anyone), as read from token_info.",
+)
 # Order in which families appear on the page; each operation caches one string per family.
 OPERATION_FAMILIES: tuple[Family, ...] = (
     STEREO_REC_MINUTES,
+    BILLING_USAGE,
+    UNIT_PRICE,
+    COST_BUDGET,
+    TOKEN_LIMIT,
+    TOKEN_USED,
     BUDGET,
     UP,
     LAST_ERROR,
@@ -95,6 +145,21 @@ RELOAD_OK = Family(
     "gauge",
     "1 if the last configuration (re)load succeeded, else 0.",
 )
+REFRESH_INTERVAL = Family(
+    "wolkvox_refresh_interval_seconds",
+    "gauge",
+    "Seconds between two requests with one token (refresh_interval, stretched if stretch_intervals).",
+)
+PLANNED_REQUESTS = Family(
+    "wolkvox_token_planned_requests_per_day",
+    "gauge",
+    "Requests per day the configuration makes with each token (one per refresh interval).",
+)
+DAILY_LIMIT = Family(
+    "wolkvox_token_daily_request_limit",
+    "gauge",
+    "Configured daily request budget per token (daily_request_limit).",
+)
 RELOAD_TIME = Family(
     "wolkvox_config_last_reload_success_timestamp_seconds",
     "gauge",
@@ -109,6 +174,19 @@ class OperationInfo:
     name: str
     apis: tuple[str, ...] = (STEREO_REC,)
     budget_minutes: float | None = None
+    token_key: str = ""  # operations with the same key share a token (and its token_info)
+    prices: tuple[tuple[str, float], ...] = ()
+    cost_budget: float | None = None
+    currency: str = "USD"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Global facts about request pacing, exported so alerts can compare them."""
+
+    refresh_interval: float = 300.0
+    planned_requests_per_day: float = 288.0
+    daily_request_limit: int = 1000
 
 
 @dataclass
@@ -121,6 +199,7 @@ class _OperationState:
     last_success: float | None = None
     last_duration: float | None = None
     last_error: str | None = None
+    token_info: tuple[float | None, float | None] | None = None  # (limit, used today)
 
     @property
     def tried(self) -> bool:
@@ -150,6 +229,7 @@ class Store:
         max_age: float,
         wall: Callable[[], float] = time.time,
         include_process_metrics: bool = True,
+        schedule: Schedule | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._wall = wall
@@ -161,17 +241,22 @@ class Store:
         self._next_expiry = float("inf")
         self._reload_ok = 1
         self._reload_time = wall()
+        self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
-        self.reconfigure(operations, max_age=max_age)
+        self.reconfigure(operations, max_age=max_age, schedule=schedule)
         self.page = RenderedPage(b"", b"", 0.0)
         self.render()
 
     # ----- updates (any thread) -------------------------------------------------------------
 
-    def reconfigure(self, operations: Iterable[OperationInfo], *, max_age: float) -> None:
+    def reconfigure(
+        self, operations: Iterable[OperationInfo], *, max_age: float, schedule: Schedule | None = None
+    ) -> None:
         """Take a new list of operations; state of operations that keep their name is kept."""
         with self._lock:
             self._max_age = max_age
+            if schedule is not None:
+                self._schedule = schedule
             states: dict[str, _OperationState] = {}
             for info in operations:
                 state = self._states.get(info.name) or _OperationState(info)
@@ -190,8 +275,13 @@ class Store:
     def record(self, result: FetchResult) -> None:
         with self._lock:
             state = self._states.get(result.operation)
-            if state is None or result.api not in state.info.apis:
+            if state is None:
                 return  # the operation was removed by a reload while its request was in flight
+            if result.api == TOKEN_INFO:
+                self._record_token_info(state, result)
+                return
+            if result.api not in state.info.apis:
+                return
             state.requests += 1
             state.last_duration = result.duration
             state.last_ok[result.api] = result.ok
@@ -204,6 +294,22 @@ class Store:
                 state.last_error = result.reason
             self._dirty.add(result.operation)
         self.changed.set()
+
+    def _record_token_info(self, state: _OperationState, result: FetchResult) -> None:
+        """A token_info read: counted as a request of the operation that made it; its answer is shown
+        for every operation sharing the token. It does not change wolkvox_up."""
+        state.requests += 1
+        state.last_duration = result.duration
+        self._dirty.add(state.info.name)
+        if not result.ok:
+            if result.reason is not None:
+                state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
+            return
+        info = result.value
+        for other in self._states.values():
+            if other.info.token_key == state.info.token_key:
+                other.token_info = (info.limit, info.used_today)
+                self._dirty.add(other.info.name)
 
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
@@ -291,6 +397,27 @@ class Store:
             lines[_INDEX[STEREO_REC_MINUTES]] = sample(
                 STEREO_REC_MINUTES.name, op, state.values[STEREO_REC][0]
             )
+        lines[_INDEX[BILLING_USAGE]] = "".join(
+            sample(BILLING_USAGE.name, {"operation": name, "api": api}, state.values[api][0])
+            for api in state.info.apis
+            if api in state.values
+        )
+        currency = state.info.currency
+        lines[_INDEX[UNIT_PRICE]] = "".join(
+            sample(UNIT_PRICE.name, {"operation": name, "api": api, "currency": currency}, price)
+            for api, price in state.info.prices
+            if api in state.info.apis
+        )
+        if state.info.cost_budget is not None:
+            lines[_INDEX[COST_BUDGET]] = sample(
+                COST_BUDGET.name, {"operation": name, "currency": currency}, state.info.cost_budget
+            )
+        if state.token_info is not None:
+            limit, used = state.token_info
+            if limit is not None:
+                lines[_INDEX[TOKEN_LIMIT]] = sample(TOKEN_LIMIT.name, op, limit)
+            if used is not None:
+                lines[_INDEX[TOKEN_USED]] = sample(TOKEN_USED.name, op, used)
         if state.info.budget_minutes is not None:
             lines[_INDEX[BUDGET]] = sample(BUDGET.name, op, state.info.budget_minutes)
         lines[_INDEX[UP]] = sample(UP.name, op, 1 if state.up else 0)
@@ -318,6 +445,12 @@ class Store:
                 sample(RELOAD_OK.name, {}, self._reload_ok),
                 RELOAD_TIME.header().decode(),
                 sample(RELOAD_TIME.name, {}, self._reload_time),
+                REFRESH_INTERVAL.header().decode(),
+                sample(REFRESH_INTERVAL.name, {}, self._schedule.refresh_interval),
+                PLANNED_REQUESTS.header().decode(),
+                sample(PLANNED_REQUESTS.name, {}, self._schedule.planned_requests_per_day),
+                DAILY_LIMIT.header().decode(),
+                sample(DAILY_LIMIT.name, {}, self._schedule.daily_request_limit),
             )
         )
 
