@@ -7,6 +7,7 @@ The file is JSON, replaced atomically (write to a temporary file, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,12 +41,12 @@ class StateFile:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as error:
-            log.warning("state_file %s: ignored, cannot read it: %s", self.path, error)
+        except (OSError, ValueError, RecursionError) as error:
+            log.warning("state_file %s: ignored, cannot read it: %s", self.path, type(error).__name__)
             return None
         try:
             return _parse(raw)
-        except (TypeError, ValueError, KeyError, AttributeError) as error:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
             log.warning("state_file %s: ignored, unexpected content: %s", self.path, error)
             return None
 
@@ -58,6 +59,7 @@ class StateFile:
         data = json.dumps(document, sort_keys=True).encode()
         if data == self._last_written:
             return
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".tmp")
@@ -66,9 +68,14 @@ class StateFile:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+            tmp = None
             self._last_written = data
         except OSError as error:
-            log.warning("state_file %s: cannot write it: %s", self.path, error)
+            log.warning("state_file %s: cannot write it: %s", self.path, error.strerror or error)
+        finally:
+            if tmp is not None:  # the rename did not happen: leave no temporary file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def _parse(raw: Any) -> SavedState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -81,6 +82,15 @@ class Process:
         return int(self.url.rsplit(":", 1)[1])
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the test run dies, so no exporter or simulator outlives it (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 _LISTENING = re.compile(r"listening on (https?://(?:127\.0\.0\.1|\[::1\]|localhost):\d+)")
 
 
@@ -88,7 +98,12 @@ def start_process(args: list[str], log_path: Path, timeout: float = 20.0) -> Pro
     handle = log_path.open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env
+        [sys.executable, *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        preexec_fn=_die_with_parent,
     )
     handle.close()
     process = Process(proc, log_path)
