@@ -1,0 +1,402 @@
+"""Prometheus rules (prometheus/rules/wolkvox.rules.yml) and Alertmanager config (alertmanager/).
+
+- promtool checks the rules and runs every unit test file in prometheus/tests/;
+- every alert is covered firing AND not firing, and across the month rollover;
+- the unit tests are not vacuous: rules broken on purpose (a copy) make them fail;
+- amtool checks the Alertmanager config and routes each alert's severity to the right receiver;
+- a real Alertmanager (loopback, webhooks pointed at a local receiver) inhibits a warning when a
+  critical alert of the same family and operation fires.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from tools import REPO, RULES_FILE, Child, alertmanager, amtool, free_port, promtool, wait_until
+
+RULE_TESTS_DIR = REPO / "prometheus" / "tests"
+RULE_TEST_FILES = sorted(RULE_TESTS_DIR.glob("*.yml"))
+AM_CONFIG = REPO / "alertmanager" / "alertmanager.yml"
+SEVERITY_RECEIVER = {"critical": "pager", "warning": "team", "info": "null"}
+FAMILIES = {"budget", "fetch", "exporter"}
+# Alerts about the exporter process itself: no operation label, no value worth printing.
+NO_OPERATION = {"WolkvoxExporterDown", "WolkvoxExporterAbsent", "WolkvoxConfigReloadFailed"}
+# wolkvox_up == 0: the value is always 0; the text gives the duration and the reason instead.
+NO_VALUE = NO_OPERATION | {"WolkvoxFetchFailing"}
+
+
+def load_rules() -> dict[str, Any]:
+    return yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))
+
+
+def all_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_rules()["groups"] for rule in group["rules"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for rule in all_rules() if "alert" in rule]
+
+
+def alert_names() -> list[str]:
+    return [rule["alert"] for rule in alert_rules()]
+
+
+def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+# --------------------------------------------------------------------------- promtool
+
+
+def test_rules_pass_promtool_check() -> None:
+    done = run([promtool(), "check", "rules", str(RULES_FILE)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_there_are_unit_test_files() -> None:
+    assert {p.name for p in RULE_TEST_FILES} >= {
+        "budget_test.yml",
+        "rollover_test.yml",
+        "fetch_test.yml",
+        "exporter_test.yml",
+    }
+
+
+@pytest.mark.parametrize("test_file", RULE_TEST_FILES, ids=lambda p: p.name)
+def test_promtool_unit_tests_pass(test_file: Path) -> None:
+    # The test files name the rules file by a relative path: they test the one file compose mounts.
+    spec = yaml.safe_load(test_file.read_text(encoding="utf-8"))
+    assert [(test_file.parent / f).resolve() for f in spec["rule_files"]] == [RULES_FILE]
+    done = run([promtool(), "test", "rules", str(test_file)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+# --------------------------------------------------------------------------- rule hygiene
+
+
+def test_recording_rules_follow_naming_convention() -> None:
+    records = [rule["record"] for rule in all_rules() if "record" in rule]
+    assert records, "no recording rules"
+    assert len(records) == len(set(records)), "duplicate recording rule names"
+    for name in records:
+        assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", name), f"{name}: not level:metric:operations"
+
+
+def test_expected_recording_rules_exist() -> None:
+    records = {rule["record"] for rule in all_rules() if "record" in rule}
+    assert {
+        "operation:wolkvox_stereo_rec_minutes:increase1d",
+        "operation:wolkvox_stereo_rec_minutes:forecast_month_end",
+        "operation:wolkvox_stereo_rec_budget_used:ratio",
+        "wolkvox:stereo_rec_minutes:sum",
+    } <= records
+
+
+def test_forecast_uses_calendar_functions_and_guards_the_first_day() -> None:
+    (forecast,) = [r for r in all_rules() if r.get("record", "").endswith(":forecast_month_end")]
+    expr = forecast["expr"]
+    for fn in ("days_in_month()", "day_of_month()", "time()"):
+        assert fn in expr
+    assert "day_of_month() >= 2" in expr
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_has_severity_family_and_annotations(rule: dict[str, Any]) -> None:
+    assert rule["alert"].startswith("Wolkvox")
+    labels = rule.get("labels", {})
+    assert labels.get("severity") in SEVERITY_RECEIVER
+    assert labels.get("family") in FAMILIES
+    annotations = rule.get("annotations", {})
+    assert annotations.get("summary", "").strip()
+    assert annotations.get("description", "").strip()
+    text = annotations["summary"] + annotations["description"]
+    if rule["alert"] not in NO_OPERATION:
+        assert "$labels.operation" in text, "the alert text must name the operation"
+    if rule["alert"] not in NO_VALUE:
+        assert "$value" in text, "the alert text must give the number that triggered it"
+    # Multi-line YAML that still renders as one paragraph: no stray newline inside the text.
+    assert "\n" not in annotations["description"].strip()
+
+
+def test_fetch_failing_description_names_the_last_error_reason() -> None:
+    (rule,) = [r for r in alert_rules() if r["alert"] == "WolkvoxFetchFailing"]
+    assert "wolkvox_last_error_info" in rule["annotations"]["description"]
+    assert "reason" not in rule["expr"], "a reason label would restart `for` when the reason changes"
+    assert rule["for"] == "15m"
+
+
+def test_alert_names_are_unique() -> None:
+    assert len(alert_names()) == len(set(alert_names()))
+
+
+def _alert_tests() -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    for path in RULE_TEST_FILES:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for group in spec.get("tests", []):
+            for case in group.get("alert_rule_test", []):
+                yield path.name, group.get("name", ""), case
+
+
+def _duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w)", text)
+    assert "".join(n + u for n, u in parts) == text, f"unparsed duration {text!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    firing = {case["alertname"] for _, _, case in _alert_tests() if case.get("exp_alerts")}
+    quiet = {case["alertname"] for _, _, case in _alert_tests() if not case.get("exp_alerts")}
+    names = set(alert_names())
+    assert names - firing == set(), "alerts never tested firing"
+    assert names - quiet == set(), "alerts never tested not firing"
+    assert (firing | quiet) - names == set(), "tests for alerts that do not exist"
+
+
+def test_month_rollover_is_tested_for_every_alert() -> None:
+    """rollover_test.yml checks every alert stays quiet after Feb 1 00:00 UTC (744h)."""
+    quiet_after_rollover = {
+        case["alertname"]
+        for file, _, case in _alert_tests()
+        if file == "rollover_test.yml"
+        and not case.get("exp_alerts")
+        and _duration_seconds(case["eval_time"]) > 744 * 3600
+    }
+    assert set(alert_names()) - quiet_after_rollover == set()
+
+
+# Rules broken on purpose: the unit tests must notice each one. (pattern, replacement, test file)
+MUTATIONS = {
+    "forecast not guarded on the 1st": (
+        "and on () (day_of_month() >= 2)",
+        "and on () (day_of_month() >= 1)",
+        "rollover_test.yml",
+    ),
+    "daily usage as a clamped delta": (
+        "max by (operation) (increase(wolkvox_stereo_rec_minutes[1d]))",
+        "max by (operation) (clamp_min(delta(wolkvox_stereo_rec_minutes[1d]), 0))",
+        "rollover_test.yml",
+    ),
+    "warning threshold moved to 90%": (
+        "operation:wolkvox_stereo_rec_budget_used:ratio >= 0.8",
+        "operation:wolkvox_stereo_rec_budget_used:ratio >= 0.9",
+        "budget_test.yml",
+    ),
+    "usage summed over exporter replicas": (
+        "record: operation:wolkvox_stereo_rec_minutes:max\n        expr: max by (operation)",
+        "record: operation:wolkvox_stereo_rec_minutes:max\n        expr: sum by (operation)",
+        "budget_test.yml",
+    ),
+    "fetch failing after 5m instead of 15m": (
+        "expr: wolkvox_up == 0\n        for: 15m",
+        "expr: wolkvox_up == 0\n        for: 5m",
+        "fetch_test.yml",
+    ),
+    "token limit alert on every error reason": (
+        'increase(wolkvox_scrape_errors_total{reason="token_limit"}[30m]) > 0',
+        "increase(wolkvox_scrape_errors_total[30m]) > 0",
+        "fetch_test.yml",
+    ),
+    "exporter down for another job": (
+        'expr: up{job="wolkvox"} == 0',
+        "expr: up == 0",
+        "exporter_test.yml",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_unit_tests_catch_a_broken_rule(mutation: str, tmp_path: Path) -> None:
+    pattern, replacement, test_name = MUTATIONS[mutation]
+    text = RULES_FILE.read_text(encoding="utf-8")
+    assert text.count(pattern) == 1, f"mutation pattern not found exactly once: {pattern!r}"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "rules" / RULES_FILE.name).write_text(text.replace(pattern, replacement), encoding="utf-8")
+    shutil.copy(RULE_TESTS_DIR / test_name, tmp_path / "tests" / test_name)
+    checked = run([promtool(), "check", "rules", str(tmp_path / "rules" / RULES_FILE.name)])
+    assert checked.returncode == 0, "the mutated rules must still be valid: " + checked.stdout
+    done = run([promtool(), "test", "rules", str(tmp_path / "tests" / test_name)])
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, f"{test_name} still passes with '{mutation}':\n{output}"
+    assert "FAILED" in output
+
+
+# --------------------------------------------------------------------------- Alertmanager
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    done = run([amtool(), "check-config", str(AM_CONFIG)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_alertmanager_webhooks_are_placeholders() -> None:
+    config = yaml.safe_load(AM_CONFIG.read_text(encoding="utf-8"))
+    urls = [hook["url"] for r in config["receivers"] for hook in r.get("webhook_configs", [])]
+    assert urls
+    for url in urls:
+        assert re.match(r"https://[a-z.]*example\.(com|org|net)/", url), url
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_routes_to_the_receiver_of_its_severity(rule: dict[str, Any]) -> None:
+    labels = {"alertname": rule["alert"], **rule["labels"], "operation": "bogota"}
+    done = run(
+        [amtool(), "config", "routes", "test", f"--config.file={AM_CONFIG}"]
+        + [f"{k}={v}" for k, v in labels.items()]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == SEVERITY_RECEIVER[rule["labels"]["severity"]]
+
+
+class _Webhooks:
+    """A loopback HTTP server that records Alertmanager webhook deliveries by path."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with owner.lock:
+                    owner.received.append((self.path, json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def delivered(self) -> set[tuple[str, str, str]]:
+        """{(receiver path, alertname, operation)} of every firing alert delivered so far."""
+        with self.lock:
+            return {
+                (path, alert["labels"]["alertname"], alert["labels"].get("operation", ""))
+                for path, doc in self.received
+                for alert in doc["alerts"]
+                if alert["status"] == "firing"
+            }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def running_alertmanager(tmp_path: Path) -> Iterator[tuple[str, _Webhooks]]:
+    binary = alertmanager()
+    hooks = _Webhooks()
+    config = yaml.safe_load(AM_CONFIG.read_text(encoding="utf-8"))
+    # Same routes and inhibit rules; deliveries go to loopback, and groups are flushed at once.
+    config["route"].update(group_wait="0s", group_interval="1s")
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = f"http://127.0.0.1:{hooks.port}/{receiver['name']}"
+    (tmp_path / "am.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    child = Child(
+        "alertmanager",
+        [
+            binary,
+            f"--config.file={tmp_path / 'am.yml'}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        tmp_path / "alertmanager.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            child.check_alive()
+            return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
+
+        wait_until(ready, timeout=30, what="alertmanager /-/ready")
+        yield url, hooks
+    finally:
+        child.stop()
+        hooks.close()
+
+
+def _rule_labels(alertname: str) -> dict[str, str]:
+    (rule,) = [r for r in alert_rules() if r["alert"] == alertname]
+    return {"alertname": alertname, **rule["labels"]}
+
+
+def test_alertmanager_inhibits_warning_when_critical_fires(
+    running_alertmanager: tuple[str, _Webhooks],
+) -> None:
+    url, hooks = running_alertmanager
+    now = datetime.now(UTC)
+    sent = [
+        {**_rule_labels("WolkvoxStereoRecBudgetExhausted"), "operation": "cali"},
+        {**_rule_labels("WolkvoxStereoRecBudgetNearlyUsed"), "operation": "cali"},  # inhibited
+        {**_rule_labels("WolkvoxStereoRecBudgetNearlyUsed"), "operation": "medellin"},  # other operation
+        {**_rule_labels("WolkvoxFetchFailing"), "operation": "cali"},  # other family
+        {**_rule_labels("WolkvoxStereoRecBudgetNotConfigured"), "operation": "pereira"},  # info: not sent
+    ]
+    payload = [
+        {
+            "labels": labels,
+            "annotations": {"summary": "test", "description": "test"},
+            "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(minutes=10)).isoformat(),
+        }
+        for labels in sent
+    ]
+    requests.post(f"{url}/api/v2/alerts", json=payload, timeout=5).raise_for_status()
+
+    def states() -> dict[tuple[str, str], dict[str, Any]] | None:
+        alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
+        by_key = {(a["labels"]["alertname"], a["labels"]["operation"]): a["status"] for a in alerts}
+        return by_key if len(by_key) == len(sent) else None
+
+    status = wait_until(states, timeout=20, what="alertmanager to list the alerts")
+    inhibited = ("WolkvoxStereoRecBudgetNearlyUsed", "cali")
+    status = wait_until(
+        lambda: (s := states()) and s[inhibited]["state"] == "suppressed" and s,
+        timeout=20,
+        what="the warning to be suppressed",
+    )
+    assert status[inhibited]["inhibitedBy"], status[inhibited]
+    for key, st in status.items():
+        if key != inhibited:
+            assert st["state"] == "active", (key, st)
+            assert not st["inhibitedBy"], (key, st)
+
+    expected = {
+        ("/pager", "WolkvoxStereoRecBudgetExhausted", "cali"),
+        ("/team", "WolkvoxStereoRecBudgetNearlyUsed", "medellin"),
+        ("/team", "WolkvoxFetchFailing", "cali"),
+    }
+    wait_until(lambda: hooks.delivered() >= expected, timeout=30, what=f"deliveries {expected}")
+    # A sentinel alert, posted now, is delivered only after every group created before it was flushed
+    # (group_wait 0s flushes a group when it is created): by then the inhibited warning and the info
+    # alert would have been delivered if they were going to be.
+    sentinel = {**payload[3], "labels": {**sent[3], "operation": "sentinel"}}
+    requests.post(f"{url}/api/v2/alerts", json=[sentinel], timeout=5).raise_for_status()
+    expected.add(("/team", "WolkvoxFetchFailing", "sentinel"))
+    wait_until(lambda: hooks.delivered() >= expected, timeout=30, what="the sentinel delivery")
+    assert hooks.delivered() == expected
