@@ -26,6 +26,9 @@ log = logging.getLogger("exporter")
 
 DEFAULT_PORT = 19726
 SHUTDOWN_SECONDS = 3.0
+# Idle keep-alive connections (and half-sent requests) are closed after this: a slow or stuck client
+# holds one of --web.max-connections for at most this long. nginx's default.
+KEEPALIVE_SECONDS = 75.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +110,7 @@ class Exporter:
         self.store = Store(_infos(config), max_age=config.max_age, schedule=_schedule(config))
         if saved is not None:
             self.store.restore_values(saved.values)
+            self.store.render()  # so the very first scrape already shows the restored values
         self.client = WolkvoxClient(
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
@@ -152,7 +156,7 @@ class Exporter:
             except ConfigError as error:
                 self.store.set_reload_status(False)
                 log.error("reload failed, keeping the running configuration: %s", error)
-                return False, f"reload failed: {error}"
+                return False, f"reload failed: {redact(str(error))}"
             _use_config(config)
             self.store.reconfigure(_infos(config), max_age=config.max_age, schedule=_schedule(config))
             self.refresher.reload(config)
@@ -177,7 +181,26 @@ async def serve(exporter: Exporter, web_config_file: str | None) -> int:
         web_config=web_config,
         operations_count=lambda: len(exporter.config.operations),
     ).build()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+        keepalive_timeout=KEEPALIVE_SECONDS,
+    )
+    # Signals first, so a SIGTERM that arrives while starting still shuts down cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(exporter.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await runner.setup()
     site = LimitedSite(
         runner, host, port, ssl_context=web_config.ssl_context, max_connections=args.max_connections
@@ -200,18 +223,6 @@ async def serve(exporter: Exporter, web_config_file: str | None) -> int:
     if exporter.saver is not None:
         exporter.saver.start()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    reloads: set[asyncio.Task] = set()
-
-    def on_sighup() -> None:
-        task = loop.create_task(exporter.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()

@@ -207,10 +207,9 @@ def _short_repr(value: object, limit: int = _REPR_CHARS, secret: Secret | None =
 
 def _snippet(body: bytes, secret: Secret | None) -> str:
     """The start of a body as one short line, the secret redacted before shortening."""
-    # Enough bytes for the characters shown, plus room for a secret that starts among them.
-    margin = 4 * len(secret.reveal()) if secret is not None else 0
-    head = body[: _SNIPPET_CHARS * 4 + margin]
-    text = _redact(head.decode("utf-8", errors="replace"), secret)
+    # Redact the whole body (at most max_body_bytes) before cutting anything: a cut made first could
+    # end inside the token, and whitespace collapsed later could pull that cut-off head into view.
+    text = _redact(body.decode("utf-8", errors="replace"), secret)
     text = _WHITESPACE_RE.sub(" ", text).strip()
     if len(text) > _SNIPPET_CHARS:
         text = text[: _SNIPPET_CHARS - 3] + "..."

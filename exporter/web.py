@@ -220,10 +220,7 @@ class LimitedSite(web.BaseSite):
         limit = self._max_connections
 
         def protocol_factory() -> asyncio.BaseProtocol:
-            if len(server.connections) >= limit:
-                self.rejected += 1
-                return _Reject()
-            return server()
+            return _Gate(self, server, limit)
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -238,6 +235,44 @@ class LimitedSite(web.BaseSite):
         self.bound = [sock.getsockname()[:2] for sock in self._server.sockets]
 
 
-class _Reject(asyncio.Protocol):
+class _Gate(asyncio.Protocol):
+    """Admits a connection only if fewer than ``limit`` are open when it is made, else closes it.
+
+    The count must be taken in ``connection_made``, not in the protocol factory: asyncio calls the
+    factory for a whole burst of accepted sockets before the first ``connection_made`` runs (that is
+    when aiohttp counts a connection), so a check in the factory lets a burst through unbounded.
+    With TLS this runs after the handshake. Once admitted, everything is passed to aiohttp's handler.
+    """
+
+    def __init__(self, site: LimitedSite, server: web.Server, limit: int) -> None:
+        self._site = site
+        self._server = server
+        self._limit = limit
+        self._handler: asyncio.Protocol | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        if len(self._server.connections) >= self._limit:
+            self._site.rejected += 1
+            transport.close()
+            return
+        self._handler = self._server()
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received() if self._handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handler is not None:
+            self._handler.connection_lost(exc)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min
 _TLS_IGNORED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "client_allowed_sans"}
 _TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
 _HTTP_KEYS = {"headers", "http2"}
+# A whole bcrypt hash: version, cost 04-31, 22 characters of salt and 31 of hash.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# bcrypt uses at most this many bytes of a password (bcrypt >= 5 raises ValueError beyond it).
+_BCRYPT_MAX_PASSWORD_BYTES = 72
 
 
 class WebConfigError(Exception):
@@ -151,7 +156,7 @@ def _users(raw: Any, where: str) -> dict[str, bytes]:
         raise WebConfigError(f"{where}: basic_auth_users: expected a mapping of user: bcrypt hash")
     users: dict[str, bytes] = {}
     for user, hashed in raw.items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
             # Never print the value: someone may have pasted a plain password here.
             raise WebConfigError(f"{where}: basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
         users[str(user)] = hashed.encode()
@@ -192,8 +197,12 @@ class BasicAuth:
     def check(self, user: str, password: str) -> bool:
         """The full (slow) check; call it off the event loop."""
         hashed = self._users.get(user)
-        ok = bcrypt.checkpw(password.encode(), hashed if hashed is not None else self._dummy)
-        ok = ok and hashed is not None
+        secret = password.encode()
+        if len(secret) > _BCRYPT_MAX_PASSWORD_BYTES:
+            ok = False  # bcrypt >= 5 raises on these; no stored hash can match them
+        else:
+            ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._dummy)
+            ok = ok and hashed is not None
         with self._lock:
             self._cache[self._digest(user, password)] = ok
         return ok
