@@ -1,13 +1,20 @@
 """The monitoring stack against a real Prometheus, on loopback.
 
-Starts the simulator (values frozen), the real exporter (refresh 1s, four operations: one well within
-its budget, one at ~90 %, one at ~150 %, one without a budget) and a real `prometheus` server that
+Starts the simulator (values frozen, a daily limit of 2000 requests per token), the real exporter
+(refresh 1s, token_info hourly, five operations: one well within its budget, one at ~90 %, one at
+~150 %, one without a budget, one within; several billing services per operation, unit prices, cost
+budgets: bogota's far away, cali's at half its month-to-date cost) and a real `prometheus` server that
 scrapes it every second and evaluates the repo's rules file every second (a copy whose `for:`
-durations are shortened; nothing else changed). Then:
-- Prometheus has wolkvox_stereo_rec_minutes for every operation, equal to what the simulator serves;
-- every rule evaluates without error, and the recording rules compute the expected numbers;
+durations are shortened; nothing else changed). Before the exporter starts, "someone else" spends 85 %
+of tunja's token budget for the day. Then:
+- Prometheus has wolkvox_stereo_rec_minutes for every operation, and wolkvox_billing_usage for every
+  configured service of every operation, equal to what the simulator serves;
+- every rule evaluates without error, and the recording rules compute the expected numbers (minutes,
+  cost per operation and in total, the forecast with licences not extrapolated);
 - every query of every dashboard panel returns data and no PromQL error;
-- the budget alerts fire for exactly the operations over their thresholds;
+- the budget alerts fire for exactly the operations over their thresholds, the cost alerts for exactly
+  cali, the token budget alert for exactly tunja (while its budget is not spent yet), and the request
+  plan alert for the exporter (1 s refresh: 86400 requests a day against the default limit of 1000);
 - faults switched on in the simulator (http_500, token_limit) raise the matching alerts, with the
   reason in the description, and the fetch alert resolves when the fault is cleared;
 - stopping the exporter raises WolkvoxExporterDown.
@@ -45,22 +52,53 @@ ALERT_TIMEOUT = 60.0
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 
 
+DAILY_LIMIT = 2000  # the simulator's requests per token per day: the exporter makes ~1 a second
+CURRENCY = "USD"
+PRICES = {"stereo_rec": 0.004, "ivr_minutes": 0.01, "ivr_calls": 0.02, "amd_ai": 0.002, "chat_licenses": 15.0}
+
+
 @dataclass(frozen=True)
 class Op:
     name: str
     server: str
     budget_share: float | None  # month-to-date / budget wanted; None: no budget configured
+    apis: tuple[str, ...] = ("stereo_rec",)
+    prices: tuple[tuple[str, float], ...] = ()  # overrides of PRICES for this operation
+    cost_share: float | None = None  # month-to-date cost / cost budget wanted; None: no cost budget
+    spent_share: float = 0.0  # share of the token's daily limit spent by others before the exporter starts
 
     @property
     def token(self) -> str:
         return f"it-token-{self.name}"
 
+    def price(self, api: str) -> float | None:
+        return dict(self.prices).get(api, PRICES.get(api))
+
 
 OPERATIONS = (
-    Op("bogota", "wv9901", 0.1),  # well within budget
-    Op("medellin", "wv0107", 0.9),  # 80 % warning
-    Op("cali", "wv0201", 1.5),  # 100 % critical (and the 80 % warning)
-    Op("pereira", "wv0305", None),  # no budget: info alert; the token-limit fault goes here
+    # well within budget; usage, calls, detections and licences; a cost budget 1000 x its cost so far
+    Op(
+        "bogota",
+        "wv9901",
+        0.1,
+        apis=("stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"),
+        cost_share=0.001,
+    ),
+    # 80 % warning; agent_script and rec_screen have no price (usage shown, no cost); no cost budget
+    Op("medellin", "wv0107", 0.9, apis=("stereo_rec", "ivr_calls", "agent_script", "rec_screen")),
+    # 100 % critical (and the 80 % warning); a cost budget of half its cost so far; its own price
+    Op(
+        "cali",
+        "wv0201",
+        1.5,
+        apis=("stereo_rec", "ivr_minutes", "chat_licenses"),
+        prices=(("stereo_rec", 0.005),),
+        cost_share=2.0,
+    ),
+    # no budget: info alert; the token-limit fault goes here
+    Op("pereira", "wv0305", None),
+    # within budget; another user of its token has spent 85 % of today's requests
+    Op("tunja", "wv0412", 0.5, apis=("stereo_rec", "amd_ai"), spent_share=0.85),
 )
 OPERATION_REGEX = "|".join(op.name for op in OPERATIONS)
 
@@ -89,29 +127,76 @@ class Stack:
     prometheus_url: str = ""
     minutes: dict[str, float] = field(default_factory=dict)  # operation -> simulator value
     budgets: dict[str, int] = field(default_factory=dict)
+    usage: dict[tuple[str, str], float] = field(default_factory=dict)  # (operation, api) -> value
+    cost: dict[str, float] = field(default_factory=dict)  # operation -> month-to-date cost
+    cost_budgets: dict[str, float] = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
 
     # ------------------------------------------------------------ processes
     def start_simulator(self) -> None:
         args = [sys.executable, "-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0"]
-        # Frozen values (exact budgets), no daily limit (faults decide when the token limit is hit).
-        args += ["--minutes-per-hour", "0", "--daily-limit", "0"]
+        # Frozen values (exact budgets); a daily limit far above what the exporter makes in this
+        # module for a token nobody else uses (faults decide when the token limit is hit).
+        args += ["--minutes-per-hour", "0", "--daily-limit", str(DAILY_LIMIT)]
         self.children["simulator"], self.simulator_url = _start_child(
             "simulator", args, self.tmp / "simulator.log"
         )
-        for op in OPERATIONS:
-            response = requests.get(
+        with requests.Session() as session:
+            for op in OPERATIONS:
+                for api in op.apis:
+                    response = session.get(
+                        f"{self.simulator_url}/api/v2/billing.php",
+                        params={"api": api},
+                        headers={"wolkvox-token": op.token, "wolkvox_server": op.server},
+                        timeout=5,
+                    )
+                    response.raise_for_status()
+                    self.usage[op.name, api] = float(response.json()["data"][0]["items"])
+                value = self.usage[op.name, "stereo_rec"]
+                assert value >= 20, f"{op.name}: simulator value {value} too small for meaningful budgets"
+                self.minutes[op.name] = value
+                if op.budget_share is not None:
+                    self.budgets[op.name] = round(value / op.budget_share)
+                priced = [api for api in op.apis if op.price(api) is not None]
+                if priced:
+                    self.cost[op.name] = sum(
+                        self.usage[op.name, api] * (op.price(api) or 0) for api in priced
+                    )
+                if op.cost_share is not None:
+                    self.cost_budgets[op.name] = round(self.cost[op.name] / op.cost_share, 2)
+            for op in OPERATIONS:
+                if op.spent_share:
+                    self.spend_token_budget(session, op)
+
+    def spend_token_budget(self, session: requests.Session, op: Op) -> None:
+        """Another user of ``op``'s token makes requests until ``spent_share`` of the day's limit is used."""
+        wanted = round(op.spent_share * DAILY_LIMIT)
+        made = self.requests_today(op)
+        assert made < wanted
+        for _ in range(wanted - made):
+            session.get(
                 f"{self.simulator_url}/api/v2/billing.php",
                 params={"api": "stereo_rec"},
                 headers={"wolkvox-token": op.token, "wolkvox_server": op.server},
                 timeout=5,
-            )
-            response.raise_for_status()
-            value = float(response.json()["data"][0]["items"])
-            assert value >= 20, f"{op.name}: simulator value {value} too small for meaningful budgets"
-            self.minutes[op.name] = value
-            if op.budget_share is not None:
-                self.budgets[op.name] = round(value / op.budget_share)
+            ).raise_for_status()
+        assert self.requests_today(op) == wanted
+
+    def requests_today(self, op: Op) -> int:
+        stats = requests.get(f"{self.simulator_url}/-/stats", timeout=5).json()
+        return stats["tokens"][op.token]["requests_today"]
+
+    def forecast(self, op: Op, elapsed: float) -> float:
+        """Month-end cost as the rules should forecast it: usage-based services extrapolated, licences not."""
+        from exporter.simulator import LICENCE_APIS
+
+        total = 0.0
+        for api in op.apis:
+            price = op.price(api)
+            if price is not None:
+                cost = self.usage[op.name, api] * price
+                total += cost if api in LICENCE_APIS else cost / elapsed
+        return total
 
     def exporter_config(self) -> dict[str, Any]:
         operations = []
@@ -124,11 +209,21 @@ class Stack:
             }
             if op.name in self.budgets:
                 entry["budget_minutes"] = self.budgets[op.name]
+            if op.apis != ("stereo_rec",):
+                entry["apis"] = list(op.apis)
+            if op.prices:
+                entry["prices"] = dict(op.prices)
+            if op.name in self.cost_budgets:
+                entry["cost_budget"] = self.cost_budgets[op.name]
             operations.append(entry)
         return {
             "refresh_interval": "1s",
             "max_age": "1h",
+            # 86400 requests a day over the default daily_request_limit (1000): logged, and alerted.
             "stretch_intervals": False,
+            "token_info_interval": "1h",  # read on each token's second turn, then hourly
+            "currency": CURRENCY,
+            "prices": PRICES,
             "connect_timeout": "2s",
             "read_timeout": "5s",
             "operations": operations,
@@ -215,6 +310,12 @@ class Stack:
     def by_operation(self, expr: str) -> dict[str, float]:
         return {s["metric"].get("operation", ""): float(s["value"][1]) for s in self.query(expr)}
 
+    def by_labels(self, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+        return {tuple(s["metric"].get(n, "") for n in labels): float(s["value"][1]) for s in self.query(expr)}
+
+    def first_of_month(self) -> bool:
+        return float(self.query("day_of_month()")[0]["value"][1]) == 1
+
     def alerts(self, name: str) -> dict[str, dict[str, Any]]:
         """Pending or firing alerts called ``name``, by operation (or instance when it has none)."""
         doc = requests.get(f"{self.prometheus_url}/api/v1/alerts", timeout=10).json()
@@ -259,6 +360,27 @@ def test_prometheus_has_minutes_for_every_operation(stack: Stack) -> None:
     assert list(up.values()) == [1.0]
 
 
+def test_prometheus_has_every_service_of_every_operation(stack: Stack) -> None:
+    got = wait_until(
+        lambda: (
+            (v := stack.by_labels("wolkvox_billing_usage", "operation", "api"))
+            and len(v) == len(stack.usage)
+            and v
+        ),
+        timeout=ALERT_TIMEOUT,
+        what="wolkvox_billing_usage for every configured service",
+    )
+    assert got == {key: pytest.approx(value) for key, value in stack.usage.items()}
+    assert len({api for _, api in got}) >= 6
+    prices = stack.by_labels("wolkvox_billing_unit_price", "operation", "api", "currency")
+    assert prices == {
+        (op.name, api, CURRENCY): pytest.approx(op.price(api))
+        for op in OPERATIONS
+        for api in op.apis
+        if op.price(api) is not None
+    }
+
+
 def test_every_rule_evaluates_without_error(stack: Stack) -> None:
     def rules() -> list[dict[str, Any]] | None:
         doc = requests.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()
@@ -297,6 +419,42 @@ def test_recording_rules_compute_the_expected_numbers(stack: Stack) -> None:
     assert all(v == 0 for v in per_day.values()), per_day
 
 
+def test_cost_rules_compute_the_expected_numbers(stack: Stack) -> None:
+    cost = wait_until(
+        lambda: (
+            (v := stack.by_operation("operation:wolkvox_billing_cost:month_to_date"))
+            and len(v) == len(stack.cost)
+            and v
+        ),
+        timeout=ALERT_TIMEOUT,
+        what="month-to-date cost per operation",
+    )
+    assert cost == {op: pytest.approx(c, rel=1e-9) for op, c in stack.cost.items()}
+    total = stack.by_labels("wolkvox:billing_cost_month_to_date:sum", "currency")
+    assert total == {(CURRENCY,): pytest.approx(sum(stack.cost.values()), rel=1e-9)}
+    ratio = stack.by_operation("operation:wolkvox_billing_cost_budget_used:ratio")
+    assert ratio == {
+        op: pytest.approx(stack.cost[op] / budget, rel=1e-6) for op, budget in stack.cost_budgets.items()
+    }
+    # Usage per day only for the usage-based services, 0 with frozen values.
+    per_day = wait_until(
+        lambda: stack.by_labels("operation_api:wolkvox_billing_usage:increase1d", "operation", "api"),
+        timeout=ALERT_TIMEOUT,
+    )
+    assert set(per_day) == {key for key in stack.usage if key[1] not in {"chat_licenses", "agent_script"}}
+    assert all(v == 0 for v in per_day.values()), per_day
+    if stack.first_of_month():
+        assert stack.query("operation:wolkvox_billing_cost:forecast_month_end") == []
+        pytest.skip("no month-end forecast on the 1st of the month (by design)")
+    forecast = wait_until(
+        lambda: stack.by_operation("operation:wolkvox_billing_cost:forecast_month_end"),
+        timeout=ALERT_TIMEOUT,
+    )
+    elapsed = float(stack.query("wolkvox:month_elapsed:ratio")[0]["value"][1])
+    expected = {op.name: stack.forecast(op, elapsed) for op in OPERATIONS if op.name in stack.cost}
+    assert forecast == {op: pytest.approx(f, rel=1e-3) for op, f in expected.items()}
+
+
 # --------------------------------------------------------------------------- dashboards
 
 
@@ -312,11 +470,14 @@ def _dashboard_queries() -> list[Any]:
 @pytest.mark.parametrize("expr", _dashboard_queries())
 def test_dashboard_query_returns_data(stack: Stack, expr: str) -> None:
     promql = expand_grafana_vars(
-        expr, operation_regex=OPERATION_REGEX, rate_interval="10s", interval="2s", range_="1m"
+        expr.replace("$api", ".+"),  # the `api` variable at "All" (tools.py does not know it)
+        operation_regex=OPERATION_REGEX,
+        rate_interval="10s",
+        interval="2s",
+        range_="1m",
     )
     if "forecast" in promql:
-        day = stack.query("day_of_month()")
-        if float(day[0]["value"][1]) == 1:
+        if stack.first_of_month():
             # By design no forecast on the 1st of the month (UTC): the query must still be valid.
             assert stack.query(promql) == []
             pytest.skip("no month-end forecast on the 1st of the month (by design)")
@@ -346,6 +507,67 @@ def test_budget_alerts_fire_for_exactly_the_operations_over_threshold(stack: Sta
             assert op in description
             if name != "WolkvoxStereoRecBudgetNotConfigured":
                 assert str(stack.budgets[op]) in description, description
+
+
+def test_cost_alerts_fire_for_exactly_the_operation_over_its_cost_budget(stack: Stack) -> None:
+    # cali's month-to-date cost is twice its cost budget; bogota's is a thousandth of it; medellin,
+    # pereira and tunja have none.
+    alerts = wait_until(
+        lambda: (a := stack.alerts("WolkvoxCostBudgetExhausted")) and a,
+        timeout=ALERT_TIMEOUT,
+        what="WolkvoxCostBudgetExhausted",
+    )
+    assert set(alerts) == {"cali"}
+    alert = alerts["cali"]
+    assert alert["labels"]["severity"] == "critical" and alert["labels"]["family"] == "cost"
+    assert alert["labels"]["currency"] == CURRENCY
+    description = alert["annotations"]["description"]
+    assert f"worth {stack.cost['cali']:.2f} USD this month" in description, description
+    assert f"of its cost budget of {stack.cost_budgets['cali']:.2f} USD" in description, description
+    assert float(alert["value"]) == pytest.approx(2, rel=0.01)  # the budget is half the cost, rounded
+    if stack.first_of_month():
+        assert stack.alerts("WolkvoxCostForecastOverBudget") == {}
+        return
+    forecast = wait_until(
+        lambda: (a := stack.alerts("WolkvoxCostForecastOverBudget")) and a,
+        timeout=ALERT_TIMEOUT,
+        what="WolkvoxCostForecastOverBudget",
+    )
+    assert set(forecast) == {"cali"}
+    assert forecast["cali"]["labels"]["severity"] == "warning"
+
+
+def test_token_budget_alert_fires_before_the_budget_is_spent(stack: Stack) -> None:
+    (tunja,) = [op for op in OPERATIONS if op.spent_share]
+    alerts = wait_until(
+        lambda: (a := stack.alerts("WolkvoxTokenBudgetNearlySpent")) and a,
+        timeout=ALERT_TIMEOUT,
+        what="WolkvoxTokenBudgetNearlySpent",
+    )
+    assert set(alerts) == {tunja.name}
+    description = alerts[tunja.name]["annotations"]["description"]
+    assert f"of its {DAILY_LIMIT} requests today" in description, description
+    assert "This exporter makes 86400 requests per token per day" in description, description
+    # From token_info: everyone's requests today, counted by the simulator when it answered.
+    ratios = stack.by_operation("operation:wolkvox_token_budget_used:ratio")
+    assert set(ratios) == {op.name for op in OPERATIONS}
+    assert 0.8 <= ratios[tunja.name] < 1
+    assert all(r < 0.1 for op, r in ratios.items() if op != tunja.name), ratios
+    # Fired before the budget is spent: wolkvox still answers for tunja.
+    assert stack.requests_today(tunja) < DAILY_LIMIT
+    assert stack.by_operation('wolkvox_up{operation="tunja"}') == {"tunja": 1.0}
+    assert "tunja" not in stack.alerts("WolkvoxTokenLimitReached")
+
+
+def test_request_plan_over_the_daily_limit_raises_an_alert(stack: Stack) -> None:
+    address = stack.exporter_url.removeprefix("http://")
+    alert = wait_until(
+        lambda: stack.alerts("WolkvoxRequestPlanOverDailyLimit").get(address),
+        timeout=ALERT_TIMEOUT,
+        what="WolkvoxRequestPlanOverDailyLimit",
+    )
+    description = alert["annotations"]["description"]
+    assert "makes 86400 requests per token per day, more than its daily_request_limit of 1000" in description
 
 
 def test_http_500_raises_fetch_failing_with_the_reason_and_resolves(stack: Stack) -> None:

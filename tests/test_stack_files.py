@@ -9,7 +9,9 @@
   rule_files find the repo's rules file, Grafana's provider path holds the dashboards, the exporter
   reads the mounted config, service names and ports match the URLs in the configs;
 - the compose prometheus.yml passes `promtool check config`;
-- the compose exporter config is valid for exporter.config.load_config and the exporter's --config.check.
+- the compose exporter config is valid for exporter.config.load_config and the exporter's --config.check;
+- the demo shows the whole bill (several services per operation, prices, a cost budget, token_info) and
+  stays inside the daily request budget of the config and of the simulator it talks to.
 """
 
 from __future__ import annotations
@@ -301,6 +303,34 @@ def test_compose_exporter_config_loads() -> None:
     assert all(op.base_url == "http://simulator:19727" for op in config.operations)
     # The demo must stay inside the vendor's daily request budget (no interval stretching).
     assert not [w for w in config.warnings if "daily_request_limit" in w], config.warnings
+
+
+def test_compose_exporter_config_shows_the_whole_bill_inside_the_daily_budget() -> None:
+    try:
+        from exporter.config import load_config
+        from exporter.simulator import KNOWN_APIS
+        from exporter.simulator import _parser as simulator_flags
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"the exporter is not there yet ({exc}); cannot load {EXPORTER_CONFIG.name}")
+    config = load_config(str(EXPORTER_CONFIG))
+    apis = {api for op in config.operations for api in op.apis}
+    # Every configured api is one wolkvox (the simulator) knows: no unknown_api in the demo.
+    assert apis <= set(KNOWN_APIS), apis - set(KNOWN_APIS)
+    assert max(len(op.apis) for op in config.operations) >= 3
+    assert len(apis) >= 5
+    # Prices for most services (licences included), a cost budget for some operation, no dead prices.
+    priced = {api for op in config.operations for api, _ in op.prices}
+    assert priced <= apis and len(priced) >= 5
+    assert any(op.cost_budget for op in config.operations)
+    assert any(op.cost_budget is None for op in config.operations)
+    assert config.token_info_interval is not None and config.token_info_interval >= 3600
+    # Inside the config's daily limit without stretching, and inside the daily limit of the compose
+    # simulator (its command line as the simulator parses it), which then never answers TOKEN LIMIT.
+    assert not config.stretch_intervals
+    planned = config.requests_per_token_per_day()
+    assert planned <= config.daily_request_limit
+    simulator_limit = simulator_flags().parse_args(compose()["services"]["simulator"]["command"]).daily_limit
+    assert 0 < simulator_limit and planned < simulator_limit
 
 
 def test_exporter_cli_accepts_the_compose_config() -> None:
