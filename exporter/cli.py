@@ -90,6 +90,7 @@ def _schedule(config: Config) -> Schedule:
         refresh_interval=interval,
         planned_requests_per_day=config.requests_per_token_per_day(interval),
         daily_request_limit=config.daily_request_limit,
+        token_info_interval=config.token_info_interval,
     )
 
 

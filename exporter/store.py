@@ -187,27 +187,31 @@ class Schedule:
     refresh_interval: float = 300.0
     planned_requests_per_day: float = 288.0
     daily_request_limit: int = 1000
+    token_info_interval: float | None = None
 
 
 @dataclass
 class _OperationState:
     info: OperationInfo
     values: dict[str, tuple[float, float]] = field(default_factory=dict)  # api -> (value, fetched at)
-    last_ok: dict[str, bool] = field(default_factory=dict)  # api -> did its last request succeed
+    last_reason: dict[str, str | None] = field(default_factory=dict)  # api -> reason of its last failure
     requests: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     last_success: float | None = None
     last_duration: float | None = None
     last_error: str | None = None
-    token_info: tuple[float | None, float | None] | None = None  # (limit, used today)
+    token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
 
     @property
     def tried(self) -> bool:
-        return bool(self.last_ok)
+        return bool(self.last_reason)
 
     @property
     def up(self) -> bool:
-        return self.tried and all(self.last_ok.values())
+        # An api wolkvox does not know is a configuration mistake with its own alert; it does not make
+        # the operation's other data less good. At least one api must have succeeded, though.
+        reasons = self.last_reason.values()
+        return any(r is None for r in reasons) and all(r in (None, "unknown_api") for r in reasons)
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ class Store:
                 for api in list(state.values):
                     if api not in info.apis:
                         del state.values[api]
-                        state.last_ok.pop(api, None)
+                        state.last_reason.pop(api, None)
                 states[info.name] = state
             self._states = states
             self._fragments = {name: self._fragments.get(name, []) for name in states}
@@ -284,7 +288,7 @@ class Store:
                 return
             state.requests += 1
             state.last_duration = result.duration
-            state.last_ok[result.api] = result.ok
+            state.last_reason[result.api] = result.reason
             if result.ok and result.value is not None:
                 state.values[result.api] = (result.value, result.finished_at)
                 state.last_success = max(state.last_success or 0.0, result.finished_at)
@@ -308,8 +312,9 @@ class Store:
         info = result.value
         for other in self._states.values():
             if other.info.token_key == state.info.token_key:
-                other.token_info = (info.limit, info.used_today)
+                other.token_info = (info.limit, info.used_today, result.finished_at)
                 self._dirty.add(other.info.name)
+        self._next_expiry = min(self._next_expiry, result.finished_at + self._token_info_lifetime())
 
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
@@ -386,7 +391,19 @@ class Store:
                     log.warning("dropping %s value of operation %s: older than max_age", api, name)
                 else:
                     next_expiry = min(next_expiry, expires)
+            if state.token_info is not None:
+                expires = state.token_info[2] + self._token_info_lifetime()
+                if expires <= now:
+                    # A failing token_info must not leave yesterday's count up (the token alert uses it).
+                    state.token_info = None
+                    self._dirty.add(name)
+                else:
+                    next_expiry = min(next_expiry, expires)
         self._next_expiry = next_expiry
+
+    def _token_info_lifetime(self) -> float:
+        """token_info is read every token_info_interval: keep an answer for two reads or max_age."""
+        return max(self._max_age, 2 * (self._schedule.token_info_interval or 0.0))
 
     @staticmethod
     def _render_operation(state: _OperationState) -> list[str]:
@@ -413,7 +430,7 @@ class Store:
                 COST_BUDGET.name, {"operation": name, "currency": currency}, state.info.cost_budget
             )
         if state.token_info is not None:
-            limit, used = state.token_info
+            limit, used, _ = state.token_info
             if limit is not None:
                 lines[_INDEX[TOKEN_LIMIT]] = sample(TOKEN_LIMIT.name, op, limit)
             if used is not None:

@@ -141,3 +141,56 @@ def test_reload_status_is_exported() -> None:
     assert value(samples, "wolkvox_config_last_reload_successful") == 0
     store.set_reload_status(True)
     assert value(parse_samples(store.render().plain.decode()), "wolkvox_config_last_reload_successful") == 1
+
+
+def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does() -> None:
+    clock = Clock()
+    store = Store(
+        [OperationInfo("op", apis=("stereo_rec", "no_such_api", "ivr_calls"))],
+        max_age=3600,
+        wall=clock,
+        include_process_metrics=False,
+    )
+    store.record(ok("op", 1, clock.now))
+    store.record(FetchResult("op", "no_such_api", clock.now, 0.1, reason="unknown_api"))
+    store.record(ok("op", 2, clock.now, api="ivr_calls"))
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_up", operation="op") == 1
+    assert value(samples, "wolkvox_billing_usage", operation="op", api="ivr_calls") == 2
+    store.record(FetchResult("op", "ivr_calls", clock.now, 0.1, reason="timeout"))
+    assert value(parse_samples(store.render().plain.decode()), "wolkvox_up", operation="op") == 0
+    # Only unknown apis: nothing succeeded, so not up.
+    only_unknown = Store(
+        [OperationInfo("x", apis=("nope",))], max_age=60, wall=clock, include_process_metrics=False
+    )
+    only_unknown.record(FetchResult("x", "nope", clock.now, 0.1, reason="unknown_api"))
+    assert value(parse_samples(only_unknown.render().plain.decode()), "wolkvox_up", operation="x") == 0
+
+
+def test_token_info_is_shared_by_the_token_and_expires() -> None:
+    from exporter.client import TokenInfo
+    from exporter.store import Schedule
+
+    clock = Clock()
+    store = Store(
+        [
+            OperationInfo("a", token_key="k1"),
+            OperationInfo("b", token_key="k1"),
+            OperationInfo("c", token_key="k2"),
+        ],
+        max_age=600,
+        wall=clock,
+        include_process_metrics=False,
+        schedule=Schedule(token_info_interval=3600),
+    )
+    store.record(FetchResult("a", "token_info", clock.now, 0.1, value=TokenInfo(1000, 12, 40)))
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_token_limit", operation="b") == 1000
+    assert value(samples, "wolkvox_token_used_today", operation="a") == 12
+    assert value(samples, "wolkvox_token_limit", operation="c") is None
+    assert value(samples, "wolkvox_scrape_requests_total", operation="a") == 1
+    assert value(samples, "wolkvox_up", operation="a") == 0  # token_info does not make an operation up
+    clock.now += 7199
+    assert b"wolkvox_token_limit{" in store.render().plain
+    clock.now += 2  # two token_info intervals without a new answer
+    assert b"wolkvox_token_limit{" not in store.render().plain
