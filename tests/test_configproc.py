@@ -1,0 +1,51 @@
+"""Loading the config in a child process gives exactly what load_config gives."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import configproc
+from exporter.config import ConfigError, load_config
+from exporter.configproc import load_config_isolated
+
+
+def test_same_result_as_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKEN_FOR_CHILD", "tok-from-env")
+    path = tmp_path / "c.yml"
+    path.write_text(
+        "refresh_interval: 7m\noperations:\n"
+        "  - {server: wv1, token: '${TOKEN_FOR_CHILD}', apis: [stereo_rec, ivr_calls]}\n"
+    )
+    isolated = load_config_isolated(path)
+    assert isolated == load_config(path)
+    assert isolated.operations[0].token.reveal() == "tok-from-env"  # the child saw the environment
+
+
+def test_same_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text("operations: [{server: wv1, token: abc, colour: blue}]\n")
+    with pytest.raises(ConfigError) as in_process:
+        load_config(path)
+    with pytest.raises(ConfigError) as isolated:
+        load_config_isolated(path)
+    assert str(isolated.value) == str(in_process.value)
+    assert "operations[0].colour" in str(isolated.value)
+
+
+def test_falls_back_to_parsing_here_when_no_child_can_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("operations: [{server: wv1, token: abc}]\n")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    assert load_config_isolated(path).operations[0].server == "wv1"
+
+
+def test_child_entry_point_exit_codes(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    good = tmp_path / "good.yml"
+    good.write_text("operations: [{server: wv1, token: abc}]\n")
+    assert configproc.main([str(good)]) == 0
+    assert configproc.main([str(tmp_path / "missing.yml")]) == configproc.CONFIG_ERROR_EXIT
