@@ -1,0 +1,1189 @@
+#!/usr/bin/env python3
+"""Speed, capacity and memory benchmark of the exporter, against the simulator, on loopback only.
+
+    python benchmarks/run.py --steady         # the full run (about 15 minutes on 2 cores)
+    python benchmarks/run.py --quick --steady # the smoke run of the test suite (about 45 seconds)
+
+Part 1, /metrics under load, for each size in ``--sizes`` (number of operations, distinct tokens):
+  the simulator is told to hang every request (fault ``hang`` for token ``*``) and the exporter
+  (read_timeout 60s) is started against it, so every upstream request it makes hangs until its
+  timeout while /metrics is measured. Once the page lists every operation (``wolkvox_up``) and the
+  fetch workers are all stuck upstream, ``wrk`` runs with ``--connections`` connections and
+  ``Accept-Encoding: gzip`` against three servers of the same series, one at a time:
+    exporter           the exporter's /metrics (aiohttp, pre-rendered page, pre-compressed gzip);
+    prometheus_client  reference 1, the straightforward alternative: the same series as plain
+                       prometheus_client Gauges served by ``prometheus_client.start_http_server``
+                       (benchmarks/reference_server.py), which renders and gzips on every scrape;
+    nginx              reference 2, the limit: Debian's nginx (one worker) serving the exporter's
+                       exact bytes from a file, with ``gzip_static`` (pre-compressed, as the exporter).
+  The exporter's resident memory (VmRSS) is read once the page is complete and again after wrk.
+  With ``--steady`` the exporter is measured once more with every operation answered (values on the
+  page, as between refreshes in production).
+
+Part 2, refresh capacity (skipped with ``--skip-refresh``): the largest size (10,000 operations in the
+  full run) against a simulator answering after ``--refresh-latency`` (250ms); once with every upstream
+  healthy, once with ``--hang-fraction`` (0.1) of the tokens hanging for ever, and once more with
+  ``fetch_workers`` sized so the current scheduler can absorb the hangs (``--refresh-runs``). It polls
+  /metrics every ~2 s until every healthy operation has ``wolkvox_up 1`` (or the window, ``refresh_interval``,
+  is over), fires a burst of scrapes during the window (and another after, when there is time left),
+  and reads the simulator's ``/-/stats``: requests per token, ``max_in_flight`` per token, violations.
+
+Everything listens on 127.0.0.1, every load is bounded in count and time, every child process dies
+with this script (PR_SET_PDEATHSIG) and the whole run has a deadline (``--max-minutes``).
+Results go to ``--out`` (JSON) and, as Markdown tables, to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import gzip
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from exporter.simulator import parse_duration, stable_unit  # noqa: E402  (needs the path above)
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+WRK = shutil.which("wrk")
+IMPLEMENTATIONS = ("exporter", "prometheus_client", "nginx")
+EXPORTER_ROOT = REPO  # where `python -m exporter.cli` runs from (--exporter-root)
+MB = 1_000_000  # memory is reported in MB of 10^6 bytes (stricter than MiB for the 100 MB goal)
+_LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+_UP_LINE = re.compile(rb'^wolkvox_up\{operation="([^"]*)"\} (\S+)$', re.M)
+
+
+class BenchmarkError(Exception):
+    """A step could not be carried out (a child did not start, a page never became complete...)."""
+
+
+# ----------------------------------------------------------------------------------- child processes
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise BenchmarkError(f"{self.name}: no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        _CHILDREN.discard(self)
+
+    __hash__ = object.__hash__
+
+
+_CHILDREN: set[Child] = set()
+
+
+def spawn(
+    name: str, argv: list[str], workdir: Path, *, listening: bool = True, timeout: float = 60.0
+) -> Child:
+    """Starts a child with its output in ``workdir/name.log``; waits for its 'listening on' line."""
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as handle:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=EXPORTER_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent,
+        )
+    child = Child(name, proc, log_path)
+    _CHILDREN.add(child)
+    if not listening:
+        return child
+    deadline = time.monotonic() + timeout
+    while True:
+        match = _LISTENING.search(child.log())
+        if match:
+            child.url = match.group(1)
+            return child
+        if proc.poll() is not None:
+            raise BenchmarkError(f"{name} exited with {proc.returncode}:\n{child.log()[-2000:]}")
+        if time.monotonic() > deadline:
+            child.stop()
+            raise BenchmarkError(f"{name} did not listen within {timeout:g}s:\n{child.log()[-2000:]}")
+        time.sleep(0.05)
+
+
+def stop_all() -> None:
+    for child in list(_CHILDREN):
+        with contextlib.suppress(Exception):
+            child.stop(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(requests.RequestException):
+            result = predicate()
+            if result:
+                return result
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------------- the pieces
+
+
+def start_simulator(workdir: Path, name: str, *extra: str) -> Child:
+    return spawn(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "exporter.simulator",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--log.level",
+            "warning",
+            *extra,
+        ],
+        workdir,
+    )
+
+
+def token_of(prefix: str, i: int) -> str:
+    return f"{prefix}-token-{i:05d}"
+
+
+def operation_of(i: int) -> str:
+    return f"op-{i:05d}"
+
+
+def write_exporter_config(path: Path, sim_url: str, n: int, prefix: str, **top: Any) -> None:
+    config = {
+        **top,
+        "operations": [
+            {"server": operation_of(i), "token": token_of(prefix, i), "base_url": sim_url} for i in range(n)
+        ],
+    }
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    path.write_text(yaml.dump(config, Dumper=dumper, sort_keys=False), encoding="utf-8")
+
+
+def start_exporter(workdir: Path, name: str, config_path: Path) -> Child:
+    return spawn(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "exporter.cli",
+            "--config.file",
+            str(config_path),
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--log.level",
+            "info",
+        ],
+        workdir,
+        timeout=120.0,
+    )
+
+
+def fetch_page(url: str, gzip_wanted: bool = True) -> tuple[bytes, bytes, dict[str, str]]:
+    """GET /metrics as Prometheus does; returns (bytes on the wire, decoded page, headers)."""
+    headers = {"Accept-Encoding": "gzip" if gzip_wanted else "identity"}
+    with requests.get(f"{url}/metrics", headers=headers, stream=True, timeout=120) as response:
+        response.raise_for_status()
+        wire = response.raw.read(decode_content=False)
+        got = dict(response.headers)
+    plain = gzip.decompress(wire) if got.get("Content-Encoding") == "gzip" else wire
+    return wire, plain, got
+
+
+def up_values(page: bytes) -> dict[str, float]:
+    return {op.decode(): float(v) for op, v in _UP_LINE.findall(page)}
+
+
+def sim_stats(sim: Child) -> dict[str, Any]:
+    response = requests.get(f"{sim.url}/-/stats", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def rss_mb(child: Child) -> float:
+    return round(child.rss_bytes() / MB, 1)
+
+
+# ----------------------------------------------------------------------------------- wrk
+
+
+_WRK_PERCENTILE = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The numbers of a ``wrk --latency`` report (latencies in ms)."""
+    result: dict[str, Any] = {}
+    for pct, number, unit in _WRK_PERCENTILE.findall(output):
+        result[f"p{pct}_ms"] = round(float(number) * _UNIT_MS[unit], 3)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    result["requests_per_second"] = float(rps.group(1)) if rps else 0.0
+    done = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", output, re.M)
+    result["requests"] = int(done.group(1)) if done else 0
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    result["socket_errors"] = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True))
+        if errors
+        else {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    return result
+
+
+def run_wrk(url: str, seconds: float, connections: int, threads: int, timeout: float) -> dict[str, Any]:
+    argv = [
+        WRK or "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--timeout",
+        f"{max(1, math.ceil(timeout))}s",
+        "--latency",
+        "-H",
+        "Accept-Encoding: gzip",
+        f"{url}/metrics",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout + 30, check=False)
+    if done.returncode != 0:
+        raise BenchmarkError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    result = parse_wrk(done.stdout)
+    result["duration_s"] = max(1, round(seconds))
+    result["wrk_output"] = done.stdout
+    return result
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by the whole machine (all cores, every process) since boot."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_cpu_seconds() -> float:
+    """This script and its reaped children (wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime + children_cpu_seconds()
+
+
+def background_load(seconds: float = 3.0) -> dict[str, Any]:
+    """How busy the machine is without us: other processes compete with every measurement."""
+    busy = machine_busy_seconds()
+    time.sleep(seconds)
+    cores = (machine_busy_seconds() - busy) / seconds
+    return {"busy_cores": round(cores, 2), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def measure(
+    server: Child, url: str, seconds: float, args: argparse.Namespace, timeout: float
+) -> dict[str, Any]:
+    cpu_before, busy_before, wrk_before = server.cpu_seconds(), machine_busy_seconds(), children_cpu_seconds()
+    result = run_wrk(url, seconds, args.connections, args.threads, timeout)
+    cpu = server.cpu_seconds() - cpu_before
+    wrk_cpu = children_cpu_seconds() - wrk_before
+    result["server_cpu_seconds"] = round(cpu, 2)
+    result["wrk_cpu_seconds"] = round(wrk_cpu, 2)
+    # CPU used meanwhile by everything else on the machine (other processes: noise in the numbers).
+    other = machine_busy_seconds() - busy_before - cpu - wrk_cpu
+    result["other_cpu_cores"] = round(max(0.0, other) / result["duration_s"], 2)
+    if result["requests"]:
+        result["server_cpu_ms_per_request"] = round(1000 * cpu / result["requests"], 4)
+    return result
+
+
+# ----------------------------------------------------------------------------------- nginx
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;  # as in Debian's default nginx.conf
+    tcp_nopush on;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    types {{ }}
+    default_type "text/plain; version=0.0.4; charset=utf-8";
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {prefix}/www;
+        location = /metrics {{
+            gzip_static on;
+            gzip_vary on;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(workdir: Path, plain: bytes) -> Child:
+    prefix = workdir / "nginx"
+    for sub in ("www", "tmp"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    (prefix / "www" / "metrics").write_bytes(plain)
+    # The exporter's own settings: level 6, mtime 0.
+    (prefix / "www" / "metrics.gz").write_bytes(gzip.compress(plain, compresslevel=6, mtime=0))
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port), encoding="utf-8")
+    child = spawn(
+        "nginx",
+        [NGINX or "nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
+        workdir,
+        listening=False,
+    )
+    child.url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        if child.proc.poll() is not None:
+            raise BenchmarkError(f"nginx exited with {child.proc.returncode}: {child.log()[-2000:]}")
+        return requests.get(f"{child.url}/metrics", timeout=5).status_code == 200
+
+    wait_for(serving, 20, "nginx to serve")
+    return child
+
+
+# ----------------------------------------------------------------------------------- part 1: /metrics
+
+
+def steady_size(
+    size: int, args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """--steady: the exporter once every operation has a value (upstream answering at once), as in
+    production between refreshes; the page is larger than with hanging upstreams (values, timestamps)."""
+    sim = start_simulator(workdir, f"simulator-steady-{size}", "--daily-limit", "0")
+    try:
+        config_path = workdir / f"steady-{size}.yml"
+        write_exporter_config(
+            config_path, sim.url, size, f"s{size}", refresh_interval="5m", max_age="1h", fetch_workers=16
+        )
+        exporter = start_exporter(workdir, f"exporter-steady-{size}", config_path)
+        try:
+
+            def all_up() -> bool:
+                ups = up_values(fetch_page(exporter.url)[1])
+                return len(ups) == size and all(v == 1.0 for v in ups.values())
+
+            wait_for(all_up, 120, f"all {size} operations to be up", interval=1.0)
+            time.sleep(2)  # the publisher coalesces results: let the last render land
+            wire, plain, _ = fetch_page(exporter.url)
+            row = measure(exporter, exporter.url, args.duration, args, timeout=max(10.0, args.duration))
+            row.update(
+                page_bytes_plain=len(plain),
+                page_bytes_gzip=len(wire),
+                exporter_rss_mb=rss_mb(exporter),
+                upstream_requests=sim_stats(sim)["total_requests"],
+            )
+            log(_row_line(size, "exporter-steady", row))
+            return {"implementation": "exporter-steady", **row}
+        finally:
+            exporter.stop()
+    finally:
+        sim.stop()
+
+
+def metrics_size(
+    size: int, args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """All three implementations at one size; returns {"rows": [...], "rss": {...}, ...}."""
+    out: dict[str, Any] = {"size": size, "rows": []}
+    sim = start_simulator(workdir, f"simulator-{size}")
+    try:
+        requests.post(
+            f"{sim.url}/-/faults", json={"mode": "hang", "token": "*"}, timeout=5
+        ).raise_for_status()
+        config_path = workdir / f"metrics-{size}.yml"
+        workers = 16
+        write_exporter_config(
+            config_path,
+            sim.url,
+            size,
+            f"m{size}",
+            refresh_interval="5m",
+            max_age="1h",
+            fetch_workers=workers,
+            connect_timeout="10s",
+            read_timeout=args.hang_timeout,
+        )
+        started = time.monotonic()
+        exporter = start_exporter(workdir, f"exporter-{size}", config_path)
+        try:
+            out["exporter_startup_s"] = round(time.monotonic() - started, 2)
+
+            def complete() -> bool:
+                return len(up_values(fetch_page(exporter.url)[1])) == size
+
+            wait_for(complete, 60, f"/metrics to list all {size} operations", interval=0.2)
+            hanging = min(size, workers)
+
+            def all_hanging() -> bool:
+                tokens = sim_stats(sim)["tokens"].values()
+                return sum(t["in_flight"] for t in tokens) >= hanging
+
+            wait_for(all_hanging, 30, f"{hanging} upstream requests to hang")
+            out["upstream_in_flight_during_load"] = hanging
+            out["exporter_rss_mb_page_complete"] = rss_mb(exporter)
+            wire, plain, headers = fetch_page(exporter.url)
+            if headers.get("Content-Encoding") != "gzip":
+                raise BenchmarkError("the exporter did not gzip /metrics for Accept-Encoding: gzip")
+            out["page_bytes_plain"], out["page_bytes_gzip"] = len(plain), len(wire)
+            out["series"] = sum(1 for line in plain.splitlines() if line and not line.startswith(b"#"))
+            log(
+                f"  size {size}: page {len(plain):,} B plain, {len(wire):,} B gzip, "
+                f"{out['series']:,} series, exporter RSS {out['exporter_rss_mb_page_complete']} MB"
+            )
+            row = measure(exporter, exporter.url, args.duration, args, timeout=max(10.0, args.duration))
+            out["rows"].append({"implementation": "exporter", **row})
+            log(_row_line(size, "exporter", row))
+            out["exporter_rss_mb_after_load"] = rss_mb(exporter)
+            _, saved, _ = fetch_page(exporter.url, gzip_wanted=False)
+            out["upstream_requests_during_part"] = sim_stats(sim)["total_requests"]
+        finally:
+            exporter.stop()
+    finally:
+        sim.stop()
+    page_path = workdir / f"page-{size}.txt"
+    page_path.write_bytes(saved)
+
+    # Reference 1: plain prometheus_client Gauges behind start_http_server.
+    reference = spawn(
+        f"reference-{size}",
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "reference_server.py"),
+            "--page",
+            str(page_path),
+            "--port",
+            "0",
+            "--max-seconds",
+            "600",
+        ],
+        workdir,
+        timeout=120.0,
+    )
+    try:
+        started = time.monotonic()
+        wire, plain, headers = fetch_page(reference.url)
+        single = time.monotonic() - started
+        if headers.get("Content-Encoding") != "gzip":
+            raise BenchmarkError("prometheus_client did not gzip /metrics")
+        if len(up_values(plain)) != size:
+            raise BenchmarkError("the reference page does not list every operation")
+        # With N connections a request waits for about N renders: give wrk time to see a few of them.
+        seconds = min(max(args.duration, 2.5 * args.connections * single), args.reference_max_seconds)
+        row = measure(reference, reference.url, seconds, args, timeout=seconds)
+        row["single_request_ms"] = round(single * 1000, 1)
+        row["page_bytes_gzip"] = len(wire)
+        out["rows"].append({"implementation": "prometheus_client", **row})
+        log(_row_line(size, "prometheus_client", row))
+    finally:
+        reference.stop()
+
+    # Reference 2: nginx serving the exporter's bytes from a file.
+    nginx = start_nginx(workdir, saved)
+    try:
+        wire, plain, headers = fetch_page(nginx.url)
+        if headers.get("Content-Encoding") != "gzip" or plain != saved:
+            raise BenchmarkError("nginx did not serve the saved page gzipped")
+        row = measure(nginx, nginx.url, args.duration, args, timeout=max(10.0, args.duration))
+        row["page_bytes_gzip"] = len(wire)
+        out["rows"].append({"implementation": "nginx", **row})
+        log(_row_line(size, "nginx", row))
+    finally:
+        nginx.stop()
+    return out
+
+
+def _row_line(size: int, name: str, row: dict[str, Any]) -> str:
+    return (
+        f"  size {size:>6} {name:<18} {row['requests_per_second']:>10.1f} req/s  "
+        f"p50 {row.get('p50_ms', float('nan')):>9.3f} ms  p99 {row.get('p99_ms', float('nan')):>9.3f} ms  "
+        f"({row['requests']} requests, {row['duration_s']} s, errors {row['socket_errors']}, "
+        f"non-2xx {row['non_2xx']})"
+    )
+
+
+# ----------------------------------------------------------------------------------- part 2: refresh
+
+
+def hanging_tokens(prefix: str, n: int, fraction: float) -> set[int]:
+    """Indexes of the operations whose token the simulator hangs (its own rule: --hang-fraction)."""
+    if fraction <= 0:
+        return set()
+    return {i for i in range(n) if stable_unit("hang", token_of(prefix, i)) < fraction}
+
+
+def sized_workers(n: int, fraction: float, read_timeout: float, args: argparse.Namespace) -> int:
+    """Workers the current scheduler needs for the hanging run to fit in the window with 20 % to spare:
+    its first pass costs healthy x latency + hanging x read_timeout worker-seconds (a multiple of 8)."""
+    hang = len(hanging_tokens(f"r{n}h{fraction:g}", n, fraction))
+    work = (n - hang) * args.refresh_latency + hang * read_timeout
+    return max(args.fetch_workers, 8 * math.ceil(work / (0.8 * args.window) / 8))
+
+
+def refresh_run(
+    label: str,
+    n: int,
+    hang_fraction: float,
+    workers: int,
+    read_timeout: float,
+    args: argparse.Namespace,
+    workdir: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    window = args.window
+    prefix = f"r{n}h{hang_fraction:g}"  # the same hanging tokens in every run with this fraction
+    hang = hanging_tokens(prefix, n, hang_fraction)
+    healthy = {operation_of(i) for i in range(n) if i not in hang}
+    healthy_tokens = {token_of(prefix, i) for i in range(n) if i not in hang}
+    sim_args = ["--latency", f"{args.refresh_latency}s", "--daily-limit", "0"]
+    if hang_fraction > 0:
+        sim_args += ["--hang-fraction", str(hang_fraction)]
+    sim = start_simulator(workdir, f"simulator-refresh-{label}", *sim_args)
+    config_path = workdir / f"refresh-{label}.yml"
+    write_exporter_config(
+        config_path,
+        sim.url,
+        n,
+        prefix,
+        refresh_interval=f"{window}s",
+        max_age="1h",
+        fetch_workers=workers,
+        connect_timeout="10s",
+        read_timeout=f"{read_timeout}s",
+    )
+    result: dict[str, Any] = {
+        "label": label,
+        "operations": n,
+        "hanging": len(hang),
+        "healthy": len(healthy),
+        "latency_s": args.refresh_latency,
+        "fetch_workers": workers,
+        "read_timeout_s": read_timeout,
+        "window_s": window,
+        # The first pass: every lane is due at start and untried lanes are never "suspect", so each
+        # hanging token holds a worker for read_timeout once, whatever the suspect cap.
+        "model_first_pass_s": round(
+            (len(healthy) * args.refresh_latency + len(hang) * read_timeout) / workers, 1
+        ),
+    }
+    log(
+        f"refresh [{label}]: {n} operations ({len(hang)} hanging), {workers} workers, "
+        f"latency {args.refresh_latency}s, read_timeout {read_timeout:g}s, window {window:g}s; "
+        f"model first pass {result['model_first_pass_s']} s"
+    )
+    started = time.monotonic()
+    busy_before, own_before = machine_busy_seconds(), own_cpu_seconds()
+    exporter = start_exporter(workdir, f"exporter-refresh-{label}", config_path)
+    t0 = time.monotonic()  # the refresher starts right after the 'listening' line
+    result["exporter_startup_s"] = round(t0 - started, 2)
+    timeline: list[tuple[float, int]] = []
+    done_at: float | None = None
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            _, page, _ = fetch_page(exporter.url)
+            ups = up_values(page)
+            refreshed = sum(1 for op in healthy if ups.get(op) == 1.0)
+            timeline.append((round(elapsed, 1), refreshed))
+            if refreshed == len(healthy):
+                done_at = elapsed
+            if (
+                "burst_during_window" not in result
+                and (refreshed >= len(healthy) // 3 or elapsed > window / 3)
+                and elapsed + args.burst + 5 < window
+            ):
+                result["burst_during_window"] = scrape_burst(exporter, sim, healthy_tokens, args, refreshed)
+            if done_at is not None or elapsed >= window:
+                break
+            time.sleep(max(0.0, min(args.poll, window - elapsed)))
+        result["timeline"] = timeline
+        result["all_healthy_refreshed_s"] = round(done_at, 1) if done_at is not None else None
+        result["refreshed_within_window"] = max((c for t, c in timeline if t <= window), default=0)
+        result["met"] = done_at is not None and done_at <= window
+        if done_at is None:
+            # How far off: the rate over the last third of the window, extrapolated.
+            tail = [(t, c) for t, c in timeline if t >= window * 2 / 3] or timeline[-2:]
+            (t1, c1), (t2, c2) = tail[0], tail[-1]
+            rate = (c2 - c1) / (t2 - t1) if t2 > t1 else 0.0
+            missing = len(healthy) - c2
+            result["healthy_missing_at_window"] = missing
+            result["rate_at_end_per_s"] = round(rate, 2)
+            result["projected_all_refreshed_s"] = round(t2 + missing / rate, 0) if rate > 0 else None
+        result["exporter_rss_mb"] = rss_mb(exporter)
+        remaining = window - (time.monotonic() - t0)
+        if done_at is not None and remaining > args.burst + 5:
+            result["burst_after_refresh"] = scrape_burst(exporter, sim, healthy_tokens, args, len(healthy))
+        stats = sim_stats(sim)
+        result["upstream"] = upstream_report(
+            stats, prefix, n, hang, healthy, time.monotonic() - t0, read_timeout
+        )
+        result["exporter_cpu_seconds"] = round(exporter.cpu_seconds(), 1)
+        result["simulator_cpu_seconds"] = round(sim.cpu_seconds(), 1)
+        ours = (
+            result["exporter_cpu_seconds"] + result["simulator_cpu_seconds"] + own_cpu_seconds() - own_before
+        )
+        run_seconds = time.monotonic() - started
+        result["other_cpu_cores"] = round(
+            max(0.0, machine_busy_seconds() - busy_before - ours) / run_seconds, 2
+        )
+    finally:
+        exporter.stop()
+        sim.stop()
+    up = result["upstream"]
+    log(
+        f"refresh [{label}]: healthy refreshed "
+        + (
+            f"in {result['all_healthy_refreshed_s']} s"
+            if done_at is not None
+            else f"{result['refreshed_within_window']}/{len(healthy)} within the window "
+            f"(projected {result.get('projected_all_refreshed_s')} s)"
+        )
+        + f"; max_in_flight {up['max_in_flight']}, violations {up['total_violations']}, "
+        f"healthy tokens over budget {up['healthy_tokens_over_allowed']}, RSS {result['exporter_rss_mb']} MB"
+    )
+    return result
+
+
+def scrape_burst(
+    exporter: Child, sim: Child, healthy_tokens: set[str], args: argparse.Namespace, refreshed: int
+) -> dict[str, Any]:
+    """wrk against /metrics for ``--burst`` seconds; upstream requests of the healthy tokens already
+    answered, before and after: they must not move (a scrape never reaches upstream, and a success is
+    followed by a full refresh_interval). Hanging tokens are left out: their backoff retries may fall
+    inside the burst, as they are allowed to."""
+    before = sim_stats(sim)
+    row = run_wrk(exporter.url, args.burst, args.connections, args.threads, timeout=10)
+    after = sim_stats(sim)
+    # Tokens that had already been answered before the burst: their request count must stay put.
+    answered_before = {
+        t
+        for t, s in before["tokens"].items()
+        if t in healthy_tokens and s["requests"] >= 1 and s["in_flight"] == 0
+    }
+    moved = sum(after["tokens"][t]["requests"] - before["tokens"][t]["requests"] for t in answered_before)
+    return {
+        "scrapes": row["requests"],
+        "scrapes_per_second": row["requests_per_second"],
+        "p99_ms": row.get("p99_ms"),
+        "healthy_refreshed_at_start": refreshed,
+        "upstream_requests_total_before": before["total_requests"],
+        "upstream_requests_total_after": after["total_requests"],
+        "tokens_answered_before": len(answered_before),
+        "upstream_requests_of_those_tokens_during_burst": moved,
+    }
+
+
+def upstream_report(
+    stats: dict[str, Any],
+    prefix: str,
+    n: int,
+    hang: set[int],
+    healthy: set[str],
+    elapsed: float,
+    read_timeout: float,
+) -> dict[str, Any]:
+    tokens = stats["tokens"]
+    healthy_tokens = [token_of(prefix, i) for i in range(n) if i not in hang]
+    hang_tokens = [token_of(prefix, i) for i in sorted(hang)]
+    per_healthy = [tokens.get(t, {}).get("requests", 0) for t in healthy_tokens]
+    per_hang = [tokens.get(t, {}).get("requests", 0) for t in hang_tokens]
+    # After a success a token may be used again only refresh_interval later; the run ends within one
+    # window, so one request per healthy token is what is allowed.
+    # A hanging token: each attempt lasts read_timeout, then waits at least 0.75 * 30 s (backoff).
+    hang_allowed = 1 + int(elapsed // (read_timeout + 22.5))
+    return {
+        "total_requests": stats["total_requests"],
+        "total_violations": stats["total_violations"],
+        "max_in_flight": max((s["max_in_flight"] for s in tokens.values()), default=0),
+        "tokens_seen": len(tokens),
+        "healthy_requests_max_per_token": max(per_healthy, default=0),
+        "healthy_requests_allowed_per_token": 1,
+        "healthy_tokens_over_allowed": sum(1 for r in per_healthy if r > 1),
+        "healthy_tokens_never_asked": sum(1 for r in per_healthy if r == 0),
+        "hanging_requests_max_per_token": max(per_hang, default=0),
+        "hanging_requests_allowed_per_token": hang_allowed if hang_tokens else 0,
+        "hanging_tokens_over_allowed": sum(1 for r in per_hang if r > hang_allowed),
+    }
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        versions["wrk"] = (
+            subprocess.run(
+                [WRK or "wrk", "--version"], capture_output=True, text=True, timeout=10, check=False
+            )
+            .stdout.splitlines()[0]
+            .strip()
+        )
+    with contextlib.suppress(Exception):
+        versions["nginx"] = subprocess.run(
+            [NGINX or "nginx", "-v"], capture_output=True, text=True, timeout=10, check=False
+        ).stderr.strip()
+    from importlib.metadata import version
+
+    for package in ("aiohttp", "prometheus_client", "requests"):
+        with contextlib.suppress(Exception):
+            versions[package] = version(package)
+    mem_total = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_total = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) // 1024
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_mib": mem_total,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions,
+    }
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    rows = {(r["size"], r["implementation"]): r for r in results["metrics"]}
+    if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
+        ex, ref, ngx = (rows[(1000, impl)] for impl in IMPLEMENTATIONS)
+        found.append(
+            {
+                "goal": "p99 of /metrics at 1,000 operations",
+                "target": "< 10 ms",
+                "measured": f"{ex.get('p99_ms')} ms",
+                "met": ex.get("p99_ms", math.inf) < 10,
+            }
+        )
+        vs_ref = (
+            ex["requests_per_second"] / ref["requests_per_second"] if ref["requests_per_second"] else math.inf
+        )
+        found.append(
+            {
+                "goal": "throughput vs prometheus_client at 1,000",
+                "target": ">= 100x",
+                "measured": f"{vs_ref:.0f}x",
+                "met": vs_ref >= 100,
+            }
+        )
+        vs_nginx = ex["requests_per_second"] / ngx["requests_per_second"] if ngx["requests_per_second"] else 0
+        found.append(
+            {
+                "goal": "throughput vs nginx at 1,000",
+                "target": ">= 0.25x",
+                "measured": f"{vs_nginx:.2f}x",
+                "met": vs_nginx >= 0.25,
+            }
+        )
+    rss = [
+        v
+        for s in results["sizes"]
+        if s["size"] == 10_000
+        for v in (s.get("exporter_rss_mb_page_complete"), s.get("exporter_rss_mb_after_load"))
+        if v
+    ]
+    rss += [r["exporter_rss_mb"] for r in results["refresh"] if r["operations"] == 10_000]
+    rss += [
+        r["exporter_rss_mb"] for r in results["metrics"] if r["size"] == 10_000 and "exporter_rss_mb" in r
+    ]
+    if rss:
+        found.append(
+            {
+                "goal": "resident memory at 10,000 operations",
+                "target": "< 100 MB",
+                "measured": f"{max(rss)} MB (max of {len(rss)} readings)",
+                "met": max(rss) < 100,
+            }
+        )
+    for run in results["refresh"]:
+        what = "all healthy operations refreshed within the window"
+        what += f" ({run['label']}: {run['operations']:,} ops, {run['hanging']:,} hanging)"
+        measured = (
+            f"{run['all_healthy_refreshed_s']} s"
+            if run["all_healthy_refreshed_s"] is not None
+            else f"{run['refreshed_within_window']:,}/{run['healthy']:,} at {run['window_s']:g} s, "
+            f"projected {run.get('projected_all_refreshed_s')} s"
+        )
+        found.append(
+            {"goal": what, "target": f"<= {run['window_s']:g} s", "measured": measured, "met": run["met"]}
+        )
+        up = run["upstream"]
+        found.append(
+            {
+                "goal": f"one request at a time per token ({run['label']})",
+                "target": "max_in_flight 1, 0 violations",
+                "measured": f"max_in_flight {up['max_in_flight']}, {up['total_violations']} violations",
+                "met": up["max_in_flight"] <= 1 and up["total_violations"] == 0,
+            }
+        )
+        bursts = [b for b in (run.get("burst_during_window"), run.get("burst_after_refresh")) if b]
+        moved = sum(b["upstream_requests_of_those_tokens_during_burst"] for b in bursts)
+        scrapes = sum(b["scrapes"] for b in bursts)
+        found.append(
+            {
+                "goal": f"upstream requests made vs allowed ({run['label']})",
+                "target": "<= 1 per token per refresh_interval after a success; scrapes add none",
+                "measured": f"healthy max {up['healthy_requests_max_per_token']}/token "
+                f"({up['healthy_tokens_over_allowed']} over); {scrapes:,} scrapes in bursts "
+                f"-> {moved} extra upstream requests",
+                "met": up["healthy_tokens_over_allowed"] == 0
+                and up["hanging_tokens_over_allowed"] == 0
+                and moved == 0,
+            }
+        )
+    return found
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| operations | implementation | req/s | p50 | p99 | requests (s) | server CPU ms/req "
+        "| other processes (cores) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["metrics"]:
+        lines.append(
+            f"| {r['size']:,} | {r['implementation']} | {r['requests_per_second']:,.1f} | "
+            f"{_ms(r.get('p50_ms'))} | {_ms(r.get('p99_ms'))} | {r['requests']:,} ({r['duration_s']}) | "
+            f"{r.get('server_cpu_ms_per_request', '-')} | {r.get('other_cpu_cores', '-')} |"
+        )
+    lines += [
+        "",
+        "| operations | page plain / gzip | series | exporter RSS: page complete / after load |",
+        "|---:|---:|---:|---:|",
+    ]
+    for s in results["sizes"]:
+        lines.append(
+            f"| {s['size']:,} | {s['page_bytes_plain']:,} B / {s['page_bytes_gzip']:,} B | {s['series']:,} | "
+            f"{s['exporter_rss_mb_page_complete']} MB / {s['exporter_rss_mb_after_load']} MB |"
+        )
+    if results["ratios"]:
+        lines += ["", "| at 1,000 operations | ratio |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in results["ratios"].items()]
+    if results["refresh"]:
+        lines += [
+            "",
+            "| refresh run | ops (hanging) | workers | read_timeout | model first pass | all healthy up at | "
+            "max_in_flight | violations | healthy req/token max | RSS |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["refresh"]:
+            up = r["upstream"]
+            at = (
+                f"{r['all_healthy_refreshed_s']} s"
+                if r["all_healthy_refreshed_s"] is not None
+                else f"not done: {r['refreshed_within_window']:,}/{r['healthy']:,} at {r['window_s']:g} s "
+                f"(projected {r.get('projected_all_refreshed_s')} s)"
+            )
+            lines.append(
+                f"| {r['label']} | {r['operations']:,} ({r['hanging']:,}) | {r['fetch_workers']} | "
+                f"{r['read_timeout_s']:g} s | {r['model_first_pass_s']} s | {at} | {up['max_in_flight']} | "
+                f"{up['total_violations']} | {up['healthy_requests_max_per_token']} | "
+                f"{r['exporter_rss_mb']} MB |"
+            )
+    if results["goals"]:
+        lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+        lines += [
+            f"| {g['goal']} | {g['target']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |"
+            for g in results["goals"]
+        ]
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:,.2f} s" if value >= 1000 else f"{value:.2f} ms"
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", default="1,100,1000,10000", help="operation counts (default 1,100,1000,10000)"
+    )
+    parser.add_argument("--duration", default="10s", help="each wrk run (default 10s)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: sizes 1,10, 1s wrk runs, refresh run of 20 operations at 50ms",
+    )
+    parser.add_argument("--skip-refresh", action="store_true", help="skip part 2 (refresh capacity)")
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="part 1 also measures the exporter with every operation answered (values on the page)",
+    )
+    parser.add_argument("--skip-metrics", action="store_true", help="skip part 1 (/metrics under load)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"), help="JSON results file")
+    parser.add_argument(
+        "--refresh-ops", type=int, default=None, help="operations of part 2 (default: largest size)"
+    )
+    parser.add_argument("--refresh-latency", default="250ms", help="simulated upstream latency of part 2")
+    parser.add_argument("--window", default="5m", help="refresh_interval, the window of part 2 (default 5m)")
+    parser.add_argument("--fetch-workers", type=int, default=32, help="fetch_workers of part 2 (default 32)")
+    parser.add_argument("--read-timeout", default="60s", help="read_timeout of part 2 (default 60s)")
+    parser.add_argument(
+        "--hang-fraction", type=float, default=0.1, help="hanging tokens of part 2's second run"
+    )
+    parser.add_argument(
+        "--refresh-runs",
+        default="healthy,hang,sized",
+        help="runs of part 2 (default all three): healthy (no hanging token); hang (--hang-fraction of the "
+        "tokens hang, --fetch-workers); sized (the same, fetch_workers sized for the current scheduler)",
+    )
+    parser.add_argument("--hang-timeout", default="60s", help="exporter read_timeout of part 1 (default 60s)")
+    parser.add_argument("--burst", default="3s", help="scrape bursts of part 2 (default 3s)")
+    parser.add_argument("--poll", default="2s", help="/metrics poll interval of part 2 (default 2s)")
+    parser.add_argument(
+        "--reference-max-seconds",
+        default="90s",
+        help="cap of the stretched prometheus_client wrk run at large sizes (default 90s)",
+    )
+    parser.add_argument(
+        "--exporter-root",
+        default=str(REPO),
+        help="run the exporter and simulator of another checkout (to compare a change)",
+    )
+    parser.add_argument("--max-minutes", type=float, default=40.0, help="hard deadline of the whole run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        defaults = {
+            "sizes": "1,10",
+            "duration": "1s",
+            "refresh_ops": 20,
+            "refresh_latency": "50ms",
+            "window": "20s",
+            "fetch_workers": 4,
+            "read_timeout": "2s",
+            "burst": "1s",
+            "poll": "0.5s",
+            "reference_max_seconds": "5s",
+            "max_minutes": 5.0,
+        }
+        for key, value in defaults.items():
+            if parser.get_default(key) == getattr(args, key):
+                setattr(args, key, value)
+    args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    args.refresh_runs = {r.strip() for r in args.refresh_runs.split(",") if r.strip()}
+    unknown = args.refresh_runs - {"healthy", "hang", "sized"}
+    if unknown:
+        parser.error(f"--refresh-runs: unknown run(s) {', '.join(sorted(unknown))}")
+    for key in (
+        "duration",
+        "refresh_latency",
+        "window",
+        "read_timeout",
+        "hang_timeout",
+        "burst",
+        "poll",
+        "reference_max_seconds",
+    ):
+        setattr(args, key, parse_duration(str(getattr(args, key))))
+    args.hang_timeout = f"{args.hang_timeout:g}s"
+    if args.refresh_ops is None:
+        args.refresh_ops = max(args.sizes)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global EXPORTER_ROOT
+    args = parse_args(argv)
+    EXPORTER_ROOT = Path(args.exporter_root).resolve()
+    missing = [name for name, path in (("wrk", WRK), ("nginx", NGINX)) if not path]
+    if missing:
+        print(
+            f"benchmarks/run.py: {' and '.join(missing)} not found; on Debian: "
+            "apt-get install -y wrk nginx-light",
+            file=sys.stderr,
+        )
+        return 2
+    began = time.monotonic()
+    deadline = began + args.max_minutes * 60
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - began:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def check_deadline(step: str) -> None:
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"--max-minutes {args.max_minutes:g} reached before {step}")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "sizes": args.sizes,
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "wrk_threads": args.threads,
+            "quick": args.quick,
+            "metrics_read_timeout": args.hang_timeout,
+            "refresh_ops": args.refresh_ops,
+            "refresh_latency_s": args.refresh_latency,
+            "window_s": args.window,
+            "fetch_workers": args.fetch_workers,
+            "read_timeout_s": args.read_timeout,
+            "hang_fraction": args.hang_fraction,
+            "exporter_root": str(EXPORTER_ROOT),
+        },
+        "metrics": [],
+        "sizes": [],
+        "ratios": {},
+        "refresh": [],
+        "goals": [],
+    }
+    status = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="wolkvox-bench-") as tmp:
+            workdir = Path(tmp)
+            results["background_before"] = background_load()
+            log(f"machine busy before the run (other processes): {results['background_before']}")
+            if not args.skip_metrics:
+                log(f"part 1: /metrics with {args.connections} connections, sizes {args.sizes}")
+                for size in args.sizes:
+                    check_deadline(f"size {size}")
+                    part = metrics_size(size, args, workdir, log)
+                    if args.steady:
+                        part["rows"].append(steady_size(size, args, workdir, log))
+                    for row in part.pop("rows"):
+                        row.pop("wrk_output", None)
+                        results["metrics"].append({"size": size, **row})
+                    results["sizes"].append(part)
+                rows = {(r["size"], r["implementation"]): r for r in results["metrics"]}
+                if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
+                    ex, ref, ngx = (rows[(1000, impl)]["requests_per_second"] for impl in IMPLEMENTATIONS)
+                    results["ratios"] = {
+                        "exporter / prometheus_client (req/s)": round(ex / ref, 1) if ref else None,
+                        "exporter / nginx (req/s)": round(ex / ngx, 3) if ngx else None,
+                    }
+            if not args.skip_refresh:
+                n, fraction, timeout = args.refresh_ops, args.hang_fraction, args.read_timeout
+                runs = []
+                if "healthy" in args.refresh_runs:
+                    runs.append(("healthy", 0.0, args.fetch_workers))
+                if "hang" in args.refresh_runs and fraction > 0:
+                    runs.append((f"hang-{fraction:g}", fraction, args.fetch_workers))
+                if "sized" in args.refresh_runs and fraction > 0:
+                    runs.append(
+                        (f"hang-{fraction:g}-sized", fraction, sized_workers(n, fraction, timeout, args))
+                    )
+                log(f"part 2: refresh capacity at {n} operations")
+                for label, hang_fraction, workers in runs:
+                    check_deadline(f"the {label} refresh run")
+                    results["refresh"].append(
+                        refresh_run(label, n, hang_fraction, workers, timeout, args, workdir, log)
+                    )
+            results["goals"] = goals(results)
+            results["background_after"] = background_load()
+    except (BenchmarkError, requests.RequestException, subprocess.TimeoutExpired, OSError) as error:
+        log(f"FAILED: {error}")
+        results["error"] = str(error)
+        status = 1
+    finally:
+        stop_all()
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(markdown(results))
+    m = results["machine"]
+    print(
+        f"\nMachine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, {m['date_utc']}; "
+        f"run took {results['elapsed_s']} s; JSON in {args.out}"
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
