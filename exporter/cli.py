@@ -240,11 +240,13 @@ async def serve(exporter: Exporter, web_config_file: str | None) -> int:
 
 
 def _tune_malloc() -> None:
-    """Serve big buffers (the rendered page: ~7 MB at 10,000 operations) from mmap, so freeing one gives
-    the memory back to the OS. glibc otherwise raises its mmap threshold after the first such free and
-    every later page grows the heap instead. No-op where glibc is not the allocator."""
+    """Serve big buffers (the page before compression: ~7 MB at 10,000 operations) from mmap, so
+    freeing one gives the memory back to the OS. glibc otherwise raises its mmap threshold after the
+    first such free, and every later page grows the heap instead. No-op where glibc is not the
+    allocator."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+        # 1 MiB: above asyncio's 256 KiB read buffer (allocated per socket read), below the page.
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
     except (OSError, AttributeError):
         pass
 

@@ -216,11 +216,15 @@ class _OperationState:
 
 @dataclass(frozen=True)
 class RenderedPage:
-    """One immutable /metrics page, plain and gzip-compressed."""
+    """One immutable /metrics page, kept gzip-compressed only: Prometheus always asks for gzip, and the
+    plain text (~10 MB at 10,000 operations) is decompressed on demand for the rare client that does not."""
 
-    plain: bytes
     gzipped: bytes
     rendered_at: float
+
+    @property
+    def plain(self) -> bytes:
+        return gzip.decompress(self.gzipped)
 
 
 class Store:
@@ -248,7 +252,7 @@ class Store:
         self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
-        self.page = RenderedPage(b"", b"", 0.0)
+        self.page = RenderedPage(gzip.compress(b"", mtime=0), 0.0)
         self.render()
 
     # ----- updates (any thread) -------------------------------------------------------------
@@ -379,7 +383,8 @@ class Store:
         plain = b"".join(parts)
         del parts, fragments
         # mtime=0 keeps the bytes reproducible; level 6 is zlib's default trade-off.
-        page = RenderedPage(plain, gzip.compress(plain, compresslevel=6, mtime=0), now)
+        page = RenderedPage(gzip.compress(plain, compresslevel=6, mtime=0), now)
+        del plain
         self.page = page
         return page
 

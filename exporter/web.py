@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
+STREAM_ABOVE_BYTES = 64 * 1024
 
 
 def accepts_gzip(header: str | None) -> bool:
@@ -88,14 +89,22 @@ class WebApp:
 
     # ----- handlers -----------------------------------------------------------------------------
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
         page = self._store.page
-        if accepts_gzip(request.headers.get("Accept-Encoding")):
-            response = web.Response(body=page.gzipped, headers={"Content-Encoding": "gzip"})
-        else:
-            response = web.Response(body=page.plain)
-        response.headers["Content-Type"] = CONTENT_TYPE
-        response.headers["Vary"] = "Accept-Encoding"
+        compressed = accepts_gzip(request.headers.get("Accept-Encoding"))
+        body = page.gzipped if compressed else page.plain
+        headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding", **self._extra_headers}
+        if compressed:
+            headers["Content-Encoding"] = "gzip"
+        if len(body) < STREAM_ABOVE_BYTES:
+            return web.Response(body=body, headers=headers)
+        # A large page goes out as headers, then the body as it is: web.Response would join both into
+        # a new buffer (aiohttp does on Python < 3.12.9), a full copy of the page per scrape.
+        response = web.StreamResponse(headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(memoryview(body))
+        await response.write_eof()
         return response
 
     async def landing(self, _request: web.Request) -> web.Response:
@@ -136,6 +145,8 @@ class WebApp:
     @web.middleware
     async def _headers_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         response = await handler(request)
+        if response.prepared:
+            return response  # already sent, with the extra headers (see metrics())
         for name, value in self._extra_headers.items():
             response.headers[name] = value
         return response

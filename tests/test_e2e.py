@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import REPO, Exporter, Simulator, free_port, value, wait_until
+from conftest import REPO, Exporter, Simulator, free_port, parse_samples, value, wait_until
 
 from exporter.client import REASONS
 
@@ -317,3 +317,29 @@ def test_many_concurrent_scrapes_all_succeed(simulator: Simulator, start_exporte
     for thread in threads:
         thread.join(timeout=30)
     assert not errors
+
+
+def test_a_large_page_is_streamed_whole_plain_and_gzip(start_exporter) -> None:
+    # 3,000 operations whose upstream refuses connections: a page far above the 64 KiB streaming threshold.
+    port = free_port()
+    ops = [
+        {
+            "name": f"op{i:04d}",
+            "server": f"wv{i:04d}",
+            "token": f"tok-{i}",
+            "base_url": f"http://127.0.0.1:{port}",
+        }
+        for i in range(3000)
+    ]
+    exporter = start_exporter(base_config(ops), log_level="info")
+    gzipped = requests.get(
+        f"{exporter.url}/metrics", headers={"Accept-Encoding": "gzip"}, stream=True, timeout=10
+    )
+    assert gzipped.headers["Content-Encoding"] == "gzip"
+    body = gzip.decompress(gzipped.raw.read())
+    assert int(gzipped.headers["Content-Length"]) > 64 * 1024
+    plain = requests.get(f"{exporter.url}/metrics", headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert "Content-Encoding" not in plain.headers
+    for text in (body.decode(), plain.text):
+        samples = parse_samples(text)
+        assert all(value(samples, "wolkvox_up", operation=f"op{i:04d}") is not None for i in range(3000))
