@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tools import REPO, free_port, wait_until  # noqa: F401 (free_port re-exported for the tests)
+from tools import REPO, free_port, stop_process, wait_until  # noqa: F401 (free_port re-exported for the tests)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -46,14 +46,7 @@ class Process:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     @property
     def port(self) -> int:

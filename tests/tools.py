@@ -132,6 +132,18 @@ def wait_until(
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
 class Child:
     """A child process whose stdout and stderr go to a log file; always stop() it in a finally/teardown."""
 
@@ -166,14 +178,7 @@ class Child:
             pytest.fail(f"{self.name} exited with {self.proc.returncode}; its log ends:\n{self.log()}")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 # --------------------------------------------------------------------------- Grafana dashboards
