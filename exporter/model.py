@@ -1,21 +1,139 @@
-"""Values passed between the scheduler and the store: what one upstream request came to."""
+"""The exporter's shared vocabulary: failure reasons, what an answer comes to, the billing apis.
+
+A new failure reason or billing service is one edit here. Nothing in this module does I/O, and every
+other module takes these names from here (never from the transport).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-# The pseudo-api of a token_info read (information.php): it takes a turn like any billing api.
+from exporter.secret import Secret
+
+# Why a request failed, in the order the README's table lists them (see exporter/answers.py for when
+# each one is raised).
+REASONS: tuple[str, ...] = (
+    "timeout",
+    "connection",
+    "http_status",
+    "api_error",
+    "auth",
+    "token_limit",
+    "unknown_api",
+    "invalid_response",
+    "parse",
+)
+
+# The pseudo-api of a token_info read (information.php): it takes a turn on its token like a report.
 TOKEN_INFO = "token_info"  # noqa: S105 (an api name, not a password)
+
+STEREO_REC = "stereo_rec"
+
+Kind = Literal["usage", "level"]
+
+
+@dataclass(frozen=True)
+class BillingApi:
+    """One wolkvox billing service. ``usage`` grows through the month and drops at its start;
+    ``level`` is a number of active licences or connectors right now (it does not drop)."""
+
+    name: str
+    unit: str
+    kind: Kind
+
+
+BILLING_APIS: dict[str, BillingApi] = {
+    api.name: api
+    for api in (
+        BillingApi("stereo_rec", "minutes of stereo recording", "usage"),
+        BillingApi("ivr_minutes", "IVR minutes", "usage"),
+        BillingApi("ivr_calls", "IVR calls", "usage"),
+        BillingApi("amd_ai", "AI answering-machine detections", "usage"),
+        BillingApi("rec_screen", "screen-recording time, as the API reports it", "usage"),
+        BillingApi("rsync_s3_mp3", "audio files copied to storage", "usage"),
+        BillingApi("interactions", "omnichannel interactions", "usage"),
+        BillingApi("agent_script", "active Agent Script licences", "level"),
+        BillingApi("intelligent_dial", "active smart-dialling licences", "level"),
+        BillingApi("amazon_s3", "licences enabled for external storage", "level"),
+        BillingApi("chat_licenses", "chat licences", "level"),
+        BillingApi("interaction_licenses", "interaction licences", "level"),
+        BillingApi("wp_connectors", "WhatsApp connectors", "level"),
+        BillingApi("wp_connectors_official", "official WhatsApp connectors", "level"),
+    )
+}
+
+MAX_DETAIL_CHARS = 300
+REDACTED = "<redacted>"
+_WHITESPACE_RE = re.compile(r"\s+")
+
+
+def redact(text: str, secret: Secret | None) -> str:
+    """``text`` with every occurrence of the secret (case-insensitive) replaced by ``<redacted>``."""
+    if secret is None:
+        return text
+    value = secret.reveal()
+    if not value:
+        return text
+    return re.sub(re.escape(value), REDACTED, text, flags=re.IGNORECASE)
+
+
+def one_line(detail: str, secret: Secret | None = None, limit: int = MAX_DETAIL_CHARS) -> str:
+    """One printable line of at most ``limit`` characters, the secret redacted BEFORE shortening (so
+    neither the whole token nor a cut-off head of it can survive)."""
+    text = redact(str(detail), secret)
+    text = _WHITESPACE_RE.sub(" ", text).strip()
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text or "(no detail)"
+
+
+class FetchError(Exception):
+    """A failed fetch. ``reason`` is one of REASONS; ``detail`` is one line, safe to log.
+
+    ``secret`` (the token) is replaced by ``<redacted>`` in the detail before it is shortened.
+    """
+
+    def __init__(self, reason: str, detail: str, *, secret: Secret | None = None) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown fetch failure reason {reason!r}")
+        clean = one_line(detail, secret)
+        super().__init__(reason, clean)
+        self.reason = reason
+        self.detail = clean
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One successful billing answer: ``value`` is the sum of ``items`` over ``rows`` rows.
+    ``month`` is the vendor's month of the rows (``"YYYY-MM"``) when their ``date`` is readable."""
+
+    value: float
+    rows: int
+    month: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """``information.php?api=token_info``: the daily request budget of a token (None = not in the answer)."""
+
+    limit: float | None
+    used_today: float | None
+    all_today: float | None
 
 
 @dataclass(frozen=True)
 class FetchResult:
-    """The outcome of one request for one (operation, api).
+    """The outcome of one request for one (operation, api), passed from the refresher to the store.
 
-    ``value`` is set on success (a float; a ``client.TokenInfo`` for a token_info read); ``reason``
-    (one of ``client.REASONS``) on failure.
-    ``finished_at`` is wall-clock time (seconds since the epoch), ``duration`` in seconds.
+    ``value`` is set on success (a ``Reading`` for a billing api, a ``TokenInfo`` for a token_info
+    read); ``reason`` (one of ``REASONS``) and ``detail`` on failure. ``finished_at`` is wall-clock
+    time (seconds since the epoch), ``duration`` in seconds.
     """
 
     operation: str
@@ -24,6 +142,7 @@ class FetchResult:
     duration: float
     value: Any = None
     reason: str | None = None
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
