@@ -1,0 +1,289 @@
+"""Carries out the planner: one asyncio task per token (a *lane*), in an event loop of its own thread.
+
+A lane asks the planner for its next job, sends it with the asynchronous client, hands the outcome to
+``on_result`` (the store) and asks again. A hanging upstream costs its lane a socket and a timer, never a
+thread, so no pool has to be sized. The loop runs in a background thread so that bursts of upstream
+answers (10,000 at start-up) never sit between a scrape and its answer on the serving loop.
+
+Knows nothing of HTTP serving or metrics: results go to ``on_result``, pacing to ``on_pace``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from exporter import __version__
+from exporter.client import WolkvoxClient
+from exporter.config import Config, OperationConfig, format_duration
+from exporter.model import TOKEN_INFO, FetchError, FetchResult
+from exporter.planner import Job, Pace, Planner, ReportStatus, SavedPacing, jobs_for
+from exporter.secret import Secret
+
+log = logging.getLogger(__name__)
+
+OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
+
+
+def token_key(token: Secret) -> str:
+    """A stable, non-reversible name for a token, for logs, the planner and the state file."""
+    return hashlib.sha256(token.reveal().encode()).hexdigest()[:16]
+
+
+def plan_jobs(config: Config) -> dict[str, list[Job]]:
+    """The jobs of every token (by token key) that ``config`` asks for."""
+    return jobs_for(
+        ((token_key(op.token), op.name, op.base_url, op.apis) for op in config.operations),
+        config.refresh_interval,
+        config.token_info_interval,
+        TOKEN_INFO,
+    )
+
+
+class Refresher:
+    """Background refresher. ``start``/``stop``/``reload``/``save``/``status`` may be called from any
+    thread; everything else runs on the refresher's own event loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        on_result: Callable[[FetchResult], None],
+        *,
+        on_pace: OnPace | None = None,
+        saved: SavedPacing | None = None,
+        client: WolkvoxClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._on_result = on_result
+        self._on_pace = on_pace
+        self._clock = clock
+        self._wall = wall
+        self._client = client or WolkvoxClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            max_body_bytes=config.max_body_bytes,
+            user_agent=f"wolkvox-exporter/{__version__}",
+        )
+        self._planner = Planner(daily_limit=config.daily_request_limit, clock=clock, wall=wall)
+        if saved is not None:
+            self._planner.restore(saved)
+        self._operations: dict[str, OperationConfig] = {}
+        self._lanes: dict[str, asyncio.Task[None]] = {}
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._busy: set[str] = set()  # lanes with a request in flight
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="refresher", daemon=True)
+        self.paces: dict[str, Pace] = {}
+
+    # ----- lifecycle (any thread) -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop asking for new jobs; give in-flight requests up to ``timeout`` to finish, then cancel them.
+        True if none had to be cancelled."""
+        loop, stopping = self._loop, self._stopping
+        if loop is None or stopping is None or not self._thread.is_alive():
+            return True
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), loop)
+        try:
+            clean = future.result(timeout + 5.0)
+        except (TimeoutError, asyncio.CancelledError):
+            clean = False
+        loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout=5.0)
+        return bool(clean)
+
+    def reload(self, config: Config) -> None:
+        """Take a new configuration: tokens and reports that stay keep their pacing."""
+        self._call(lambda: self._apply(config))
+
+    def save(self) -> SavedPacing:
+        """The planner's state for the state file (an empty one before start or after stop)."""
+        return self._call(self._planner.save) or SavedPacing()
+
+    def status(self) -> dict[tuple[str, str], ReportStatus]:
+        return self._call(self._planner.status) or {}
+
+    def _call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the refresher's loop and return its result (None if not running)."""
+        loop = self._loop
+        if loop is None or not self._thread.is_alive():
+            return None
+
+        async def call() -> Any:
+            return function()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=10.0)
+        except (TimeoutError, RuntimeError, asyncio.CancelledError):
+            return None
+
+    # ----- the loop --------------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._main(loop))
+        finally:
+            loop.close()
+
+    async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        self._apply(self._config)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in self._lanes.values():
+                task.cancel()
+            await asyncio.gather(*self._lanes.values(), return_exceptions=True)
+            await self._client.close()
+
+    async def _shutdown(self, timeout: float) -> bool:
+        """Idle lanes end now; busy ones end when their answer is in (or are cancelled at ``timeout``)."""
+        self._closing = True
+        for key, task in self._lanes.items():
+            if key not in self._busy:
+                task.cancel()
+        busy = [task for key, task in self._lanes.items() if key in self._busy]
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=timeout)
+            if pending:
+                log.warning("abandoning %d in-flight request(s) at shutdown", len(pending))
+                return False
+        return True
+
+    def _apply(self, config: Config) -> None:
+        self._config = config
+        self._operations = {op.name: op for op in config.operations}
+        jobs = plan_jobs(config)
+        self.paces = self._planner.configure(jobs, config.daily_request_limit)
+        _log_stretch(config, jobs, self.paces)
+        for key in list(self._lanes):
+            if key not in jobs:
+                # A removed token: its lane ends (an in-flight answer is dropped by the store).
+                self._lanes.pop(key).cancel()
+                self._wakes.pop(key)
+        for key in jobs:
+            if key in self._lanes:
+                self._wakes[key].set()
+            else:
+                self._wakes[key] = asyncio.Event()
+                self._lanes[key] = asyncio.get_running_loop().create_task(self._lane(key), name=f"lane-{key}")
+        self._publish_pace()
+
+    def _publish_pace(self) -> None:
+        if self._on_pace is not None:
+            try:
+                self._on_pace(self._planner.status())
+            except Exception:
+                log.exception("publishing the pace failed")
+
+    async def _lane(self, key: str) -> None:
+        wake = self._wakes[key]
+        while not self._closing:
+            job, wait = self._planner.take(key)
+            if job is None:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if math.isinf(wait) else wait):
+                        await wake.wait()
+                continue
+            self._busy.add(key)
+            try:
+                result = await self._request(job)
+            finally:
+                self._busy.discard(key)
+            self._planner.finished(key, job, result.reason)
+            try:
+                self._on_result(result)
+            except Exception:
+                log.exception("recording a result failed")
+            if self._on_pace is not None:
+                status = self._planner.status_of(key, job.operation, job.api)
+                if status is not None:
+                    self._on_pace({(job.operation, job.api): status})
+
+    async def _request(self, job: Job) -> FetchResult:
+        operation = self._operations.get(job.operation)
+        started = self._clock()
+        value: Any = None
+        reason: str | None = None
+        detail = ""
+        try:
+            if operation is None:
+                raise FetchError("invalid_response", "the operation was removed by a reload")
+            if job.api == TOKEN_INFO:
+                value = await self._client.fetch_token_info(
+                    base_url=operation.base_url,
+                    server=operation.server,
+                    token=operation.token,
+                    ca_file=operation.ca_file,
+                )
+            else:
+                value = await self._client.fetch(
+                    base_url=operation.base_url,
+                    server=operation.server,
+                    token=operation.token,
+                    api=job.api,
+                    ca_file=operation.ca_file,
+                )
+        except FetchError as error:
+            reason, detail = error.reason, error.detail
+            log.warning(
+                "fetch failed: operation=%s api=%s reason=%s detail=%s",
+                job.operation,
+                job.api,
+                reason,
+                detail,
+            )
+        except Exception:
+            # A bug of ours, not an upstream answer: keep serving, count it, and show where it happened.
+            reason, detail = "invalid_response", "unexpected error in the exporter (see the log)"
+            log.exception("unexpected error fetching operation=%s api=%s", job.operation, job.api)
+        else:
+            log.debug("fetched operation=%s api=%s value=%s", job.operation, job.api, value)
+        return FetchResult(
+            operation=job.operation,
+            api=job.api,
+            finished_at=self._wall(),
+            duration=self._clock() - started,
+            value=value,
+            reason=reason,
+            detail=detail,
+        )
+
+
+def _log_stretch(config: Config, jobs: dict[str, list[Job]], paces: dict[str, Pace]) -> None:
+    """One line per distinct stretched pace, naming (a few of) the operations it applies to."""
+    stretched: dict[float, list[str]] = {}
+    for key, pace in paces.items():
+        if pace.stretch > 1.0:
+            names = sorted({job.operation for job in jobs[key]})
+            stretched.setdefault(round(config.refresh_interval * pace.stretch), []).extend(names)
+    for interval, names in sorted(stretched.items()):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        log.warning(
+            "daily_request_limit %d does not allow every report every %s: refreshing every %s instead "
+            "(operations %s; each report is one request, all of a token's reports share its budget)",
+            config.daily_request_limit,
+            format_duration(config.refresh_interval),
+            format_duration(interval),
+            shown,
+        )
