@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from exporter import __version__
-from exporter.client import TokenInfo, WolkvoxClient
-from exporter.config import Config, ConfigError, OperationConfig, format_duration
+from exporter.client import raise_fd_limit
+from exporter.config import Config, ConfigError, format_duration
 from exporter.configproc import load_config_isolated
 from exporter.logs import FORMATS, LEVELS, redact, setup_logging
-from exporter.model import TOKEN_INFO
-from exporter.scheduler import Refresher, token_key
+from exporter.planner import plan_pace
+from exporter.refresher import Refresher, plan_jobs, token_key
 from exporter.statefile import StateFile, StateSaver
 from exporter.store import OperationInfo, Publisher, Schedule, Store
 from exporter.web import LimitedSite, WebApp, parse_listen_address
@@ -88,10 +88,13 @@ def _infos(config: Config) -> list[OperationInfo]:
 
 
 def _schedule(config: Config) -> Schedule:
-    interval = config.effective_refresh_interval
+    paces = [
+        plan_pace([job.interval for job in jobs], config.daily_request_limit)
+        for jobs in plan_jobs(config).values()
+    ]
     return Schedule(
-        refresh_interval=interval,
-        planned_requests_per_day=config.requests_per_token_per_day(interval),
+        refresh_interval=config.refresh_interval,
+        planned_requests_per_day=max((pace.demand_per_day for pace in paces), default=0.0),
         daily_request_limit=config.daily_request_limit,
         token_info_interval=config.token_info_interval,
     )
@@ -115,42 +118,19 @@ class Exporter:
         if saved is not None:
             self.store.restore_values(saved.values)
             self.store.render()  # so the very first scrape already shows the restored values
-        self.client = WolkvoxClient(
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.read_timeout,
-            max_body_bytes=config.max_body_bytes,
-            user_agent=f"wolkvox-exporter/{__version__}",
-        )
         self.refresher = Refresher(
             config,
-            self._fetch,
             self.store.record,
-            last_used=saved.last_used if saved is not None else None,
+            on_pace=self.store.set_pace,
+            saved=saved.pacing if saved is not None else None,
         )
         self.publisher = Publisher(self.store)
         self.saver = (
-            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.token_usage()))
+            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.save()))
             if self.state_file
             else None
         )
         self._reload_lock = asyncio.Lock()
-
-    def _fetch(self, operation: OperationConfig, api: str) -> float | TokenInfo:
-        if api == TOKEN_INFO:
-            return self.client.fetch_token_info(
-                base_url=operation.base_url,
-                server=operation.server,
-                token=operation.token,
-                ca_file=operation.ca_file,
-            )
-        reading = self.client.fetch(
-            base_url=operation.base_url,
-            server=operation.server,
-            token=operation.token,
-            api=api,
-            ca_file=operation.ca_file,
-        )
-        return reading.value
 
     async def reload(self) -> tuple[bool, str]:
         async with self._reload_lock:
@@ -234,7 +214,6 @@ async def serve(exporter: Exporter, web_config_file: str | None) -> int:
     exporter.publisher.stop()
     if exporter.saver is not None:
         exporter.saver.stop()
-    exporter.client.close()
     log.info("stopped")
     return 0
 
@@ -253,6 +232,7 @@ def _tune_malloc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _tune_malloc()
+    raise_fd_limit()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:

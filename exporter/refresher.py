@@ -76,6 +76,8 @@ class Refresher:
         self._planner = Planner(daily_limit=config.daily_request_limit, clock=clock, wall=wall)
         if saved is not None:
             self._planner.restore(saved)
+        # What save() answers when the loop is not running: the restored state, or the final one.
+        self._last_saved = saved or SavedPacing()
         self._operations: dict[str, OperationConfig] = {}
         self._lanes: dict[str, asyncio.Task[None]] = {}
         self._wakes: dict[str, asyncio.Event] = {}
@@ -114,7 +116,8 @@ class Refresher:
 
     def save(self) -> SavedPacing:
         """The planner's state for the state file (an empty one before start or after stop)."""
-        return self._call(self._planner.save) or SavedPacing()
+        saved = self._call(self._planner.save)
+        return saved if saved is not None else self._last_saved
 
     def status(self) -> dict[tuple[str, str], ReportStatus]:
         return self._call(self._planner.status) or {}
@@ -153,6 +156,7 @@ class Refresher:
             for task in self._lanes.values():
                 task.cancel()
             await asyncio.gather(*self._lanes.values(), return_exceptions=True)
+            self._last_saved = self._planner.save()
             await self._client.close()
 
     async def _shutdown(self, timeout: float) -> bool:

@@ -1,8 +1,10 @@
-"""The optional ``state_file``: when each token was last used and the last good values, across restarts.
+"""The optional ``state_file``: the last good values and the pacing (each report's next due time, each
+token's budget), across restarts.
 
-So a crash-looping exporter neither hits the API more often than allowed nor starts with an empty page.
-Tokens are never written: a lane is named by a truncated SHA-256 of its token (``scheduler.token_key``).
-The file is JSON, replaced atomically (write to a temporary file, then rename).
+So a crash-looping exporter neither re-fetches everything, nor spends more than its daily budget, nor
+starts with an empty page. Tokens are never written: a token is named by a truncated SHA-256 of it
+(``refresher.token_key``). The file is JSON, replaced atomically (write to a temporary file, then rename).
+Version 1 files (values and each token's last use) are still read: their values are kept.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.planner import SavedPacing
+
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 Values = dict[str, dict[str, tuple[float, float]]]
 
 
 @dataclass
 class SavedState:
     values: Values = field(default_factory=dict)
-    last_used: dict[str, float] = field(default_factory=dict)
+    pacing: SavedPacing = field(default_factory=SavedPacing)
 
 
 class StateFile:
@@ -50,11 +54,11 @@ class StateFile:
             log.warning("state_file %s: ignored, unexpected content: %s", self.path, error)
             return None
 
-    def save(self, values: Values, last_used: dict[str, float]) -> None:
+    def save(self, values: Values, pacing: SavedPacing) -> None:
         document = {
             "version": VERSION,
             "values": {op: {api: list(pair) for api, pair in apis.items()} for op, apis in values.items()},
-            "last_used": last_used,
+            "pacing": {"tokens": pacing.tokens, "reports": pacing.reports},
         }
         data = json.dumps(document, sort_keys=True).encode()
         if data == self._last_written:
@@ -79,13 +83,17 @@ class StateFile:
 
 
 def _parse(raw: Any) -> SavedState:
-    if not isinstance(raw, dict) or raw.get("version") != VERSION:
-        raise ValueError("not a version 1 state file")
+    if not isinstance(raw, dict) or raw.get("version") not in (1, VERSION):
+        raise ValueError(f"not a version 1 or {VERSION} state file")
     values: Values = {}
     for op, apis in raw["values"].items():
         values[str(op)] = {str(api): (float(pair[0]), float(pair[1])) for api, pair in apis.items()}
-    last_used = {str(key): float(when) for key, when in raw["last_used"].items()}
-    return SavedState(values=values, last_used=last_used)
+    pacing = SavedPacing()
+    if raw["version"] == VERSION:
+        for section, target in (("tokens", pacing.tokens), ("reports", pacing.reports)):
+            for key, entries in raw["pacing"][section].items():
+                target[str(key)] = {str(name): float(when) for name, when in entries.items()}
+    return SavedState(values=values, pacing=pacing)
 
 
 class StateSaver:
@@ -94,7 +102,7 @@ class StateSaver:
     def __init__(
         self,
         state_file: StateFile,
-        snapshot: Callable[[], tuple[Values, dict[str, float]]],
+        snapshot: Callable[[], tuple[Values, SavedPacing]],
         interval: float = 1.0,
     ) -> None:
         self._state_file = state_file

@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from prometheus_client import REGISTRY, generate_latest
 
 from exporter import __version__
-from exporter.client import REASONS
 from exporter.exposition import Family, sample
-from exporter.model import TOKEN_INFO, FetchResult
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading
+from exporter.planner import ReportStatus
 
 log = logging.getLogger(__name__)
-
-STEREO_REC = "stereo_rec"
 
 STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
@@ -58,8 +56,7 @@ LAST_ERROR = Family(
 ERRORS = Family(
     "wolkvox_scrape_errors_total",
     "counter",
-    "Failed requests to the wolkvox API for the operation, by reason (timeout, connection, http_status, "
-    "api_error, auth, token_limit, unknown_api, invalid_response, parse).",
+    f"Failed requests to the wolkvox API for the operation, by reason ({', '.join(REASONS)}).",
 )
 REQUESTS = Family(
     "wolkvox_scrape_requests_total", "counter", "Requests made to the wolkvox API for the operation."
@@ -74,29 +71,12 @@ DURATION = Family(
     "gauge",
     "Duration of the last request to the wolkvox API for the operation, in seconds.",
 )
-# Units of the billing apis, as far as the vendor's documentation tells (for HELP and the README).
-API_UNITS = {
-    "stereo_rec": "minutes of stereo recording",
-    "ivr_minutes": "IVR minutes",
-    "ivr_calls": "IVR calls",
-    "amd_ai": "AI answering-machine detections",
-    "rec_screen": "screen-recording time, as the API reports it",
-    "rsync_s3_mp3": "audio files copied to storage",
-    "interactions": "omnichannel interactions",
-    "agent_script": "active Agent Script licences",
-    "intelligent_dial": "active smart-dialling licences",
-    "amazon_s3": "licences enabled for external storage",
-    "chat_licenses": "chat licences",
-    "interaction_licenses": "interaction licences",
-    "wp_connectors": "WhatsApp connectors",
-    "wp_connectors_official": "official WhatsApp connectors",
-}
 BILLING_USAGE = Family(
     "wolkvox_billing_usage",
     "gauge",
     "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
     "drops at the start of each month). The unit depends on the api: "
-    + "; ".join(f"{api}: {unit}" for api, unit in API_UNITS.items())
+    + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
     + ".",
 )
 UNIT_PRICE = Family(
@@ -119,6 +99,12 @@ TOKEN_USED = Family(
     "gauge",
     "Requests made today with the operation's token (by anyone), as read from token_info.",
 )
+REFRESH_INTERVAL = Family(
+    "wolkvox_refresh_interval_seconds",
+    "gauge",
+    "Seconds between two fetches of the report (operation x api) in use: refresh_interval, stretched "
+    "evenly when the token's reports would need more than its daily_request_limit.",
+)
 # Order in which families appear on the page; each operation caches one string per family.
 OPERATION_FAMILIES: tuple[Family, ...] = (
     STEREO_REC_MINUTES,
@@ -134,6 +120,7 @@ OPERATION_FAMILIES: tuple[Family, ...] = (
     REQUESTS,
     LAST_SUCCESS,
     DURATION,
+    REFRESH_INTERVAL,
 )
 _INDEX = {family: i for i, family in enumerate(OPERATION_FAMILIES)}
 
@@ -145,15 +132,11 @@ RELOAD_OK = Family(
     "gauge",
     "1 if the last configuration (re)load succeeded, else 0.",
 )
-REFRESH_INTERVAL = Family(
-    "wolkvox_refresh_interval_seconds",
-    "gauge",
-    "Seconds between two requests with one token (refresh_interval, stretched if stretch_intervals).",
-)
 PLANNED_REQUESTS = Family(
     "wolkvox_token_planned_requests_per_day",
     "gauge",
-    "Requests per day the configuration makes with each token (one per refresh interval).",
+    "Requests per day the configured intervals ask of the busiest token (one per report per "
+    "refresh_interval, plus token_info reads); above daily_request_limit the intervals are stretched.",
 )
 DAILY_LIMIT = Family(
     "wolkvox_token_daily_request_limit",
@@ -190,11 +173,28 @@ class Schedule:
     token_info_interval: float | None = None
 
 
+@dataclass(frozen=True)
+class ReportRow:
+    """What the status page shows of one report (operation, api)."""
+
+    operation: str
+    api: str
+    value: float | None
+    last_success: float | None
+    failing: bool  # its last request failed
+    last_failure: tuple[str, float, str] | None  # (reason, when, detail) of its last failure
+    next_due: float | None
+    interval: float | None
+
+
 @dataclass
 class _OperationState:
     info: OperationInfo
     values: dict[str, tuple[float, float]] = field(default_factory=dict)  # api -> (value, fetched at)
     last_reason: dict[str, str | None] = field(default_factory=dict)  # api -> reason of its last failure
+    failures: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # api -> (reason, at, detail)
+    successes: dict[str, float] = field(default_factory=dict)  # api -> when it last succeeded
+    pace: dict[str, ReportStatus] = field(default_factory=dict)  # api -> interval in use, next due
     requests: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     last_success: float | None = None
@@ -293,13 +293,15 @@ class Store:
             state.requests += 1
             state.last_duration = result.duration
             state.last_reason[result.api] = result.reason
-            if result.ok and result.value is not None:
-                state.values[result.api] = (result.value, result.finished_at)
+            if result.ok and isinstance(result.value, Reading):
+                state.values[result.api] = (result.value.value, result.finished_at)
+                state.successes[result.api] = result.finished_at
                 state.last_success = max(state.last_success or 0.0, result.finished_at)
                 self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
                 state.last_error = result.reason
+                state.failures[result.api] = (result.reason, result.finished_at, result.detail)
             self._dirty.add(result.operation)
         self.changed.set()
 
@@ -320,6 +322,19 @@ class Store:
                 self._dirty.add(other.info.name)
         self._next_expiry = min(self._next_expiry, result.finished_at + self._token_info_lifetime())
 
+    def set_pace(self, statuses: dict[tuple[str, str], ReportStatus]) -> None:
+        """The refresher's pace per (operation, api): shown on /metrics (interval) and the status page."""
+        with self._lock:
+            for (name, api), status in statuses.items():
+                state = self._states.get(name)
+                if state is None or api == TOKEN_INFO:
+                    continue
+                old = state.pace.get(api)
+                state.pace[api] = status
+                if old is None or old.interval != status.interval:
+                    self._dirty.add(name)  # next_due alone changes nothing on /metrics
+        self.changed.set()
+
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
             self._reload_ok = 1 if ok else 0
@@ -334,6 +349,29 @@ class Store:
         """True once every operation has been tried at least once."""
         with self._lock:
             return all(state.tried for state in self._states.values())
+
+    def report_rows(self) -> list[ReportRow]:
+        """One row per (operation, api), in configuration order: for the status page."""
+        rows: list[ReportRow] = []
+        with self._lock:
+            for name, state in self._states.items():
+                for api in state.info.apis:
+                    value = state.values.get(api)
+                    pace = state.pace.get(api)
+                    reason = state.last_reason.get(api, "")
+                    rows.append(
+                        ReportRow(
+                            operation=name,
+                            api=api,
+                            value=value[0] if value is not None else None,
+                            last_success=state.successes.get(api, value[1] if value is not None else None),
+                            failing=bool(reason),
+                            last_failure=state.failures.get(api),
+                            next_due=pace.next_due if pace is not None else None,
+                            interval=pace.interval if pace is not None else None,
+                        )
+                    )
+        return rows
 
     def values(self) -> dict[str, dict[str, tuple[float, float]]]:
         """Last good values per operation and api, (value, fetched at): for the state file."""
@@ -460,6 +498,11 @@ class Store:
             lines[_INDEX[LAST_SUCCESS]] = sample(LAST_SUCCESS.name, op, state.last_success)
         if state.last_duration is not None:
             lines[_INDEX[DURATION]] = sample(DURATION.name, op, state.last_duration)
+        lines[_INDEX[REFRESH_INTERVAL]] = "".join(
+            sample(REFRESH_INTERVAL.name, {"operation": name, "api": api}, state.pace[api].interval)
+            for api in state.info.apis
+            if api in state.pace
+        )
         return [line.encode() for line in lines]
 
     def _render_global(self) -> str:
@@ -471,8 +514,6 @@ class Store:
                 sample(RELOAD_OK.name, {}, self._reload_ok),
                 RELOAD_TIME.header().decode(),
                 sample(RELOAD_TIME.name, {}, self._reload_time),
-                REFRESH_INTERVAL.header().decode(),
-                sample(REFRESH_INTERVAL.name, {}, self._schedule.refresh_interval),
                 PLANNED_REQUESTS.header().decode(),
                 sample(PLANNED_REQUESTS.name, {}, self._schedule.planned_requests_per_day),
                 DAILY_LIMIT.header().decode(),
