@@ -93,15 +93,13 @@ def render(
         else ""
     )
     body = "\n".join(_row(row, now, scrub) for row in shown)
-    summary = (
-        f"{len(operations)} operation(s), {len(rows)} report(s); "
-        + (
-            f'<span class="state-failing">{len(failing)} failing report(s) in {len(failing_ops)} operation(s)</span>'
-            if failing
-            else '<span class="state-ok">no failing report</span>'
-        )
-        + f"; ready: {'yes' if ready else 'not yet (not every operation has been tried)'}."
-    )
+    if failing:
+        health = f"{len(failing)} failing report(s) in {len(failing_ops)} operation(s)"
+        health = f'<span class="state-failing">{health}</span>'
+    else:
+        health = '<span class="state-ok">no failing report</span>'
+    readiness = "yes" if ready else "not yet (not every operation has been tried)"
+    summary = f"{len(operations)} operation(s), {len(rows)} report(s); {health}; ready: {readiness}."
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>wolkvox exporter</title><style>{_STYLE}</style></head>
 <body>
