@@ -141,6 +141,19 @@ class Exporter:
         return found["s"]
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away PKI (CA, server and client certificates) made once per session by
+    tests/fixtures/web/make_certs.sh; see that script for the files."""
+    directory = tmp_path_factory.mktemp("pki")
+    subprocess.run(
+        ["sh", str(REPO / "tests" / "fixtures" / "web" / "make_certs.sh"), str(directory)],
+        check=True,
+        timeout=60,
+    )
+    return directory
+
+
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[Simulator]:
     process = start_process(

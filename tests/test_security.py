@@ -40,16 +40,8 @@ from exporter.client import REASONS, FetchError, parse_body
 from exporter.secret import Secret
 from exporter.simulator import FAULT_MODES
 
-MAKE_CERTS = REPO / "tests" / "fixtures" / "web" / "make_certs.sh"
 ALICE_PASSWORD = "alice-Pa55word-for-tests"
 BOB_PASSWORD = "bob-htpasswd-style-2y"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    subprocess.run(["sh", str(MAKE_CERTS), str(directory)], check=True, timeout=60)
-    return directory
 
 
 def exporter_config(sim_url: str, **extra: Any) -> dict[str, Any]:

@@ -7,27 +7,17 @@ from __future__ import annotations
 
 import logging
 import ssl
-import subprocess
 from pathlib import Path
 
 import bcrypt
 import pytest
 import yaml
-from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
 
-MAKE_CERTS = REPO / "tests" / "fixtures" / "web" / "make_certs.sh"
 PASSWORD = "correct horse battery staple"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    subprocess.run(["sh", str(MAKE_CERTS), str(directory)], check=True, timeout=60)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Property tests of the parsing half of exporter/client.py."""
+"""Property tests of exporter/answers.py: whatever the bytes, a sane Reading or a FetchError."""
 
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.client import (
-    MAX_DETAIL_CHARS,
-    REASONS,
-    FetchError,
-    ItemsError,
-    Reading,
-    parse_body,
-    parse_items,
-)
+from exporter.answers import ItemsError, parse_body, parse_items
+from exporter.model import MAX_DETAIL_CHARS, REASONS, FetchError, Reading
 from exporter.secret import Secret
 
 STATUSES = st.sampled_from([200, 200, 200, 204, 301, 302, 400, 401, 403, 404, 429, 500, 502, 503])
@@ -75,6 +68,7 @@ def check_outcome(body: bytes, status: int) -> Reading | FetchError:
     assert isinstance(reading, Reading)
     assert math.isfinite(reading.value) and reading.value >= 0
     assert reading.rows >= 0
+    assert reading.month is None or (len(reading.month) == 7 and reading.month[4] == "-")
     return reading
 
 
