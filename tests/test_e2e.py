@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import REPO, Exporter, Simulator, free_port, parse_samples, value, wait_until
 
-from exporter.client import REASONS
+from exporter.model import REASONS
 
 
 def operations(sim: Simulator, names: list[str], token_of=lambda name: f"tok-{name}", **extra) -> list[dict]:
@@ -28,6 +28,8 @@ def base_config(ops: list[dict], **extra) -> dict:
         "refresh_interval": "1s",
         "read_timeout": "1s",
         "connect_timeout": "1s",
+        # Every report each second is 86,400 requests a day: far above the default budget of 1,000.
+        "daily_request_limit": 10_000_000,
         "operations": ops,
         **extra,
     }
@@ -158,7 +160,7 @@ def test_a_token_shared_by_operations_is_never_used_twice_at_once(
     simulator.fault("slow", token="shared", seconds=0.2)
     ops = operations(simulator, ["a", "b", "c"], token_of=lambda _: "shared")
     ops += operations(simulator, ["d"])
-    exporter = start_exporter(base_config(ops, refresh_interval="0.2s", fetch_workers=8))
+    exporter = start_exporter(base_config(ops, refresh_interval="0.2s", ))
     exporter.wait_for(
         lambda s: all(value(s, "wolkvox_scrape_requests_total", operation=n) >= 2 for n in "abc"),
         timeout=20,

@@ -6,6 +6,7 @@ not use a token again before refresh_interval has passed since its last use in t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 from conftest import Exporter, Simulator, value, wait_until
 
-from exporter.scheduler import token_key
+from exporter.planner import SavedPacing
+from exporter.refresher import token_key
 from exporter.secret import Secret
 from exporter.statefile import StateFile, StateSaver
 
@@ -27,7 +29,14 @@ VALUES = {
     "bogota": {"stereo_rec": (1234.5, 1_700_000_000.25)},
     "lima": {"stereo_rec": (0.0, 1_700_000_100.0)},
 }
-LAST_USED = {"0123456789abcdef": 1_700_000_000.5, "fedcba9876543210": 1_700_000_100.0}
+PACING = SavedPacing(
+    tokens={"0123456789abcdef": {"level": 0.5, "at": 1_700_000_000.5, "paused_until": 1_700_000_000.5}},
+    reports={"0123456789abcdef": {"bogota/stereo_rec": 1_700_000_300.0, "lima/stereo_rec": 1_700_000_400.0}},
+)
+
+
+def pacing(level: float) -> SavedPacing:
+    return SavedPacing(tokens={"k": {"level": level, "at": 1.0, "paused_until": 0.0}})
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -39,17 +48,17 @@ def temp_files(directory: Path) -> list[str]:
 
 def test_round_trip(tmp_path: Path) -> None:
     state = StateFile(tmp_path / "state.json")
-    state.save(VALUES, LAST_USED)
+    state.save(VALUES, PACING)
     loaded = StateFile(tmp_path / "state.json").load()
     assert loaded is not None
     assert loaded.values == VALUES
-    assert loaded.last_used == LAST_USED
+    assert loaded.pacing == PACING
     assert temp_files(tmp_path) == []
 
 
 def test_the_parent_directory_is_created(tmp_path: Path) -> None:
     path = tmp_path / "var" / "lib" / "wolkvox" / "state.json"
-    StateFile(path).save(VALUES, LAST_USED)
+    StateFile(path).save(VALUES, PACING)
     assert StateFile(path).load() is not None
 
 
@@ -66,11 +75,11 @@ def test_no_file_is_no_state_and_no_warning(tmp_path: Path, caplog: pytest.LogCa
         b"",
         b"{not json",
         b"[1, 2, 3]",
-        b'{"version": 2, "values": {}, "last_used": {}}',
+        b'{"version": 3, "values": {}, "pacing": {"tokens": {}, "reports": {}}}',
         b'{"version": 1}',
         b'{"version": 1, "values": {"a": {"stereo_rec": ["x", "y"]}}, "last_used": {}}',
         b'{"version": 1, "values": {"a": {"stereo_rec": [1]}}, "last_used": {}}',
-        b'{"version": 1, "values": {}, "last_used": {"k": "yesterday"}}',
+        b'{"version": 2, "values": {}, "pacing": {"tokens": {"k": {"at": "yesterday"}}, "reports": {}}}',
         b'{"version": 1, "values": [], "last_used": {}}',
         b"[" * 100_000 + b"]" * 100_000,
     ],
@@ -99,14 +108,14 @@ def test_a_corrupt_file_is_ignored_with_a_warning(
     assert len(warnings) == 1 and str(path) in warnings[0] and "ignored" in warnings[0]
     # The bad file is not deleted behind the operator's back; the next save replaces it.
     assert path.read_bytes() == content
-    StateFile(path).save(VALUES, LAST_USED)
+    StateFile(path).save(VALUES, PACING)
     assert StateFile(path).load() is not None
 
 
 def test_a_half_written_document_is_ignored(tmp_path: Path) -> None:
     """What a crash in the middle of a non-atomic write would leave behind."""
     path = tmp_path / "state.json"
-    StateFile(path).save(VALUES, LAST_USED)
+    StateFile(path).save(VALUES, PACING)
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     assert StateFile(path).load() is None
@@ -115,12 +124,12 @@ def test_a_half_written_document_is_ignored(tmp_path: Path) -> None:
 def test_an_unchanged_state_is_not_rewritten(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     state = StateFile(path)
-    state.save(VALUES, LAST_USED)
+    state.save(VALUES, PACING)
     before = path.stat()
-    state.save({k: dict(v) for k, v in VALUES.items()}, dict(LAST_USED))
+    state.save({k: dict(v) for k, v in VALUES.items()}, copy.deepcopy(PACING))
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    state.save(VALUES, {**LAST_USED, "0123456789abcdef": 1_700_000_999.0})
+    state.save(VALUES, pacing(0.25))
     assert path.stat().st_ino != before.st_ino  # a new file renamed over the old one
 
 
@@ -129,7 +138,7 @@ def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     big = {f"operation-{i:04d}": {"stereo_rec": (float(i), 1_700_000_000.0 + i)} for i in range(2000)}
     small = {"only": {"stereo_rec": (1.0, 1_700_000_000.0)}}
-    StateFile(path).save(small, {})
+    StateFile(path).save(small, SavedPacing())
     done = threading.Event()
     seen: list[int] = []
     bad: list[str] = []
@@ -148,7 +157,7 @@ def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
     writer = StateFile(path)
     try:
         for i in range(300):
-            writer.save(big if i % 2 == 0 else small, {"k": float(i)})
+            writer.save(big if i % 2 == 0 else small, pacing(float(i)))
     finally:
         done.set()
         thread.join(timeout=30)
@@ -161,7 +170,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "state.json"
-    StateFile(path).save(VALUES, LAST_USED)
+    StateFile(path).save(VALUES, PACING)
     good = path.read_bytes()
 
     def no_rename(src: str, dst: str) -> None:
@@ -171,7 +180,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(
     state = StateFile(path)
     with caplog.at_level(logging.WARNING, logger="exporter.statefile"):
         for i in range(3):  # the saver retries every second: each try must clean up after itself
-            state.save(VALUES, {**LAST_USED, "k": float(i)})
+            state.save(VALUES, pacing(float(i)))
     assert path.read_bytes() == good
     assert temp_files(tmp_path) == []
     assert any("cannot write" in r.getMessage() for r in caplog.records)
@@ -184,7 +193,7 @@ def test_a_state_path_that_is_a_directory_leaves_no_temporary_files(tmp_path: Pa
     target.mkdir()
     state = StateFile(target)
     for i in range(5):
-        state.save(VALUES, {"k": float(i)})
+        state.save(VALUES, pacing(float(i)))
     assert temp_files(tmp_path) == []
     assert state.load() is None
 
@@ -194,34 +203,42 @@ def test_the_file_names_tokens_only_by_their_key(tmp_path: Path) -> None:
     key = token_key(Secret(token))
     assert len(key) == 16 and token not in key
     path = tmp_path / "state.json"
-    StateFile(path).save(VALUES, {key: 1_700_000_000.0})
+    StateFile(path).save(VALUES, SavedPacing(reports={key: {"bogota/stereo_rec": 1_700_000_000.0}}))
     text = path.read_text()
     assert key in text and token not in text and "CANARY" not in text
 
 
 def test_the_saver_writes_changes_and_a_last_state_when_stopped(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    current: dict[str, Any] = {"values": {}, "last_used": {"k": 1.0}}
-    saver = StateSaver(StateFile(path), lambda: (current["values"], current["last_used"]), interval=0.05)
+    current: dict[str, Any] = {"values": {}, "pacing": pacing(1.0)}
+    saver = StateSaver(StateFile(path), lambda: (current["values"], current["pacing"]), interval=0.05)
     saver.start()
     try:
 
-        def saved_last_used() -> dict[str, float] | None:
+        def saved_pacing() -> SavedPacing | None:
             loaded = StateFile(path).load()
-            return loaded.last_used if loaded is not None else None
+            return loaded.pacing if loaded is not None else None
 
-        wait_until(lambda: saved_last_used() == {"k": 1.0}, timeout=5, what="the first save")
-        current["last_used"] = {"k": 2.0}
-        wait_until(lambda: saved_last_used() == {"k": 2.0}, timeout=5, what="the change to be saved")
+        wait_until(lambda: saved_pacing() == pacing(1.0), timeout=5, what="the first save")
+        current["pacing"] = pacing(2.0)
+        wait_until(lambda: saved_pacing() == pacing(2.0), timeout=5, what="the change to be saved")
     finally:
         saver.stop()
 
     # With a long interval, only stop() can have written the final state.
-    slow = StateSaver(StateFile(path), lambda: ({}, {"k": 3.0}), interval=3600)
+    slow = StateSaver(StateFile(path), lambda: ({}, pacing(3.0)), interval=3600)
     slow.start()
     slow.stop()
     loaded = StateFile(path).load()
-    assert loaded is not None and loaded.last_used == {"k": 3.0}
+    assert loaded is not None and loaded.pacing == pacing(3.0)
+
+
+def test_a_version_1_file_keeps_its_values(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "values": {"a": {"stereo_rec": [5, 6]}}, "last_used": {}}))
+    loaded = StateFile(path).load()
+    assert loaded is not None and loaded.values == {"a": {"stereo_rec": (5.0, 6.0)}}
+    assert loaded.pacing == SavedPacing()
 
 
 # ----- the real exporter across restarts ------------------------------------------------------------------
@@ -272,9 +289,10 @@ def restart_scenario(
     # The background saver writes within about a second of a change: poll the file, do not guess.
     def has_both() -> bool:
         doc = saved(state)
-        return {main_key, control_key} <= set(doc.get("last_used", {})) and "main" in doc.get("values", {})
+        reports = doc.get("pacing", {}).get("reports", {})
+        return {main_key, control_key} <= set(reports) and "main" in doc.get("values", {})
 
-    wait_until(has_both, timeout=5, what="the state file to hold both tokens' last use")
+    wait_until(has_both, timeout=5, what="the state file to hold both tokens' pacing")
     text = state.read_text()
     assert MAIN not in text and CONTROL not in text
     assert saved(state)["values"]["main"]["stereo_rec"][0] == minutes
@@ -283,10 +301,11 @@ def restart_scenario(
     main_requests = requests_of(sim, MAIN)
     assert main_requests == 1
 
-    # Forget the control token's last use: the new process must fetch it at once, which shows its
-    # scheduler is running while the main token is held back by what the file says.
+    # Forget the control token's pacing: the new process must fetch it at once, which shows its
+    # refresher is running while the main token's report is held back by what the file says.
     doc = saved(state)
-    del doc["last_used"][control_key]
+    del doc["pacing"]["reports"][control_key]
+    del doc["pacing"]["tokens"][control_key]
     state.write_text(json.dumps(doc), encoding="utf-8")
     control_requests = requests_of(sim, CONTROL)
 
