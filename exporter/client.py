@@ -25,7 +25,8 @@ Open sockets are bounded by ``max_connections`` (aiohttp's default of 100 would 
 upstreams starve every healthy one). Its default is derived from the process's open-files limit:
 ``min(4096, soft_limit - 1024)``, at least 64, leaving 1,024 descriptors for the exporter's own
 listening socket, scrapers, files and the state file. Call :func:`raise_fd_limit` first (as Go
-exporters do at start) so that the soft limit is the hard one.
+exporters do at start; it lives in exporter/fdlimit.py and is re-exported here) so that the soft
+limit is the hard one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from aiohttp import http_exceptions
 
 from exporter import __version__
 from exporter.answers import parse_body, parse_token_info
+from exporter.fdlimit import raise_fd_limit, soft_fd_limit
 from exporter.model import REASONS, TOKEN_INFO, FetchError, Reading, TokenInfo
 from exporter.secret import Secret
 
@@ -78,39 +80,11 @@ _TOKEN_RE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 # --------------------------------------------------------------------------------------- fd limit
 
 
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft open-files limit to the hard one; returns (old soft limit, new soft limit).
-
-    When the hard limit is unlimited, or the kernel refuses it, the soft limit is left as it was. On a
-    platform without ``resource`` both are -1. Unlimited is reported as -1 too.
-    """
-    try:
-        import resource  # POSIX only
-    except ImportError:  # pragma: no cover
-        return -1, -1
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    infinity = resource.RLIM_INFINITY
-    old = -1 if soft == infinity else soft
-    if soft == hard or hard == infinity:
-        return old, old
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        logger.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
-        return old, old
-    return old, hard
-
-
 def default_max_connections(soft_limit: int | None = None) -> int:
     """``min(4096, soft_limit - 1024)``, at least 64; ``soft_limit`` defaults to the current soft
     open-files limit (unlimited or unknown: 4096)."""
     if soft_limit is None:
-        try:
-            import resource
-        except ImportError:  # pragma: no cover
-            return MAX_DEFAULT_CONNECTIONS
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        soft_limit = -1 if soft == resource.RLIM_INFINITY else soft
+        soft_limit = soft_fd_limit()
     if soft_limit < 0:
         return MAX_DEFAULT_CONNECTIONS
     return max(MIN_DEFAULT_CONNECTIONS, min(MAX_DEFAULT_CONNECTIONS, soft_limit - RESERVED_FDS))

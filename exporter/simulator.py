@@ -18,7 +18,18 @@ Flags
     Growth rate of ``stereo_rec`` minutes (default 600, so a demo sees it move). The other counters
     grow at a fixed fraction of it; ``0`` freezes every value.
 ``--daily-limit N``
-    Requests per token per UTC day before ``403 TOKEN LIMIT EXCEEDED`` (default 1000; 0 = no limit).
+    Requests per token per ``--day-length`` before ``403 TOKEN LIMIT EXCEEDED`` (default 0 = no limit,
+    so a demo never runs into a limit it does not model; wolkvox's is about 1000 a day).
+``--day-length DURATION``
+    The window the daily count is taken over (default ``1d``; e.g. ``10s`` to test a whole "day"
+    quickly). It is a ROLLING window: a request counts until one day-length after it was made, so a
+    client that keeps to N requests in any day-length never sees the limit, and one that does not is
+    caught wherever its burst falls (stricter than the calendar day the vendor most likely counts).
+    Every request that reaches the simulator counts, refused ones included.
+``--report-interval DURATION``
+    A report (token, ``wolkvox_server``, api) requested again sooner than this counts in
+    ``report_violations`` (default ``0``: not checked). It is still answered normally: the vendor's
+    "a consumption every 5 minutes" comes with no documented error.
 ``--hang-fraction F``
     0..1: tokens whose stable hash falls in this fraction hang on every request until the client
     goes away (for the benchmark; default 0).
@@ -37,7 +48,8 @@ API endpoints
    ``EXCEEDS THE LIMIT OF SIMULTANEOUS REQUESTS PER TOKEN (2)``, counted as a *violation*;
 3. a fault set for the token (or for ``*``), see below;
 4. a token in ``--hang-fraction``: no answer, ever;
-5. more than ``--daily-limit`` requests today by the token: 403 ``TOKEN LIMIT EXCEEDED``;
+5. more than ``--daily-limit`` requests by the token in the last ``--day-length``: 403
+   ``TOKEN LIMIT EXCEEDED``;
 6. no ``api``: 400 ``SOME PARAMETERS ARE REQUIRED``; unknown api: 400
    ``THE API YOU WANT TO CONSULT DOES NOT EXIST``;
 7. 200 ``{"code": "200", "error": null, "msg": "Information found for the current month",
@@ -52,7 +64,8 @@ intelligent_dial, ivr_minutes, amazon_s3, rsync_s3_mp3, rec_screen, interactions
 interaction_licenses, ivr_calls, amd_ai, stereo_rec, wp_connectors, wp_connectors_official.
 
 ``GET /api/v2/information.php?api=token_info``: same rules (and it counts as a request); answers
-``data: [{"token_limit", "token_use_today", "all_token_today"}]``.
+``data: [{"token_limit", "token_use_today", "all_token_today"}]`` (``token_limit`` is ``"0"`` when
+there is no limit; "today" is the last ``--day-length``).
 
 Control endpoints
 -----------------
@@ -64,7 +77,11 @@ Control endpoints
 ``GET /-/faults`` lists the faults; ``DELETE /-/faults`` clears them (``?token=T``: only that one).
 ``GET /-/stats``
     ``{"tokens": {T: {"requests", "requests_today", "in_flight", "max_in_flight", "violations",
-    "apis": {api: n}, "last_request_unix"}}, "total_requests", "total_violations"}``.
+    "report_violations", "apis": {api: n}, "reports": {"SERVER/API": {"requests", "min_gap_seconds"}},
+    "last_request_unix"}}, "total_requests", "total_violations", "total_report_violations"}``.
+    ``requests_today`` is the count in the last ``--day-length``. A report is one (token, server,
+    api); ``min_gap_seconds`` is the shortest time between the arrivals of two of its requests (null
+    until there are two). Reading the stats is not a request.
 ``POST /-/stats/reset`` zeroes the counters (requests still in flight stay in flight).
 ``GET /-/healthy`` answers 200 ``OK``.
 
@@ -110,12 +127,15 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from exporter.fdlimit import raise_fd_limit
 
 logger = logging.getLogger("exporter.simulator")  # not "__main__" under -m
 
@@ -213,15 +233,16 @@ HTML_502 = (
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DAY_SECONDS = 86400.0
 
 
 # --------------------------------------------------------------------------- pure helpers
 
 
 def parse_duration(text: str) -> float:
-    """``250ms``, ``2s``, ``1m30s``, ``1h``, ``0`` or a bare number of seconds -> seconds (>= 0)."""
+    """``250ms``, ``2s``, ``1m30s``, ``1h``, ``1d``, ``0`` or a bare number of seconds -> seconds (>= 0)."""
     value = text.strip()
     try:
         seconds = float(value)
@@ -288,10 +309,6 @@ def format_items(value: float, items_format: str) -> str:
     return text.replace(".", ",") if items_format == "comma" else text
 
 
-def _utc_day(now_unix: float) -> str:
-    return datetime.fromtimestamp(now_unix, UTC).strftime("%Y-%m-%d")
-
-
 def _utc_stamp(now_unix: float) -> str:
     return datetime.fromtimestamp(now_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -305,9 +322,11 @@ class SimulatorOptions:
     port: int = 19727
     latency: float = 0.0
     minutes_per_hour: float = 600.0
-    daily_limit: int = 1000
+    daily_limit: int = 0
     hang_fraction: float = 0.0
     items_format: str = "int"
+    day_length: float = DAY_SECONDS
+    report_interval: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -322,6 +341,10 @@ class SimulatorOptions:
             raise ValueError("hang_fraction must be within 0..1")
         if self.items_format not in ITEMS_FORMATS:
             raise ValueError(f"items_format must be one of {', '.join(ITEMS_FORMATS)}")
+        if not (math.isfinite(self.day_length) and self.day_length > 0):
+            raise ValueError("day_length must be > 0")
+        if not (math.isfinite(self.report_interval) and self.report_interval >= 0):
+            raise ValueError("report_interval must be >= 0 (0 = not enforced)")
 
 
 @dataclass
@@ -343,13 +366,24 @@ class Fault:
 
 
 @dataclass
+class ReportStats:
+    """The requests for one (token, server, api) report and the shortest gap between two of them."""
+
+    requests: int = 0
+    last_tick: float = 0.0  # time.monotonic() of the last request
+    min_gap: float | None = None
+
+
+@dataclass
 class TokenStats:
     requests: int = 0
-    day: str = ""
-    requests_today: int = 0
+    # time.monotonic() of each request in the last --day-length, oldest first
+    window: deque[float] = field(default_factory=deque)
     max_in_flight: int = 0
     violations: int = 0
+    report_violations: int = 0
     apis: dict[str, int] = field(default_factory=dict)
+    reports: dict[str, ReportStats] = field(default_factory=dict)
     last_request_unix: float = 0.0
 
 
@@ -393,6 +427,7 @@ class Simulator:
         self.stats: dict[str, TokenStats] = {}
         self.total_requests = 0
         self.total_violations = 0
+        self.total_report_violations = 0
         self.faults: dict[str, Fault] = {}
         self.stopping = False
         # token -> {id(request): request}: requests are not hashable
@@ -421,13 +456,13 @@ class Simulator:
         stats = self.stats.get(token)
         if stats is None:
             stats = self.stats[token] = TokenStats()
-        day = _utc_day(now)
-        if stats.day != day:
-            stats.day, stats.requests_today = day, 0
+        tick = time.monotonic()
         stats.requests += 1
-        stats.requests_today += 1
+        self._prune(stats, tick)
+        stats.window.append(tick)
         stats.apis[api_key] = stats.apis.get(api_key, 0) + 1
         stats.last_request_unix = now
+        self._count_report(stats, f"{_server_name(request)}/{api_key}", tick)
         concurrent = self.in_flight(token) + 1
         self._flights.setdefault(token, {})[id(request)] = request
         stats.max_in_flight = max(stats.max_in_flight, concurrent)
@@ -444,24 +479,53 @@ class Simulator:
             if not flights:
                 del self._flights[token]
 
-    def requests_today(self, token: str, now: float) -> int:
-        stats = self.stats.get(token)
-        return stats.requests_today if stats is not None and stats.day == _utc_day(now) else 0
+    def _count_report(self, stats: TokenStats, key: str, tick: float) -> None:
+        report = stats.reports.get(key)
+        if report is None:
+            report = stats.reports[key] = ReportStats()
+        elif report.requests:
+            gap = tick - report.last_tick
+            report.min_gap = gap if report.min_gap is None else min(report.min_gap, gap)
+            if gap < self.options.report_interval:
+                stats.report_violations += 1
+                self.total_report_violations += 1
+        report.requests += 1
+        report.last_tick = tick
 
-    def all_requests_today(self, now: float) -> int:
-        day = _utc_day(now)
-        return sum(s.requests_today for s in self.stats.values() if s.day == day)
+    def _prune(self, stats: TokenStats, tick: float) -> None:
+        """Forget requests older than one --day-length."""
+        window, start = stats.window, tick - self.options.day_length
+        while window and window[0] <= start:
+            window.popleft()
+
+    def requests_today(self, token: str) -> int:
+        """Requests of ``token`` in the last --day-length (a rolling window), this one included."""
+        stats = self.stats.get(token)
+        if stats is None:
+            return 0
+        self._prune(stats, time.monotonic())
+        return len(stats.window)
+
+    def all_requests_today(self) -> int:
+        return sum(self.requests_today(token) for token in self.stats)
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.time()
         tokens = {
             token: {
                 "requests": s.requests,
-                "requests_today": self.requests_today(token, now),
+                "requests_today": self.requests_today(token),
                 "in_flight": self.in_flight(token),
                 "max_in_flight": s.max_in_flight,
                 "violations": s.violations,
+                "report_violations": s.report_violations,
                 "apis": dict(s.apis),
+                "reports": {
+                    key: {
+                        "requests": r.requests,
+                        "min_gap_seconds": None if r.min_gap is None else round(r.min_gap, 6),
+                    }
+                    for key, r in s.reports.items()
+                },
                 "last_request_unix": s.last_request_unix,
             }
             for token, s in self.stats.items()
@@ -470,12 +534,14 @@ class Simulator:
             "tokens": tokens,
             "total_requests": self.total_requests,
             "total_violations": self.total_violations,
+            "total_report_violations": self.total_report_violations,
         }
 
     def reset_stats(self) -> None:
         self.stats = {}
         self.total_requests = 0
         self.total_violations = 0
+        self.total_report_violations = 0
         for token in list(self._flights):
             live = self.in_flight(token)
             if live:
@@ -595,7 +661,7 @@ class Simulator:
             await self.pause(request, None)
         now = time.time()
         limit = self.options.daily_limit
-        if limit and self.requests_today(token, now) > limit:
+        if limit and self.requests_today(token) > limit:
             return _error(ERR_LIMIT)
         if not api:
             return _error(ERR_MISSING)
@@ -613,8 +679,8 @@ class Simulator:
             return [
                 {
                     "token_limit": str(self.options.daily_limit),
-                    "token_use_today": str(self.requests_today(token, now)),
-                    "all_token_today": str(self.all_requests_today(now)),
+                    "token_use_today": str(self.requests_today(token)),
+                    "all_token_today": str(self.all_requests_today()),
                 }
             ]
         server = _server_name(request)
@@ -892,6 +958,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -925,9 +998,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--daily-limit",
-        default=1000,
+        default=0,
         type=_arg(_non_negative_int, "daily limit"),
-        help="requests per token per UTC day before 403 TOKEN LIMIT EXCEEDED; 0 = none (default %(default)s)",
+        help="requests per token per --day-length before 403 TOKEN LIMIT EXCEEDED; 0 = none "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--day-length",
+        default="1d",
+        type=_arg(_positive_duration, "day length"),
+        help="the rolling window --daily-limit counts over, e.g. 1d, 10s (default %(default)s)",
+    )
+    parser.add_argument(
+        "--report-interval",
+        default="0",
+        type=_arg(parse_duration, "report interval"),
+        help="a report (token, server, api) fetched again sooner counts in report_violations; "
+        "0 = not checked (default %(default)s)",
     )
     parser.add_argument(
         "--hang-fraction",
@@ -961,20 +1048,6 @@ def _announce(url: str) -> None:
         announcer.propagate = False
         announcer.setLevel(logging.INFO)
     announcer.info("simulator listening on %s", url)  # StreamHandler flushes after every record
-
-
-def _raise_fd_limit(wanted: int = 65536) -> None:
-    """Lets one process hold 10,000+ connections (the soft limit is often 1024)."""
-    try:
-        import resource  # POSIX only
-    except ImportError:  # pragma: no cover
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            logger.debug("raised the open-files limit from %d to %d", soft, target)
 
 
 async def _serve(options: SimulatorOptions) -> int:
@@ -1016,8 +1089,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         daily_limit=args.daily_limit,
         hang_fraction=args.hang_fraction,
         items_format=args.items_format,
+        day_length=args.day_length,
+        report_interval=args.report_interval,
     )
-    _raise_fd_limit()
+    raise_fd_limit()  # lets one process hold 10,000+ connections (the soft limit is often 1024)
     try:
         return asyncio.run(_serve(options))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping

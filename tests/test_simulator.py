@@ -357,6 +357,43 @@ def test_daily_limit() -> None:
         assert stop_simulator(proc) == 0
 
 
+def test_daily_limit_counts_over_a_rolling_day_length() -> None:
+    proc, base = start_simulator("--daily-limit", "2", "--day-length", "1s")
+    try:
+        assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
+        started = time.monotonic()
+        # /-/stats is not a request: watch the window empty without adding to it
+        wait_for(lambda: token_stats(base, "t")["requests_today"] == 0, timeout=5, what="the window to pass")
+        assert time.monotonic() - started > 0.5  # the newest request left the window, not the first
+        assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
+        assert token_stats(base, "t")["requests"] == 6
+    finally:
+        assert stop_simulator(proc) == 0
+
+
+def test_reports_count_requests_and_the_smallest_gap() -> None:
+    proc, base = start_simulator("--report-interval", "1h")
+    try:
+        for server, api in [
+            ("wv1", "stereo_rec"),
+            ("wv1", "stereo_rec"),
+            ("wv1", "ivr_calls"),
+            ("wv2", "stereo_rec"),
+        ]:
+            assert api_get(base, "t", api=api, headers={"wolkvox_server": server}).status_code == 200
+        assert api_get(base, "t", api="token_info", path=INFORMATION, headers={"wolkvox_server": "wv1"}).ok
+        stats = token_stats(base, "t")
+        reports = stats["reports"]
+        assert set(reports) == {"wv1/stereo_rec", "wv1/ivr_calls", "wv2/stereo_rec", "wv1/token_info"}
+        assert reports["wv1/stereo_rec"]["requests"] == 2
+        assert 0 <= reports["wv1/stereo_rec"]["min_gap_seconds"] < 5
+        assert reports["wv1/ivr_calls"] == {"requests": 1, "min_gap_seconds": None}
+        assert stats["report_violations"] == 1  # only the second stereo_rec of wv1 came too soon
+        assert requests.get(base + "/-/stats", timeout=HTTP_TIMEOUT).json()["total_report_violations"] == 1
+    finally:
+        assert stop_simulator(proc) == 0
+
+
 def test_token_info_counts_requests(sim: str, token: str) -> None:
     other = token + "-other"
     assert api_get(sim, token).status_code == 200
@@ -366,7 +403,8 @@ def test_token_info_counts_requests(sim: str, token: str) -> None:
     assert response.status_code == 200
     doc = response.json()
     assert doc["code"] == "200" and doc["error"] is None
-    assert doc["data"] == [{"token_limit": "1000", "token_use_today": "3", "all_token_today": "4"}]
+    # token_limit "0": no --daily-limit, the default
+    assert doc["data"] == [{"token_limit": "0", "token_use_today": "3", "all_token_today": "4"}]
     assert token_stats(sim, token)["apis"] == {"stereo_rec": 1, "ivr_calls": 1, "token_info": 1}
 
 
@@ -628,10 +666,15 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
         "in_flight",
         "max_in_flight",
         "violations",
+        "report_violations",
         "apis",
+        "reports",
         "last_request_unix",
     }
     assert (stats["requests"], stats["requests_today"], stats["apis"]) == (1, 1, {"stereo_rec": 1})
+    # no --report-interval on the shared simulator: gaps are measured, never counted as violations
+    assert stats["reports"] == {"127.0.0.1/stereo_rec": {"requests": 1, "min_gap_seconds": None}}
+    assert stats["report_violations"] == 0
     assert before - 1 <= stats["last_request_unix"] <= time.time() + 1
     reset = requests.post(sim + "/-/stats/reset", timeout=HTTP_TIMEOUT)
     assert reset.status_code == 200
@@ -639,6 +682,7 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
         "tokens": {},
         "total_requests": 0,
         "total_violations": 0,
+        "total_report_violations": 0,
     }
 
 
@@ -714,7 +758,15 @@ def test_signal_stops_quickly_while_a_request_hangs(sig: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("0", 0.0), ("250ms", 0.25), ("2s", 2.0), ("1.5", 1.5), ("1m30s", 90.0), ("1h", 3600.0)],
+    [
+        ("0", 0.0),
+        ("250ms", 0.25),
+        ("2s", 2.0),
+        ("1.5", 1.5),
+        ("1m30s", 90.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert simulator.parse_duration(text) == pytest.approx(seconds)
@@ -733,6 +785,9 @@ def test_parse_duration_rejects(text: str) -> None:
         ["--items-format", "xml"],
         ["--hang-fraction", "2"],
         ["--daily-limit", "-1"],
+        ["--day-length", "0"],
+        ["--day-length", "soon"],
+        ["--report-interval", "-5m"],
         ["--web.listen-address", "nope"],
         ["--web.listen-address", "127.0.0.1:70000"],
     ],

@@ -201,7 +201,7 @@ def test_compose_has_the_whole_stack() -> None:
         assert services[name]["build"] == ".", f"{name} runs the image built from the Dockerfile"
     simulator = services["simulator"]
     assert simulator["entrypoint"] == ["python", "-m", "exporter.simulator"]
-    assert simulator["command"] == ["--web.listen-address", "0.0.0.0:19727"]
+    assert simulator["command"] == ["--daily-limit", "1000", "--web.listen-address", "0.0.0.0:19727"]
     for name, service in services.items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
