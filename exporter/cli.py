@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from exporter import __version__
-from exporter.client import raise_fd_limit
 from exporter.config import Config, ConfigError, format_duration
 from exporter.configproc import load_config_isolated
+from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, redact, setup_logging
 from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs, token_key

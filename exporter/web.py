@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import html
 import logging
 import socket
 import ssl
@@ -19,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from exporter import __version__
+from exporter import statuspage
 from exporter.exposition import CONTENT_TYPE
+from exporter.logs import redact
 from exporter.store import Store
 from exporter.webconfig import BasicAuth, WebConfig
 
@@ -108,22 +108,12 @@ class WebApp:
         return response
 
     async def landing(self, _request: web.Request) -> web.Response:
-        path = html.escape(self._telemetry_path)
-        body = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>wolkvox exporter</title></head>
-<body>
-<h1>wolkvox exporter</h1>
-<p>Prometheus exporter for wolkvox billing usage (stereo-recording minutes and more), version
-{html.escape(__version__)}. Values are cached: a scrape never calls the wolkvox API.</p>
-<p>Operations configured: {self._operations_count()}. Ready: {"yes" if self._store.ready else "not yet"}.</p>
-<ul>
-<li><a href="{path}">{path}</a>: metrics</li>
-<li><a href="/-/healthy">/-/healthy</a>: liveness</li>
-<li><a href="/-/ready">/-/ready</a>: ready once every operation has been tried once</li>
-<li>POST /-/reload: re-read the configuration file</li>
-</ul>
-</body></html>
-"""
+        body = statuspage.render(
+            self._store.report_rows(),
+            telemetry_path=self._telemetry_path,
+            ready=self._store.ready,
+            scrub=redact,
+        )
         return web.Response(text=body, content_type="text/html")
 
     async def healthy(self, _request: web.Request) -> web.Response:

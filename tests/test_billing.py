@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Simulator, value
+from conftest import Simulator, value, wait_until
 
-from exporter.client import REASONS
 from exporter.config import ConfigError, load_config
+from exporter.model import REASONS
 
 SERVICES = ["stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"]
 
@@ -45,6 +45,7 @@ def test_prices_merge_top_level_and_operation(tmp_path: Path) -> None:
         ("currency: 'U$D'", "currency"),
         ("token_info_interval: 30m", "token_info_interval"),
         ("stretch_intervals: maybe", "stretch_intervals"),
+        ("fetch_workers: 0", "fetch_workers"),
         ("daily_request_limit: 0", "daily_request_limit"),
     ],
 )
@@ -56,21 +57,12 @@ def test_bad_billing_keys_are_one_line_errors(tmp_path: Path, text: str, key: st
     assert message.startswith(f"{path}: {key}") and "\n" not in message and "secret-token" not in message
 
 
-def test_daily_budget_warning_and_stretch(tmp_path: Path) -> None:
-    ops = "operations: [{server: wv1, token: a, apis: [stereo_rec, ivr_minutes, amd_ai]}]\n"
-    within = load_config(write(tmp_path, ops))
-    # One request per token per 5 minutes, whatever the number of apis: 288 a day.
-    assert within.requests_per_token_per_day() == 288
-    assert not any("daily_request_limit" in w for w in within.warnings)
-
-    over = load_config(write(tmp_path, "refresh_interval: 1m\n" + ops))
-    assert over.requests_per_token_per_day() == 1440
-    assert over.effective_refresh_interval == 60  # stretch_intervals is off by default
-    assert any("daily_request_limit" in w and "1440" in w for w in over.warnings)
-
-    stretched = load_config(write(tmp_path, "refresh_interval: 1m\nstretch_intervals: true\n" + ops))
-    assert stretched.effective_refresh_interval == pytest.approx(86.4)
-    assert stretched.requests_per_token_per_day(stretched.effective_refresh_interval) <= 1000
+def test_retired_keys_still_load_with_a_warning_saying_what_they_do_now(tmp_path: Path) -> None:
+    ops = "operations: [{server: wv1, token: a}]\n"
+    config = load_config(write(tmp_path, "fetch_workers: 32\nstretch_intervals: false\n" + ops))
+    assert any("fetch_workers" in w and "no longer used" in w for w in config.warnings)
+    assert any("stretch_intervals" in w and "always stretch" in w for w in config.warnings)
+    assert not any("fetch_workers" in w for w in load_config(write(tmp_path, ops)).warnings)
 
 
 def test_several_services_per_operation_on_metrics(simulator: Simulator, start_exporter) -> None:
@@ -126,37 +118,85 @@ def test_several_services_per_operation_on_metrics(simulator: Simulator, start_e
     assert exporter.process.proc.poll() is None
 
 
-def test_stretched_intervals_keep_requests_inside_the_daily_limit(
+def test_four_services_and_a_shared_token_all_fresh_within_seconds_one_request_at_a_time(
     simulator: Simulator, start_exporter
 ) -> None:
-    # 0.1 s asked, but a limit of 172,800 a day allows one request per 0.5 s per token.
-    limit = 172_800
+    # Long enough for the token's four back-to-back requests (answer + 1 s gap each) to fit in it.
+    interval = 6.0
     config = {
-        "refresh_interval": "0.1s",
-        "daily_request_limit": limit,
-        "stretch_intervals": True,
+        "refresh_interval": f"{interval:g}s",
+        "daily_request_limit": 1_000_000,
         "operations": [
             {
-                "name": "a",
+                "name": "solo",
                 "server": "wv1",
-                "token": "tok-a",
+                "token": "tok-solo",
                 "base_url": simulator.url,
-                "apis": ["stereo_rec", "ivr_calls"],
-            }
+                "apis": SERVICES,
+            },
+            {"name": "a", "server": "wv2", "token": "tok-shared", "base_url": simulator.url},
+            {"name": "b", "server": "wv3", "token": "tok-shared", "base_url": simulator.url},
+        ],
+    }
+    started = time.monotonic()
+    exporter = start_exporter(config)
+    exporter.wait_for(
+        lambda s: (
+            all(value(s, "wolkvox_billing_usage", operation="solo", api=a) is not None for a in SERVICES)
+            and all(value(s, "wolkvox_stereo_rec_minutes", operation=o) is not None for o in ("a", "b"))
+        ),
+        timeout=15,
+        what="every value of every report",
+    )
+    # Back to back on each token (answer + 1 s gap): 4 reports in a few seconds, not 4 intervals.
+    assert time.monotonic() - started < 12
+
+    def refreshed_twice() -> dict | None:
+        tokens = simulator.stats()["tokens"]
+        reports = {**tokens["tok-solo"]["reports"], **tokens["tok-shared"]["reports"]}
+        return reports if len(reports) == 6 and all(r["requests"] >= 2 for r in reports.values()) else None
+
+    reports = wait_until(refreshed_twice, timeout=30, what="every report fetched twice")
+    for name, report in reports.items():
+        # Each report again a full interval after its answer: never sooner, and at most a turn of its
+        # token (another report's answer and the 1 s gap) later.
+        assert interval <= report["min_gap_seconds"] < interval + 2.5, name
+    stats = simulator.stats()
+    assert stats["tokens"]["tok-solo"]["max_in_flight"] == 1
+    assert stats["tokens"]["tok-shared"]["max_in_flight"] == 1
+    assert stats["total_violations"] == 0
+    samples = exporter.samples()
+    for api in SERVICES:
+        assert value(samples, "wolkvox_refresh_interval_seconds", operation="solo", api=api) == interval
+
+
+def test_a_token_past_its_daily_budget_stops_at_its_burst_and_exports_the_stretched_pace(
+    simulator: Simulator, start_exporter
+) -> None:
+    limit, apis = 20, [*SERVICES, "ivr_calls", "interactions", "rec_screen"]
+    config = {
+        "refresh_interval": "1s",
+        "daily_request_limit": limit,
+        "operations": [
+            {"name": "a", "server": "wv1", "token": "tok-a", "base_url": simulator.url, "apis": apis},
         ],
     }
     exporter = start_exporter(config)
-    samples = exporter.wait_for(lambda s: value(s, "wolkvox_up", operation="a") == 1)
-    assert value(samples, "wolkvox_refresh_interval_seconds") == 0.5
-    assert value(samples, "wolkvox_token_planned_requests_per_day") == limit
-    assert value(samples, "wolkvox_token_daily_request_limit") == limit
-    before = simulator.stats()["tokens"]["tok-a"]["requests"]
-    window = 3.0
-    time.sleep(window)  # a measurement window, not a wait for a condition
-    made = simulator.stats()["tokens"]["tok-a"]["requests"] - before
-    assert 1 <= made <= window / 0.5 + 1
-    # One request per 0.5 s per token is 172,800 a day: inside the limit.
-    assert "stretching refresh_interval" in exporter.process.log()
+    # A burst of a tenth of the budget (2), then 18 a day shared by 7 reports: one every 9.3 hours each.
+    samples = exporter.wait_for(
+        lambda s: value(s, "wolkvox_scrape_requests_total", operation="a") == 2, what="the start-up burst"
+    )
+    stretched = len(apis) * 86_400 / (limit - 2)
+    for api in apis:
+        assert value(samples, "wolkvox_refresh_interval_seconds", operation="a", api=api) == pytest.approx(
+            stretched
+        )
+    assert value(samples, "wolkvox_token_planned_requests_per_day") == len(apis) * 86_400
+    assert "daily_request_limit 20 does not allow every report every 1s" in exporter.process.log()
+    time.sleep(3.0)  # a measurement window: nothing more may be sent in it (the next is hours away)
+    assert simulator.stats()["tokens"]["tok-a"]["requests"] == 2
+    status = exporter.get("/").text
+    assert "every 9h" in status
 
 
 def test_token_info_is_read_and_exported_for_every_operation_of_the_token(
