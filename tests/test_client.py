@@ -163,6 +163,13 @@ class Upstream:
     async def do_reset(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
         return await self._cut(writer, reset=True)
 
+    async def do_echo(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        """A broken status line and header holding the token it got: aiohttp's errors quote them."""
+        token = seen.headers.get("wolkvox-token", "").encode()
+        writer.write(b"HTTP/1.1 2OO " + token + b"\r\nX-Token: " + token + b"\x00\r\n\r\n")
+        await writer.drain()
+        return False
+
     async def do_redirect(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
         status = seen.target.split("/")[2]  # /redirect/302/...
         location = f"{self.url}/trap/?t={CANARY}" if "echo" in seen.target else f"{self.url}/trap/"
@@ -362,6 +369,7 @@ def test_constructor_validates(args: tuple[Any, ...]) -> None:
         ("exact/1", "invalid_response", f"body larger than {CAP} bytes", (0, 3.0)),
         ("gzip/corrupt", "invalid_response", "cannot decode the body (ClientPayloadError", (0, 3.0)),
         ("gzip/bomb", "invalid_response", f"body larger than {CAP} bytes", (0, 3.0)),
+        ("echo", "connection", "BadStatusLine", (0, 3.0)),
     ],
 )
 def test_failures(path: str, reason: str, expected: str, seconds: tuple[float, float]) -> None:
