@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -392,6 +393,35 @@ def test_bodies_within_the_cap(path: str, expected: float) -> None:
         assert (await fetch(client, f"{upstream.url}/{path}")).value == expected
 
     run(with_upstream(scenario))
+
+
+def test_connect_timeout() -> None:
+    """A listener whose accept queue is full: Linux drops further SYNs, so the connect never completes."""
+
+    async def scenario() -> tuple[FetchError, float]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = [socket.socket() for _ in range(3)]
+            try:
+                for filler in fillers:
+                    filler.setblocking(False)
+                    filler.connect_ex(("127.0.0.1", port))
+                async with WolkvoxClient(0.5, 5, CAP) as client:
+                    started = time.monotonic()
+                    err = await fetch_error(client, f"http://127.0.0.1:{port}")
+                    return err, time.monotonic() - started
+            finally:
+                for filler in fillers:
+                    filler.close()
+
+    err, elapsed = run(scenario())
+    if err.reason == "connection" and "Reset" in err.detail:
+        pytest.skip("this kernel resets connections to a full accept queue (tcp_abort_on_overflow)")
+    assert err.reason == "timeout"
+    assert "could not connect within 0.5s" in err.detail
+    assert 0.4 <= elapsed < 3.0
 
 
 def test_connection_refused() -> None:
