@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import date, datetime, time
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.answers import ItemsError, parse_body, parse_items
+from exporter.answers import ItemsError, month_of, parse_body, parse_items
 from exporter.model import MAX_DETAIL_CHARS, REASONS, FetchError, Reading
 from exporter.secret import Secret
 
@@ -172,3 +173,18 @@ def test_a_token_anywhere_in_a_body_is_redacted(before: bytes, after: bytes, tok
         for text in (err.detail, str(err), repr(err)):
             assert TOKEN_TEXT.casefold() not in text.casefold()
             assert "canary-tok" not in text.casefold()
+
+
+@given(
+    st.dates(min_value=date(1000, 1, 1)),
+    st.sampled_from(["%Y-%m-%d", "%Y/%m/%d", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"]),
+    st.times(),
+)
+def test_year_first_dates_give_their_month(day: date, layout: str, moment: time) -> None:
+    text = datetime.combine(day, moment).strftime(layout)
+    assert month_of(text) == f"{day.year:04d}-{day.month:02d}"
+
+
+@given(st.dates(min_value=date(1000, 1, 1)), st.sampled_from(["%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y"]))
+def test_other_date_orders_are_never_guessed(day: date, layout: str) -> None:
+    assert month_of(day.strftime(layout)) is None

@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -162,6 +163,13 @@ class Upstream:
 
     async def do_reset(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
         return await self._cut(writer, reset=True)
+
+    async def do_echo(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        """A broken status line and header holding the token it got: aiohttp's errors quote them."""
+        token = seen.headers.get("wolkvox-token", "").encode()
+        writer.write(b"HTTP/1.1 2OO " + token + b"\r\nX-Token: " + token + b"\x00\r\n\r\n")
+        await writer.drain()
+        return False
 
     async def do_redirect(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
         status = seen.target.split("/")[2]  # /redirect/302/...
@@ -362,6 +370,7 @@ def test_constructor_validates(args: tuple[Any, ...]) -> None:
         ("exact/1", "invalid_response", f"body larger than {CAP} bytes", (0, 3.0)),
         ("gzip/corrupt", "invalid_response", "cannot decode the body (ClientPayloadError", (0, 3.0)),
         ("gzip/bomb", "invalid_response", f"body larger than {CAP} bytes", (0, 3.0)),
+        ("echo", "connection", "BadStatusLine", (0, 3.0)),
     ],
 )
 def test_failures(path: str, reason: str, expected: str, seconds: tuple[float, float]) -> None:
@@ -384,6 +393,35 @@ def test_bodies_within_the_cap(path: str, expected: float) -> None:
         assert (await fetch(client, f"{upstream.url}/{path}")).value == expected
 
     run(with_upstream(scenario))
+
+
+def test_connect_timeout() -> None:
+    """A listener whose accept queue is full: Linux drops further SYNs, so the connect never completes."""
+
+    async def scenario() -> tuple[FetchError, float]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = [socket.socket() for _ in range(3)]
+            try:
+                for filler in fillers:
+                    filler.setblocking(False)
+                    filler.connect_ex(("127.0.0.1", port))
+                async with WolkvoxClient(0.5, 5, CAP) as client:
+                    started = time.monotonic()
+                    err = await fetch_error(client, f"http://127.0.0.1:{port}")
+                    return err, time.monotonic() - started
+            finally:
+                for filler in fillers:
+                    filler.close()
+
+    err, elapsed = run(scenario())
+    if err.reason == "connection" and "Reset" in err.detail:
+        pytest.skip("this kernel resets connections to a full accept queue (tcp_abort_on_overflow)")
+    assert err.reason == "timeout"
+    assert "could not connect within 0.5s" in err.detail
+    assert 0.4 <= elapsed < 3.0
 
 
 def test_connection_refused() -> None:
