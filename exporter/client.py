@@ -25,7 +25,7 @@ Open sockets are bounded by ``max_connections`` (aiohttp's default of 100 would 
 upstreams starve every healthy one). Its default is derived from the process's open-files limit:
 ``min(4096, soft_limit - 1024)``, at least 64, leaving 1,024 descriptors for the exporter's own
 listening socket, scrapers, files and the state file. Call :func:`raise_fd_limit` first (as Go
-exporters do at start; it lives in exporter/fdlimit.py and is re-exported here) so that the soft
+exporters do at start; it lives in exporter/fdlimit.py) so that the soft
 limit is the hard one.
 """
 
@@ -43,22 +43,11 @@ from aiohttp import http_exceptions
 
 from exporter import __version__
 from exporter.answers import parse_body, parse_token_info
-from exporter.fdlimit import raise_fd_limit, soft_fd_limit
-from exporter.model import REASONS, TOKEN_INFO, FetchError, Reading, TokenInfo
+from exporter.fdlimit import soft_fd_limit
+from exporter.model import TOKEN_INFO, FetchError, Reading, TokenInfo
 from exporter.secret import Secret
 
-# REASONS, FetchError, Reading and TokenInfo are re-exported for modules that still import them from here; new
-# code takes them from exporter.model.
-__all__ = [
-    "DEFAULT_USER_AGENT",
-    "REASONS",
-    "FetchError",
-    "Reading",
-    "TokenInfo",
-    "WolkvoxClient",
-    "default_max_connections",
-    "raise_fd_limit",
-]
+__all__ = ["DEFAULT_USER_AGENT", "WolkvoxClient", "default_max_connections"]
 
 logger = logging.getLogger(__name__)
 

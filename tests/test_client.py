@@ -24,7 +24,8 @@ import pytest
 from tools import free_port
 
 from exporter import __version__
-from exporter.client import WolkvoxClient, default_max_connections, raise_fd_limit
+from exporter.client import WolkvoxClient, default_max_connections
+from exporter.fdlimit import raise_fd_limit
 from exporter.model import MAX_DETAIL_CHARS, REASONS, FetchError, Reading, TokenInfo
 from exporter.secret import Secret
 

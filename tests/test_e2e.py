@@ -160,7 +160,12 @@ def test_a_token_shared_by_operations_is_never_used_twice_at_once(
     simulator.fault("slow", token="shared", seconds=0.2)
     ops = operations(simulator, ["a", "b", "c"], token_of=lambda _: "shared")
     ops += operations(simulator, ["d"])
-    exporter = start_exporter(base_config(ops, refresh_interval="0.2s", ))
+    exporter = start_exporter(
+        base_config(
+            ops,
+            refresh_interval="0.2s",
+        )
+    )
     exporter.wait_for(
         lambda s: all(value(s, "wolkvox_scrape_requests_total", operation=n) >= 2 for n in "abc"),
         timeout=20,

@@ -36,7 +36,8 @@ import requests
 import yaml
 from conftest import REPO, Exporter, Process, Simulator, free_port, start_process, value, wait_until
 
-from exporter.client import REASONS, FetchError, parse_body
+from exporter.answers import parse_body
+from exporter.model import REASONS, FetchError
 from exporter.secret import Secret
 from exporter.simulator import FAULT_MODES
 

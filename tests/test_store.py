@@ -7,8 +7,7 @@ import gzip
 from conftest import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.client import REASONS
-from exporter.model import FetchResult
+from exporter.model import REASONS, FetchResult
 from exporter.store import OperationInfo, Store
 
 
@@ -168,7 +167,7 @@ def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does(
 
 
 def test_token_info_is_shared_by_the_token_and_expires() -> None:
-    from exporter.client import TokenInfo
+    from exporter.model import TokenInfo
     from exporter.store import Schedule
 
     clock = Clock()
