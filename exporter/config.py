@@ -26,19 +26,19 @@ TOP_LEVEL_KEYS = frozenset(
     {
         "refresh_interval",
         "max_age",
-        "fetch_workers",
         "connect_timeout",
         "read_timeout",
         "max_body_bytes",
         "state_file",
         "daily_request_limit",
-        "stretch_intervals",
         "token_info_interval",
         "currency",
         "prices",
         "operations",
     }
 )
+# Keys of earlier versions: still accepted and checked, with a warning saying what they do now.
+RETIRED_KEYS = frozenset({"fetch_workers", "stretch_intervals"})
 OPERATION_KEYS = frozenset(
     {
         "name",
@@ -275,7 +275,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {_type_name(data)}")
     base_dir = os.path.dirname(os.path.abspath(file))
-    top = _Section(data, "", environ, TOP_LEVEL_KEYS)
+    top = _Section(data, "", environ, TOP_LEVEL_KEYS | RETIRED_KEYS)
     refresh_interval = top.duration("refresh_interval", DEFAULT_REFRESH_INTERVAL)
     max_age = top.duration("max_age", DEFAULT_MAX_AGE)
     retired = _retired_keys(top)
@@ -345,12 +345,12 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
 def _retired_keys(top: _Section) -> list[tuple[str, str]]:
     """Keys of earlier versions: still accepted (and checked), with a warning saying what they do now."""
     warnings: list[tuple[str, str]] = []
-    if "fetch_workers" in top.keys():
+    if top.get("fetch_workers") is not None:
         top.integer("fetch_workers", 1, minimum=1)
         warnings.append(
             ("fetch_workers", "is no longer used and can be removed: upstream requests are asynchronous")
         )
-    if "stretch_intervals" in top.keys():
+    if top.get("stretch_intervals") is not None:
         top.boolean("stretch_intervals", False)
         warnings.append(
             (
@@ -537,8 +537,9 @@ class _Section:
                     f"unknown key{hint}; known keys: {', '.join(sorted(keys))}", self.where(key)
                 )
 
-    def keys(self) -> Collection[object]:
-        return self._data.keys()
+    def get(self, key: str) -> object:
+        """The raw value (None when absent or null), for presence checks."""
+        return self._data.get(key)
 
     def where(self, key: object) -> str:
         name = key if isinstance(key, str) else repr(key)

@@ -7,6 +7,8 @@ per-operation fragments without re-rendering every series on each change.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,3 +52,29 @@ class Family:
 
     def header(self) -> bytes:
         return f"# HELP {self.name} {escape_help(self.help)}\n# TYPE {self.name} {self.type}\n".encode()
+
+
+class GzipWithTail:
+    """A gzip member whose large head is compressed once and whose small tail is compressed per call.
+
+    The /metrics page is the operations' samples (large, changes only when a value does) followed by the
+    exporter's own and process metrics (small, change every few seconds). The head is deflated once and
+    flushed to a byte boundary; each ``with_tail`` continues a copy of that compressor. The result is one
+    ordinary gzip member (not two concatenated ones, which some clients read only the first of).
+    """
+
+    _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
+
+    def __init__(self, head: bytes, level: int = 6) -> None:
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._head = (
+            self._HEADER + self._compressor.compress(head) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        )
+        self._crc = zlib.crc32(head)
+        self._size = len(head)
+
+    def with_tail(self, tail: bytes) -> bytes:
+        compressor = self._compressor.copy()
+        rest = compressor.compress(tail) + compressor.flush(zlib.Z_FINISH)
+        trailer = struct.pack("<II", zlib.crc32(tail, self._crc), (self._size + len(tail)) & 0xFFFFFFFF)
+        return b"".join((self._head, rest, trailer))

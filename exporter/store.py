@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from prometheus_client import REGISTRY, generate_latest
 
 from exporter import __version__
-from exporter.exposition import Family, sample
+from exporter.exposition import Family, GzipWithTail, sample
 from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading
 from exporter.planner import ReportStatus
 
@@ -251,6 +251,7 @@ class Store:
         self._reload_time = wall()
         self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
+        self._head: GzipWithTail | None = None  # the operations' part, compressed (render() only)
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
         self.page = RenderedPage(gzip.compress(b"", mtime=0), 0.0)
         self.render()
@@ -396,33 +397,37 @@ class Store:
     # ----- rendering (the publisher thread) ---------------------------------------------------
 
     def render(self) -> RenderedPage:
-        """Re-render what changed and swap in a new page."""
+        """Re-render what changed and swap in a new page. The operations' part is compressed again only
+        when an operation changed; the exporter's own lines and the process metrics every time."""
         now = self._wall()
         with self._lock:
             if now >= self._next_expiry:
                 self._expire(now)
+            changed = bool(self._dirty) or self._head is None
             for name in self._dirty:
                 self._fragments[name] = self._render_operation(self._states[name])
             self._dirty.clear()
-            fragments = list(self._fragments.values())
+            fragments = list(self._fragments.values()) if changed else []
             global_lines = self._render_global()
-        # One list of byte strings joined once: no intermediate copy of the page (it is ~7 MB at
-        # 10,000 operations, and every copy made here would stay in the heap as fragmentation).
-        parts: list[bytes] = []
-        for i, family in enumerate(OPERATION_FAMILIES):
-            start = len(parts)
-            parts.append(family.header())
-            parts.extend(fragment[i] for fragment in fragments if fragment[i])
-            if len(parts) == start + 1:
-                parts.pop()  # no samples: no header either
-        parts.append(global_lines.encode())
+        if changed:
+            # One list of byte strings joined once: no intermediate copy of the page (it is ~7 MB at
+            # 10,000 operations, and every copy made here would stay in the heap as fragmentation).
+            parts: list[bytes] = []
+            for i, family in enumerate(OPERATION_FAMILIES):
+                start = len(parts)
+                parts.append(family.header())
+                parts.extend(fragment[i] for fragment in fragments if fragment[i])
+                if len(parts) == start + 1:
+                    parts.pop()  # no samples: no header either
+            head = b"".join(parts)
+            del parts, fragments
+            self._head = GzipWithTail(head)
+            del head
+        tail = global_lines.encode()
         if self._include_process_metrics:
-            parts.append(generate_latest(REGISTRY))
-        plain = b"".join(parts)
-        del parts, fragments
-        # mtime=0 keeps the bytes reproducible; level 6 is zlib's default trade-off.
-        page = RenderedPage(gzip.compress(plain, compresslevel=6, mtime=0), now)
-        del plain
+            tail += generate_latest(REGISTRY)
+        assert self._head is not None
+        page = RenderedPage(self._head.with_tail(tail), now)
         self.page = page
         return page
 

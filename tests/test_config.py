@@ -556,7 +556,6 @@ def test_defaults(write: Write) -> None:
         path=str(path),
         refresh_interval=300.0,
         max_age=3600.0,
-        fetch_workers=16,
         connect_timeout=10.0,
         read_timeout=60.0,
         max_body_bytes=1_048_576,
@@ -592,7 +591,6 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
         f"""
         refresh_interval: 10m
         max_age: 2h
-        fetch_workers: 4
         connect_timeout: 500ms
         read_timeout: 45s
         max_body_bytes: 65536
@@ -617,7 +615,7 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
         0.5,
         45.0,
     )
-    assert (config.fetch_workers, config.max_body_bytes) == (4, 65536)
+    assert config.max_body_bytes == 65536
     assert config.state_file == str(tmp_path / "state" / "wolkvox.json")
     bogota, lima = config.operations
     assert bogota.name == "bogota" and bogota.budget_minutes is None and bogota.apis == DEFAULT_APIS
@@ -710,9 +708,9 @@ def test_token_from_the_environment_is_stripped(write: Write) -> None:
 
 
 def test_numbers_from_the_environment(write: Write) -> None:
-    path = write(minimal("fetch_workers: ${W}\nmax_body_bytes: ${B}", "budget_minutes: ${M}"))
+    path = write(minimal("daily_request_limit: ${W}\nmax_body_bytes: ${B}", "budget_minutes: ${M}"))
     config = load_config(path, {"W": "4", "B": " 2048 ", "M": "1500.5"})
-    assert (config.fetch_workers, config.max_body_bytes) == (4, 2048)
+    assert (config.daily_request_limit, config.max_body_bytes) == (4, 2048)
     assert config.operations[0].budget_minutes == 1500.5
 
 
@@ -859,33 +857,26 @@ def warning_keys(config: Config) -> list[str]:
     [
         pytest.param("", "", [], id="defaults"),
         pytest.param("refresh_interval: 5m\nmax_age: 5m1ms", "", [], id="edges-just-fine"),
+        pytest.param("refresh_interval: 30s", "", ["refresh_interval"], id="short-interval"),
         pytest.param(
-            "refresh_interval: 30s", "", ["refresh_interval", "daily_request_limit"], id="short-interval"
+            "refresh_interval: 30s", "base_url: http://127.0.0.1:19727", [], id="short-interval-not-wolkvox"
         ),
         pytest.param("refresh_interval: 299", "", ["refresh_interval"], id="just-below"),
         pytest.param("read_timeout: 60s", "", [], id="read-timeout-60s"),
         pytest.param("read_timeout: 61s", "", ["read_timeout"], id="read-timeout-above"),
         pytest.param("max_age: 5m", "", ["max_age"], id="max-age-equals-interval"),
-        pytest.param("max_age: 10m", "apis: [stereo_rec, mono_rec]", ["max_age"], id="two-apis-one-token"),
-        pytest.param("max_age: 11m", "apis: [stereo_rec, mono_rec]", [], id="two-apis-enough"),
+        # Each report is refreshed every interval, whatever the number of apis of its token.
+        pytest.param("max_age: 10m", "apis: [stereo_rec, mono_rec]", [], id="two-apis-one-token"),
         pytest.param(
             "refresh_interval: 1m\nmax_age: 1m\nread_timeout: 2m",
             "",
-            ["refresh_interval", "read_timeout", "max_age", "daily_request_limit"],
+            ["refresh_interval", "read_timeout", "max_age"],
             id="all",
         ),
     ],
 )
 def test_warnings(write: Write, top: str, op: str, expected: list[str]) -> None:
     assert warning_keys(load_config(write(minimal(top, op)), {})) == expected
-
-
-def test_shared_token_counts_for_max_age(write: Write) -> None:
-    ops = f"  - {{server: wv1, token: {TOKEN}}}\n  - {{server: wv2, token: {TOKEN}}}\n"
-    text = f"max_age: 10m\noperations:\n{ops}"
-    config = load_config(write(text), {})
-    assert warning_keys(config) == ["max_age"]
-    assert "10m" in config.warnings[0]
 
 
 def test_short_interval_warning_names_the_values(write: Write) -> None:
