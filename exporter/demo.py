@@ -20,7 +20,7 @@ import yaml
 
 from exporter import cli
 
-DEMO_OPERATIONS = [
+DEMO_OPERATIONS: list[dict[str, str | int]] = [
     {"name": "bogota", "server": "wv9901", "budget_minutes": 40000},
     {"name": "lima", "server": "wv0042", "budget_minutes": 25000},
     {"name": "medellin", "server": "wv0107"},
@@ -31,7 +31,7 @@ DEMO_INTERVAL = "15s"
 DEMO_DAILY_REQUEST_LIMIT = 100_000
 
 
-def demo_config(simulator_url: str) -> dict:
+def demo_config(simulator_url: str) -> dict[str, object]:
     return {
         "refresh_interval": DEMO_INTERVAL,
         "daily_request_limit": DEMO_DAILY_REQUEST_LIMIT,
@@ -56,7 +56,7 @@ class _SimulatorPaceFilter(logging.Filter):
 
 
 def banner(listen: str, simulator: str) -> str:
-    names = ", ".join(op["name"] for op in DEMO_OPERATIONS)
+    names = ", ".join(str(op["name"]) for op in DEMO_OPERATIONS)
     return "\n".join(
         [
             f"wolkvox-exporter demo: {len(DEMO_OPERATIONS)} operations ({names}) on the bundled simulator,"

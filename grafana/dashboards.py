@@ -90,7 +90,7 @@ def ratio_cells(decimals: int | None = None) -> list[dm.DynamicConfigValue]:
     return props
 
 
-def value_texts(texts: dict[str, tuple[str, str | None]]) -> list[dm.ValueMap]:
+def value_texts(texts: dict[str, tuple[str, str | None]]) -> list[dm.ValueMapping]:
     return [
         dm.ValueMap(
             options={
