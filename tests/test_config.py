@@ -887,18 +887,14 @@ def test_short_interval_warning_names_the_values(write: Write) -> None:
 # ----- config.example.yaml ---------------------------------------------------------------------------
 
 EXAMPLE = REPO / "config.example.yaml"
-EXAMPLE_TOKEN_FILE = "/run/secrets/wolkvox_lima"
+EXAMPLE_TOKEN_FILE = REPO / "examples" / "wolkvox_lima.token"
 
 
 @pytest.fixture
-def example(tmp_path: Path) -> Path:
-    """The example, with its token_file pointed at a temporary file."""
-    text = EXAMPLE.read_text(encoding="utf-8")
-    assert EXAMPLE_TOKEN_FILE in text
-    (tmp_path / "lima-token").write_text("lima-token-123\n", encoding="utf-8")
-    path = tmp_path / "config.example.yaml"
-    path.write_text(text.replace(EXAMPLE_TOKEN_FILE, str(tmp_path / "lima-token")), encoding="utf-8")
-    return path
+def example() -> Path:
+    """The example as shipped: its token_file is relative to it and exists in the repository."""
+    assert EXAMPLE_TOKEN_FILE.is_file()
+    return EXAMPLE
 
 
 def test_example_loads(example: Path) -> None:
@@ -906,7 +902,8 @@ def test_example_loads(example: Path) -> None:
     assert config.warnings == ()
     assert [op.name for op in config.operations] == ["bogota", "lima"]
     bogota, lima = config.operations
-    assert bogota.token.reveal() == TOKEN and lima.token.reveal() == "lima-token-123"
+    lima_token = EXAMPLE_TOKEN_FILE.read_text(encoding="utf-8").strip()
+    assert bogota.token.reveal() == TOKEN and lima.token.reveal() == lima_token
     assert lima.budget_minutes == 40000.0
 
 

@@ -18,6 +18,10 @@ of tunja's token budget for the day. Then:
 - faults switched on in the simulator (http_500, token_limit) raise the matching alerts, with the
   reason in the description, and the fetch alert resolves when the fault is cleared;
 - stopping the exporter raises WolkvoxExporterDown.
+
+A second stack runs the smallest useful config (two operations, stereo_rec only, a budget on one, no
+prices, no token_info): every panel of the overview dashboard that Grafana queries on open (those not
+inside a collapsed row) returns data from it.
 """
 
 from __future__ import annotations
@@ -122,6 +126,8 @@ def _start_child(name: str, args: list[str], log: Path) -> tuple[Child, str]:
 @dataclass
 class Stack:
     tmp: Path
+    operations: tuple[Op, ...] = OPERATIONS
+    whole_bill: bool = True  # prices, currency and token_info in the exporter config
     simulator_url: str = ""
     exporter_url: str = ""
     prometheus_url: str = ""
@@ -142,7 +148,7 @@ class Stack:
             "simulator", args, self.tmp / "simulator.log"
         )
         with requests.Session() as session:
-            for op in OPERATIONS:
+            for op in self.operations:
                 for api in op.apis:
                     response = session.get(
                         f"{self.simulator_url}/api/v2/billing.php",
@@ -158,13 +164,13 @@ class Stack:
                 if op.budget_share is not None:
                     self.budgets[op.name] = round(value / op.budget_share)
                 priced = [api for api in op.apis if op.price(api) is not None]
-                if priced:
+                if priced and self.whole_bill:
                     self.cost[op.name] = sum(
                         self.usage[op.name, api] * (op.price(api) or 0) for api in priced
                     )
                 if op.cost_share is not None:
                     self.cost_budgets[op.name] = round(self.cost[op.name] / op.cost_share, 2)
-            for op in OPERATIONS:
+            for op in self.operations:
                 if op.spent_share:
                     self.spend_token_budget(session, op)
 
@@ -200,7 +206,7 @@ class Stack:
 
     def exporter_config(self) -> dict[str, Any]:
         operations = []
-        for op in OPERATIONS:
+        for op in self.operations:
             entry: dict[str, Any] = {
                 "name": op.name,
                 "server": op.server,
@@ -216,6 +222,8 @@ class Stack:
             if op.name in self.cost_budgets:
                 entry["cost_budget"] = self.cost_budgets[op.name]
             operations.append(entry)
+        if not self.whole_bill:
+            return {"refresh_interval": "1s", "max_age": "1h", "operations": operations}
         return {
             "refresh_interval": "1s",
             "max_age": "1h",
@@ -329,14 +337,12 @@ class Stack:
         return "\n".join(f"--- {n}.log\n{c.log(2000)}" for n, c in self.children.items())
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _running(stack: Stack) -> Iterator[Stack]:
     try:
         import exporter.cli
         import exporter.simulator  # noqa: F401
     except ModuleNotFoundError as exc:  # pragma: no cover - only while the exporter is being written
         pytest.skip(f"the exporter is not importable yet: {exc}")
-    stack = Stack(tmp_path_factory.mktemp("stack"))
     try:
         stack.start_simulator()
         stack.start_exporter()
@@ -344,6 +350,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from _running(Stack(tmp_path_factory.mktemp("stack")))
 
 
 # --------------------------------------------------------------------------- data flows
@@ -633,3 +644,57 @@ def test_stopping_the_exporter_raises_exporter_down(stack: Stack) -> None:
         what="the exporter scraped again",
     )
     wait_until(lambda: stack.alerts("WolkvoxExporterDown") == {}, timeout=ALERT_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- the smallest config
+
+# What a newcomer monitors first: stereo_rec only, a budget on one operation, no prices, no token_info.
+MINIMAL_OPERATIONS = (Op("bogota", "wv9901", 0.5), Op("lima", "wv0042", None))
+OVERVIEW = "wolkvox-overview.json"
+
+
+@pytest.fixture(scope="module")
+def minimal_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Its tests come last in the module; the whole-bill stack above keeps running beside it.
+    yield from _running(Stack(tmp_path_factory.mktemp("minimal"), MINIMAL_OPERATIONS, whole_bill=False))
+
+
+def _panels_on_open(name: str) -> list[Any]:
+    """One param per panel Grafana queries when the dashboard opens: top-level, outside collapsed rows."""
+    (path,) = [p for p in dashboard_files() if p.name == name]
+    dashboard = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        pytest.param(panel, id=panel["title"])
+        for panel in dashboard["panels"]  # the panels of a collapsed row sit inside it, not here
+        if panel["type"] != "row"
+    ]
+
+
+def test_minimal_config_has_no_bill(minimal_stack: Stack) -> None:
+    wait_until(
+        lambda: len(minimal_stack.by_operation("wolkvox_stereo_rec_minutes")) == len(MINIMAL_OPERATIONS),
+        timeout=ALERT_TIMEOUT,
+        what="minutes for every operation",
+    )
+    for series in ("wolkvox_billing_unit_price", "wolkvox_token_limit", "wolkvox_billing_cost_budget"):
+        assert minimal_stack.query(series) == [], series
+    assert set(minimal_stack.by_labels("wolkvox_billing_usage", "api").keys()) <= {("stereo_rec",)}
+
+
+@pytest.mark.parametrize("panel", _panels_on_open(OVERVIEW))
+def test_overview_panel_has_data_with_the_minimal_config(minimal_stack: Stack, panel: dict[str, Any]) -> None:
+    regex = "|".join(op.name for op in MINIMAL_OPERATIONS)
+    assert panel["targets"], panel["title"]
+    for target in panel["targets"]:
+        promql = expand_grafana_vars(
+            target["expr"], operation_regex=regex, rate_interval="10s", interval="2s", range_="1m"
+        )
+        if "forecast" in promql and minimal_stack.first_of_month():
+            assert minimal_stack.query(promql) == []  # by design: no forecast on the 1st
+            continue
+        result = wait_until(
+            lambda q=promql: minimal_stack.query(q),
+            timeout=ALERT_TIMEOUT,
+            what=f"{panel['title']} ({target['refId']}): data for {promql}",
+        )
+        assert all(len(sample["value"]) == 2 for sample in result)
