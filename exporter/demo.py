@@ -8,7 +8,6 @@ operations (refreshed every 15 s instead of 5 m, so the numbers move), and runs 
 from __future__ import annotations
 
 import argparse
-import logging
 import subprocess
 import sys
 import tempfile
@@ -39,20 +38,6 @@ def demo_config(simulator_url: str) -> dict[str, object]:
             {**op, "token": f"demo-token-{op['name']}", "base_url": simulator_url} for op in DEMO_OPERATIONS
         ],
     }
-
-
-class _SimulatorPaceFilter(logging.Filter):
-    """Drops the config warning that refresh_interval is below the API's 5-minute rule.
-
-    The rule is the real API's; the simulator the demo talks to has none, so the warning would only
-    alarm a first-time user. The banner says the demo is faster than real use instead.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
-        message = record.getMessage()
-        return not ("refresh_interval:" in message and "below" in message)
 
 
 def banner(listen: str, simulator: str) -> str:
@@ -117,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         print(banner(args.listen, args.simulator), file=sys.stderr, flush=True)
-        logging.getLogger("exporter").addFilter(_SimulatorPaceFilter())
         with tempfile.TemporaryDirectory(prefix="wolkvox-demo-") as tmp:
             config = Path(tmp) / "demo.yml"
             config.write_text(yaml.safe_dump(demo_config(f"http://{args.simulator}")), encoding="utf-8")
