@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tools import REPO, RULES_FILE, find_or_install
+from tools import REPO, RULES_FILE, require
 
 KUSTOMIZATION = REPO / "deploy" / "kubernetes"
 TOKEN_DIR = "/run/secrets/wolkvox"
@@ -30,7 +30,7 @@ TOKEN_DIR = "/run/secrets/wolkvox"
 @pytest.fixture(scope="module")
 def built() -> dict[str, dict[str, Any]]:
     """The built objects by kind (one of each)."""
-    kubectl = find_or_install("kubectl", "kubectl")
+    kubectl = require("kubectl", "kubectl")
     done = subprocess.run(
         [kubectl, "kustomize", str(KUSTOMIZATION)], capture_output=True, text=True, timeout=120
     )

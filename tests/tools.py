@@ -1,6 +1,6 @@
 """Helpers for the monitoring-stack tests: external binaries, free ports, bounded waits, child processes.
 
-``find_or_install(binary, debian_package)`` gives the path of a tool such as ``promtool``:
+``require(binary, debian_package)`` gives the path of a tool such as ``promtool``:
 - on PATH (or in /usr/sbin, /sbin): its path;
 - else, when running as root with apt-get: ``apt-get install -y --no-install-recommends PACKAGE``
   (non-interactive, bounded in time, ``apt-get update`` once if the first try fails), then its path;
@@ -23,9 +23,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-APT_TIMEOUT = 600.0  # seconds, for one apt-get run
 _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-_failed: dict[str, str] = {}  # binary -> why it could not be found or installed (tried once per run)
 
 
 def in_ci() -> bool:
@@ -44,61 +42,33 @@ def _which(binary: str) -> str | None:
     return shutil.which(binary, path=path)
 
 
-def _apt_get(*args: str) -> tuple[bool, str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-q", "-y", *args]
-    try:
-        done = subprocess.run(
-            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=APT_TIMEOUT
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"{' '.join(command)}: {exc}"
-    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-    return done.returncode == 0, f"{' '.join(command)} exited {done.returncode}: {' | '.join(tail)}"
-
-
-def find_or_install(binary: str, debian_package: str | None) -> str:
-    """Path of ``binary``; installs ``debian_package`` with apt-get as root if needed; else skip/fail."""
+def require(binary: str, debian_package: str | None) -> str:
+    """Path of ``binary``, else skip (fail under CI) naming the package that provides it. Tests never
+    install anything: `.ci/run` does, with apt-get."""
     found = _which(binary)
     if found:
         return found
-    if binary in _failed:
-        missing(_failed[binary])
     if debian_package is None:
-        reason = f"{binary} not found on PATH (no Debian package provides it; see the README)"
-    elif not hasattr(os, "geteuid") or os.geteuid() != 0:
-        reason = f"{binary} not found; install it with: apt-get install {debian_package}"
-    elif shutil.which("apt-get") is None:
-        reason = f"{binary} not found and apt-get is not available to install {debian_package}"
-    else:
-        ok, detail = _apt_get("install", "--no-install-recommends", debian_package)
-        if not ok:
-            _apt_get("update")
-            ok, detail = _apt_get("install", "--no-install-recommends", debian_package)
-        found = _which(binary)
-        if found:
-            return found
-        reason = f"{binary} not found after installing {debian_package}: {detail}"
-    _failed[binary] = reason
-    missing(reason)
+        missing(f"{binary} not found on PATH (see the README's Tests section)")
+    missing(f"{binary} not found on PATH; install it with: apt-get install {debian_package}")
     raise AssertionError("unreachable")  # missing() always raises
 
 
 def promtool() -> str:
-    return find_or_install("promtool", "prometheus")
+    return require("promtool", "prometheus")
 
 
 def prometheus() -> str:
-    return find_or_install("prometheus", "prometheus")
+    return require("prometheus", "prometheus")
 
 
 def amtool() -> str:
-    return find_or_install("amtool", "prometheus-alertmanager")
+    return require("amtool", "prometheus-alertmanager")
 
 
 def alertmanager() -> str:
     """The Alertmanager server: ``alertmanager`` upstream, ``prometheus-alertmanager`` in Debian."""
-    return _which("alertmanager") or find_or_install("prometheus-alertmanager", "prometheus-alertmanager")
+    return _which("alertmanager") or require("prometheus-alertmanager", "prometheus-alertmanager")
 
 
 def free_port() -> int:
