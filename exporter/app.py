@@ -1,0 +1,199 @@
+"""The whole exporter built from a ``Config``: store, refresher, publisher, state saver and web server,
+with reload and an orderly stop. It runs in any event loop, so tests start it in-process on a free port;
+``cli.py`` adds only flags, logging and signals.
+
+Threads: the serving event loop (the caller's), the refresher's own event loop thread, the publisher
+thread (renders /metrics), the state saver thread. Data flows one way: refresher -> store -> publisher ->
+page -> web.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.config import Config, ConfigError, format_duration
+from exporter.logs import redact
+from exporter.planner import plan_pace
+from exporter.refresher import Refresher, plan_jobs, token_key
+from exporter.statefile import StateFile, StateSaver
+from exporter.store import OperationInfo, Publisher, Schedule, Store
+from exporter.web import LimitedSite, WebApp, parse_listen_address
+from exporter.webconfig import WebConfigError, load_web_config
+
+log = logging.getLogger("exporter")
+
+DEFAULT_PORT = 19726
+SHUTDOWN_SECONDS = 3.0
+# Idle keep-alive connections (and half-sent requests) are closed after this: a slow or stuck client
+# holds one of --web.max-connections for at most this long. nginx's default.
+KEEPALIVE_SECONDS = 75.0
+
+
+class StartError(Exception):
+    """The exporter cannot start (bad web config, address in use): a one-line message for the user."""
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    listen_address: str = f":{DEFAULT_PORT}"
+    telemetry_path: str = "/metrics"
+    web_config_file: str | None = None
+    max_connections: int = 512
+
+
+def operation_infos(config: Config) -> list[OperationInfo]:
+    return [
+        OperationInfo(
+            name=op.name,
+            apis=op.apis,
+            budget_minutes=op.budget_minutes,
+            token_key=token_key(op.token),
+            prices=op.prices,
+            cost_budget=op.cost_budget,
+            currency=config.currency,
+        )
+        for op in config.operations
+    ]
+
+
+def schedule_of(config: Config) -> Schedule:
+    paces = [
+        plan_pace([job.interval for job in jobs], config.daily_request_limit)
+        for jobs in plan_jobs(config).values()
+    ]
+    return Schedule(
+        refresh_interval=config.refresh_interval,
+        planned_requests_per_day=max((pace.demand_per_day for pace in paces), default=0.0),
+        daily_request_limit=config.daily_request_limit,
+        token_info_interval=config.token_info_interval,
+    )
+
+
+def use_config(config: Config) -> None:
+    """What every (re)loaded config does to the process: its tokens are scrubbed from every log line, its
+    warnings are logged."""
+    redact.set(op.token.reveal() for op in config.operations)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+
+class App:
+    """One exporter. ``load_config`` re-reads the configuration for a reload (SIGHUP, POST /-/reload)."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: WebSettings | None = None,
+        *,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings or WebSettings()
+        self._load_config = load_config
+        self.state_file = StateFile(config.state_file) if config.state_file else None
+        saved = self.state_file.load() if self.state_file else None
+        self.store = Store(operation_infos(config), max_age=config.max_age, schedule=schedule_of(config))
+        if saved is not None:
+            self.store.restore_values(saved.values)
+            self.store.render()  # so the very first scrape already shows the restored values
+        self.refresher = Refresher(
+            config,
+            self.store.record,
+            on_pace=self.store.set_pace,
+            saved=saved.pacing if saved is not None else None,
+        )
+        self.publisher = Publisher(self.store)
+        self.saver = (
+            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.save()))
+            if self.state_file
+            else None
+        )
+        self._reload_lock = asyncio.Lock()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        """Listen, then start refreshing. Returns the URL it listens on; raises StartError."""
+        settings = self.settings
+        try:
+            web_config = load_web_config(settings.web_config_file)
+            host, port = parse_listen_address(settings.listen_address)
+        except (WebConfigError, ValueError) as error:
+            raise StartError(str(error)) from None
+        app = WebApp(
+            self.store,
+            telemetry_path=settings.telemetry_path,
+            reload=self.reload if self._load_config is not None else None,
+            web_config=web_config,
+            operations_count=lambda: len(self.config.operations),
+        ).build()
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_SECONDS,
+            keepalive_timeout=KEEPALIVE_SECONDS,
+        )
+        await runner.setup()
+        site = LimitedSite(
+            runner, host, port, ssl_context=web_config.ssl_context, max_connections=settings.max_connections
+        )
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise StartError(
+                f"cannot listen on {settings.listen_address}: {error.strerror or error}"
+            ) from None
+        self._runner = runner
+        self.url = site.name
+        log.info(
+            "listening on %s (version %s, %d operation(s), refresh every %s)",
+            site.name,
+            __version__,
+            len(self.config.operations),
+            format_duration(self.config.refresh_interval),
+        )
+        self.publisher.start()
+        self.refresher.start()
+        if self.saver is not None:
+            self.saver.start()
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop serving, let in-flight upstream requests finish (up to a few seconds), save the state."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await asyncio.get_running_loop().run_in_executor(None, self.refresher.stop, SHUTDOWN_SECONDS)
+        self.publisher.stop()
+        if self.saver is not None:
+            self.saver.stop()
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration; on an error keep the running one. (ok, one-line message)."""
+        if self._load_config is None:
+            return False, "reload is not available"
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                config = await loop.run_in_executor(None, self._load_config)
+            except ConfigError as error:
+                self.store.set_reload_status(False)
+                log.error("reload failed, keeping the running configuration: %s", error)
+                return False, f"reload failed: {redact(str(error))}"
+            use_config(config)
+            self.store.reconfigure(
+                operation_infos(config), max_age=config.max_age, schedule=schedule_of(config)
+            )
+            self.refresher.reload(config)
+            self.store.set_reload_status(True)
+            self.config = config
+            log.info("configuration reloaded: %d operation(s)", len(config.operations))
+            return True, "OK"
