@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,9 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tools import REPO, free_port, stop_process, wait_until  # noqa: F401 (free_port re-exported for the tests)
+
+from exporter.app import App, WebSettings, use_config
+from exporter.config import load_config
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -112,13 +117,17 @@ class Simulator:
 
 @dataclass
 class Exporter:
-    process: Process
+    """An exporter under test, in its own process (``process``) or in this one (``app``)."""
+
+    process: Process | None
     config_path: Path
     config: dict[str, Any] = field(default_factory=dict)
+    app: App | None = None
+    app_url: str = ""
 
     @property
     def url(self) -> str:
-        return self.process.url
+        return self.process.url if self.process is not None else self.app_url
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.get(f"{self.url}{path}", timeout=5, **kwargs)
@@ -191,3 +200,45 @@ def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
     yield start
     for process in started:
         process.stop()
+
+
+class _LoopThread:
+    """An event loop on a thread of its own, for an exporter running inside the test process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-exporter-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def run_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
+    """Factory: ``run_exporter(config_dict)`` runs the exporter inside the test process on a loopback port
+    (no process start, no flags): for tests of what it does, not of its command line or its log."""
+    running: list[tuple[_LoopThread, App]] = []
+
+    def start(config: dict[str, Any]) -> Exporter:
+        config_path = tmp_path / f"exporter-{len(running)}.yml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        loaded = load_config(config_path)
+        use_config(loaded)
+        app = App(
+            loaded, WebSettings(listen_address="127.0.0.1:0"), load_config=lambda: load_config(config_path)
+        )
+        loop = _LoopThread()
+        running.append((loop, app))
+        url = loop.run(app.start())
+        return Exporter(None, config_path, config, app=app, app_url=url)
+
+    yield start
+    for loop, app in running:
+        loop.run(app.stop())
+        loop.close()
