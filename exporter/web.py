@@ -17,6 +17,7 @@ import base64
 import binascii
 import html
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -459,10 +460,15 @@ class _ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         return True
 
 
+# Where the parser starts quoting the request: ` 'GET...'`, `: b'...'`, `: bytearray(b'...')`.
+_QUOTED = re.compile(r"""(?:^|[\s:(])(?:bytearray\()?b?['"]""")
+
+
 def _problem(error: HttpProcessingError) -> str:
     """The parser's complaint, without the bytes it quotes (they could hold a password)."""
-    text = str(error.message or type(error).__name__).splitlines()[0] if error.message else ""
-    text = text.split("'", 1)[0].split('"', 1)[0].strip(" :")
+    text = str(error.message).splitlines()[0] if error.message else ""
+    quoted = _QUOTED.search(text)
+    text = (text[: quoted.start()] if quoted else text).strip(" :")
     return f"{type(error).__name__}: {text[:100]}" if text else type(error).__name__
 
 
