@@ -94,7 +94,7 @@ class WebApp:
 
     def build(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._limit_middleware, self._headers_middleware, self._auth_middleware],
+            middlewares=[self._web_config_middleware],
             client_max_size=64 * 1024,
         )
         app[LIVE_WEB_CONFIG] = self._live
@@ -189,24 +189,22 @@ class WebApp:
         return config
 
     @web.middleware
-    async def _limit_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        request[_REQUEST_CONFIG] = self._current()
+    async def _web_config_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """The web config's rules for one request: rate limit, then basic auth, then extra headers."""
+        config = request[_REQUEST_CONFIG] = self._current()
         # As in the toolkit: one bucket for the whole server, before authentication, for every path.
         if self._bucket is not None and not self._bucket.allow():
             return web.Response(status=429, text="Too Many Requests\n")
-        return await handler(request)
-
-    @web.middleware
-    async def _headers_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        response = await handler(request)
-        if response.prepared:
-            return response  # already sent, with the extra headers (see metrics())
-        for name, value in request[_REQUEST_CONFIG].headers.items():
-            response.headers[name] = value
+        try:
+            response = await self._authenticated(request, handler)
+        except web.HTTPException as error:  # 404, 405...: the headers go on those too
+            error.headers.update(config.headers)
+            raise
+        if not response.prepared:  # else already sent, with the extra headers (see metrics())
+            response.headers.update(config.headers)
         return response
 
-    @web.middleware
-    async def _auth_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+    async def _authenticated(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         auth = self._auth
         if auth is None or request.path in UNAUTHENTICATED_PATHS:
             return await handler(request)

@@ -396,7 +396,7 @@ def _curves(context: ssl.SSLContext, names: list[str], where: str) -> None:
     if unknown:
         raise WebConfigError(f"{where}: unknown curve {unknown[0]} (expected {', '.join(_CURVES)})")
     if len(set(names)) != 1:
-        # Python's ssl (before 3.15) can restrict the key exchange to one group, not to a list.
+        # Python's ssl can restrict the key exchange to one group (set_ecdh_curve), not to a list.
         raise WebConfigError(
             f"{where}: Python's ssl can enforce a single curve only, not a list of {len(names)}"
         )

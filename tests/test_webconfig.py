@@ -760,6 +760,8 @@ def test_users_and_headers_follow_the_file_on_a_kept_alive_connection(
         answer = session.get(url, auth=("alice", PASSWORD), timeout=5)
         assert answer.status_code == 401 and answer.headers["X-Frame-Options"] == "deny"
         assert session.get(url, auth=("bob", PASSWORD), timeout=5).status_code == 200
+        missing = session.get(url + "/nope", auth=("bob", PASSWORD), timeout=5)
+        assert missing.status_code == 404 and missing.headers["X-Frame-Options"] == "deny"
         # Switching TLS on needs a restart: refused, and the running config stays.
         write(path, {"tls_server_config": {"cert_file": "x.crt", "key_file": "x.key"}})
         assert session.get(url, auth=("bob", PASSWORD), timeout=5).status_code == 200
