@@ -373,6 +373,21 @@ def test_the_cache_key_holds_no_ambiguity_even_with_nul_bytes(hashes: dict[str, 
     assert auth.cached("a\0", PASSWORD) is None
 
 
+def test_credentials_built_from_a_stored_hash_find_no_cache_entry(hashes: dict[str, str]) -> None:
+    """A cache keyed by user, hash and password simply joined could be hit by moving text across the
+    boundaries (the toolkit's test of that bypass); with each part's length in the key it cannot."""
+    stored = hashes["2b"]
+    auth = BasicAuth({"alice": stored.encode()})
+    assert auth.check("alice", PASSWORD) is True
+    for user, password in (
+        ("alice" + stored, PASSWORD),
+        ("alice", stored + PASSWORD),
+        ("", "alice" + stored + PASSWORD),
+    ):
+        assert auth.cached(user, password) is None
+        assert auth.check(user, password) is False
+
+
 def test_unknown_users_cost_a_bcrypt_check_at_the_users_cost(hashes: dict[str, str]) -> None:
     """The decoy hash an unknown user is checked against has the cost the configured users have, and is a
     hash bcrypt accepts (else an unknown user would be an error, or a fast and telling answer)."""
