@@ -240,7 +240,7 @@ def _tls(
     raw: dict[str, Any], base: Path, where: str, warnings: list[str], files: list[str]
 ) -> tuple[ssl.SSLContext | None, frozenset[str] | None]:
     _no_unknown(raw, _TLS_KEYS, where, "tls_server_config.")
-    text = {key: _string(raw, key, where) for key in _TLS_KEYS if key in _TLS_ENABLING}
+    text = {key: _string(raw, key, where) for key in _TLS_ENABLING}
     ciphers = _string_list(raw, "cipher_suites", where)
     curves = _string_list(raw, "curve_preferences", where)
     sans = _string_list(raw, "client_allowed_sans", where)

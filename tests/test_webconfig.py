@@ -86,6 +86,11 @@ def test_no_file_means_plain_http_without_auth() -> None:
     assert config.ssl_context is None and config.users == {} and config.headers == {}
 
 
+def test_an_empty_path_means_no_web_config() -> None:
+    """``--web.config.file=`` with nothing after it: the toolkit's "no web config"."""
+    assert load_web_config("") == WebConfig()
+
+
 def test_an_empty_file_is_valid_and_changes_nothing(tmp_path: Path) -> None:
     config = load_web_config(write(tmp_path / "web.yml", ""))
     assert config.ssl_context is None and config.users == {} and config.headers == {}
