@@ -16,6 +16,7 @@ from exporter.config import ConfigError
 from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
+from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -112,6 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_config(config)
     if args.config_check:
         print(f"{args.config_file}: OK, {len(config.operations)} operation(s)")
+        if args.web_config_file:  # empty: no web config, as in the exporter-toolkit
+            try:
+                web_config = load_web_config(args.web_config_file)
+            except WebConfigError as error:
+                log.error("%s", error)
+                return 1
+            for warning in web_config.warnings:
+                log.warning("%s", warning)
+            print(f"{args.web_config_file}: OK")
         return 0
     if args.max_connections < 1:
         log.error("--web.max-connections: must be at least 1")

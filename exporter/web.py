@@ -3,6 +3,11 @@
 Served by aiohttp on one event loop (no thread per connection): a slow or stuck client costs a socket,
 not a worker, and a scrape is a dictionary lookup plus a write of pre-rendered bytes. Never touches
 upstream.
+
+The web config (TLS, basic auth, headers, rate limit) is looked up per connection and per request in a
+``LiveWebConfig``, so a renewed certificate or a changed user list applies without a restart. TLS is
+started by ``_Gate`` on each accepted socket with the context in force at that moment. Malformed
+requests and failed handshakes cost one debug line each, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,18 +16,21 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from exporter import statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
 from exporter.store import Store
-from exporter.webconfig import BasicAuth, WebConfig
+from exporter.webconfig import BasicAuth, LiveWebConfig, TokenBucket, WebConfig, sans_allowed
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,13 @@ ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
 STREAM_ABOVE_BYTES = 64 * 1024
+TLS_HANDSHAKE_SECONDS = 10.0
+# The live web config, for the site that starts TLS on each connection (set by WebApp.build()).
+LIVE_WEB_CONFIG = web.AppKey("live_web_config", LiveWebConfig)
+# The web config a request is served under (aiohttp >= 3.13 wants a typed key for request storage).
+_REQUEST_CONFIG: Any = (
+    web.RequestKey("wolkvox_web_config", WebConfig) if hasattr(web, "RequestKey") else "wolkvox_web_config"
+)
 
 
 def accepts_gzip(header: str | None) -> bool:
@@ -57,24 +72,32 @@ class WebApp:
         *,
         telemetry_path: str = "/metrics",
         reload: ReloadHook | None = None,
-        web_config: WebConfig | None = None,
+        web_config: WebConfig | LiveWebConfig | None = None,
         operations_count: Callable[[], int] = lambda: 0,
     ) -> None:
         self._store = store
         self._telemetry_path = telemetry_path
         self._reload = reload
-        self._web_config = web_config or WebConfig()
+        self._reload_task: asyncio.Task[tuple[bool, str]] | None = None
+        if not isinstance(web_config, LiveWebConfig):
+            web_config = LiveWebConfig(web_config or WebConfig())
+        self._live = web_config
         self._operations_count = operations_count
-        self._auth = BasicAuth(self._web_config.users) if self._web_config.users else None
+        self._generation = -1
+        self._auth: BasicAuth | None = None
+        self._bucket: TokenBucket | None = None
         # bcrypt checks run here, two at a time at most, so a password flood cannot eat every core.
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
-        self._extra_headers = self._web_config.headers
+        self._current()
+        for warning in self._live.config.warnings:
+            log.warning("%s", warning)
 
     def build(self) -> web.Application:
-        middlewares = [self._headers_middleware]
-        if self._auth is not None:
-            middlewares.append(self._auth_middleware)
-        app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
+        app = web.Application(
+            middlewares=[self._web_config_middleware],
+            client_max_size=64 * 1024,
+        )
+        app[LIVE_WEB_CONFIG] = self._live
         app.router.add_get(self._telemetry_path, self.metrics)
         app.router.add_get("/", self.landing)
         app.router.add_get("/-/healthy", self.healthy)
@@ -93,7 +116,9 @@ class WebApp:
         page = self._store.page
         compressed = accepts_gzip(request.headers.get("Accept-Encoding"))
         body = page.gzipped if compressed else page.plain
-        headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding", **self._extra_headers}
+        extra = request[_REQUEST_CONFIG].headers if _REQUEST_CONFIG in request else {}
+        # The web config's headers can never include Content-Type (see webconfig._HEADERS).
+        headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding", **extra}
         if compressed:
             headers["Content-Encoding"] = "gzip"
         if len(body) < STREAM_ABOVE_BYTES:
@@ -127,32 +152,59 @@ class WebApp:
     async def reload(self, _request: web.Request) -> web.Response:
         if self._reload is None:
             return web.Response(text="reload is not available\n", status=501)
-        ok, message = await self._reload()
+        ok, message = await self.run_reload()
         return web.Response(text=message + "\n", status=200 if ok else 500)
+
+    async def run_reload(self) -> tuple[bool, str]:
+        """Runs the reload hook, or joins the one already running: a burst of reload requests starts
+        one reload (each in a child interpreter), and every request gets that reload's answer."""
+        assert self._reload is not None
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.ensure_future(self._reload())
+        # shield: a client that hangs up does not cancel the reload the others are waiting for.
+        return await asyncio.shield(self._reload_task)
 
     # ----- middlewares --------------------------------------------------------------------------
 
-    @web.middleware
-    async def _headers_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        response = await handler(request)
-        if response.prepared:
-            return response  # already sent, with the extra headers (see metrics())
-        for name, value in self._extra_headers.items():
-            response.headers[name] = value
-        return response
+    def _current(self) -> WebConfig:
+        """The web config in force; rebuilds the password checker and rate limiter when it changed."""
+        config = self._live.current()
+        if self._generation != self._live.generation:
+            self._generation = self._live.generation
+            self._auth = BasicAuth(config.users) if config.users else None
+            if config.rate_limit is None:
+                self._bucket = None
+            elif self._bucket is None or self._bucket.limit != config.rate_limit:
+                self._bucket = TokenBucket(config.rate_limit)
+        return config
 
     @web.middleware
-    async def _auth_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        assert self._auth is not None
-        if request.path in UNAUTHENTICATED_PATHS:
+    async def _web_config_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """The web config's rules for one request: rate limit, then basic auth, then extra headers."""
+        config = request[_REQUEST_CONFIG] = self._current()
+        # As in the toolkit: one bucket for the whole server, before authentication, for every path.
+        if self._bucket is not None and not self._bucket.allow():
+            return web.Response(status=429, text="Too Many Requests\n")
+        try:
+            response = await self._authenticated(request, handler)
+        except web.HTTPException as error:  # 404, 405...: the headers go on those too
+            error.headers.update(config.headers)
+            raise
+        if not response.prepared:  # else already sent, with the extra headers (see metrics())
+            response.headers.update(config.headers)
+        return response
+
+    async def _authenticated(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        auth = self._auth
+        if auth is None or request.path in UNAUTHENTICATED_PATHS:
             return await handler(request)
         credentials = _basic_credentials(request.headers.get("Authorization"))
         if credentials is not None:
             user, password = credentials
-            ok = self._auth.cached(user, password)
+            ok = auth.cached(user, password)
             if ok is None:
                 loop = asyncio.get_running_loop()
-                ok = await loop.run_in_executor(self._auth_pool, self._auth.check, user, password)
+                ok = await loop.run_in_executor(self._auth_pool, auth.check, user, password)
             if ok:
                 return await handler(request)
         return web.Response(
@@ -186,8 +238,10 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
 class LimitedSite(web.BaseSite):
     """A TCP site that closes new connections beyond ``max_connections`` instead of queueing them.
 
-    A flood of connections therefore costs at most ``max_connections`` sockets; the rest are closed
-    at once and can be counted by the caller.
+    A flood of connections therefore costs at most ``max_connections`` sockets (TLS handshakes in
+    progress included); the rest are closed at once and can be counted by the caller. With TLS, each
+    connection is handshaken with the context of the web config in force when it arrives (see
+    ``LIVE_WEB_CONFIG``), so certificates are picked up without a restart.
     """
 
     def __init__(
@@ -206,10 +260,22 @@ class LimitedSite(web.BaseSite):
         self._max_connections = max_connections
         self.rejected = 0
         self.bound: list[tuple[str, int]] = []
+        self.handshakes = 0  # TLS handshakes in progress
+        self.tasks: set[asyncio.Task[None]] = set()
+        app = getattr(runner, "app", None)
+        self.live: LiveWebConfig | None = app.get(LIVE_WEB_CONFIG) if app is not None else None
+
+    def context(self) -> tuple[ssl.SSLContext | None, WebConfig | None]:
+        """The TLS context for a new connection, and the web config it comes from."""
+        if self.live is None:
+            return self._ssl_context, None
+        config = self.live.current()
+        return config.ssl_context, config
 
     @property
     def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
+        tls = self._ssl_context is not None or (self.live is not None and self.live.config.ssl_context)
+        scheme = "https" if tls else "http"
         host, port = self.bound[0] if self.bound else (self._host or "0.0.0.0", self._port)
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{port}"
@@ -224,25 +290,31 @@ class LimitedSite(web.BaseSite):
             return _Gate(self, server, limit)
 
         loop = asyncio.get_running_loop()
+        # No ssl= here: _Gate starts TLS itself, with the context in force for each connection.
         self._server = await loop.create_server(
             protocol_factory,
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
             family=socket.AF_UNSPEC,
         )
         self.bound = [sock.getsockname()[:2] for sock in self._server.sockets]
 
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await super().stop()
+
 
 class _Gate(asyncio.Protocol):
-    """Admits a connection only if fewer than ``limit`` are open when it is made, else closes it.
+    """Admits a connection only if fewer than ``limit`` are open when it is made, else closes it; with
+    TLS, does the handshake first (and checks ``client_allowed_sans``), then hands the connection over.
 
     The count must be taken in ``connection_made``, not in the protocol factory: asyncio calls the
     factory for a whole burst of accepted sockets before the first ``connection_made`` runs (that is
     when aiohttp counts a connection), so a check in the factory lets a burst through unbounded.
-    With TLS this runs after the handshake. Once admitted, everything is passed to aiohttp's handler.
+    Once admitted, everything is passed to aiohttp's handler.
     """
 
     def __init__(self, site: LimitedSite, server: web.Server, limit: int) -> None:
@@ -250,21 +322,79 @@ class _Gate(asyncio.Protocol):
         self._server = server
         self._limit = limit
         self._handler: asyncio.Protocol | None = None
+        # What arrives between the TLS handshake and the hand-over, replayed to the handler.
+        self._early: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._server.connections) >= self._limit:
+        if len(self._server.connections) + self._site.handshakes >= self._limit:
             self._site.rejected += 1
             transport.close()
             return
-        self._handler = self._server()
-        self._handler.connection_made(transport)
+        context, config = self._site.context()
+        if context is None:
+            self._admit(transport)
+            return
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the client hello is for the TLS layer, not for this protocol
+        self._site.handshakes += 1
+        task = asyncio.get_running_loop().create_task(self._start_tls(transport, context, config))
+        self._site.tasks.add(task)
+        task.add_done_callback(self._site.tasks.discard)
+
+    async def _start_tls(
+        self, transport: asyncio.Transport, context: ssl.SSLContext, config: WebConfig | None
+    ) -> None:
+        client = _client(transport)
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS
+            )
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except (OSError, TimeoutError, ConnectionError, RuntimeError) as error:
+            # A port scanner, plain HTTP on the TLS port, an untrusted client certificate...
+            log.debug("TLS handshake with %s failed: %s", client, _tls_problem(error))
+            transport.abort()
+            return
+        finally:
+            self._site.handshakes -= 1
+        if tls is None:
+            return
+        if config is not None and config.allowed_sans is not None:
+            if not sans_allowed(tls.get_extra_info("peercert"), config.allowed_sans):
+                log.debug("client %s refused: no SAN of its certificate is in client_allowed_sans", client)
+                tls.abort()
+                return
+        self._admit(tls)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
+        handler = self._server()
+        handler.logger = _CLIENT_ERRORS  # type: ignore[assignment]
+        self._handler = handler
+        handler.connection_made(transport)
+        for chunk in self._early:
+            handler.data_received(chunk)
+        self._early.clear()
+        if self._eof:
+            handler.eof_received()
+        if self._lost is not None:
+            handler.connection_lost(self._lost[0])
 
     def data_received(self, data: bytes) -> None:
         if self._handler is not None:
             self._handler.data_received(data)
+        else:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
-        return self._handler.eof_received() if self._handler is not None else None
+        if self._handler is None:
+            self._eof = True
+            return None
+        return self._handler.eof_received()
 
     def pause_writing(self) -> None:
         if self._handler is not None:
@@ -277,3 +407,57 @@ class _Gate(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handler is not None:
             self._handler.connection_lost(exc)
+        else:
+            self._lost = (exc,)
+
+
+def _client(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return "unknown client"
+
+
+def _tls_problem(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or error.library or type(error).__name__).lower().replace("_", " ")
+    if isinstance(error, TimeoutError):
+        return f"no handshake within {TLS_HANDSHAKE_SECONDS:g}s"
+    return type(error).__name__
+
+
+class _ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request handler logs a malformed request (a 400 it answers by itself) with a traceback
+    at error level. This turns such a report into one debug line naming the client and the problem;
+    anything else (a bug in a handler) is passed on unchanged."""
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._client_error(args, kwargs):
+            self.logger.debug(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if not self._client_error(args, {**kwargs, "exc_info": exc_info}):
+            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def _client_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        error = kwargs.get("exc_info")
+        if not isinstance(error, HttpProcessingError):
+            return False
+        client = args[0] if args else "unknown client"
+        log.debug("bad request from %s: %s", client, _problem(error))
+        return True
+
+
+# Where the parser starts quoting the request: ` 'GET...'`, `: b'...'`, `: bytearray(b'...')`.
+_QUOTED = re.compile(r"""(?:^|[\s:(])(?:bytearray\()?b?['"]""")
+
+
+def _problem(error: HttpProcessingError) -> str:
+    """The parser's complaint, without the bytes it quotes (they could hold a password)."""
+    text = str(error.message).splitlines()[0] if error.message else ""
+    quoted = _QUOTED.search(text)
+    text = (text[: quoted.start()] if quoted else text).strip(" :")
+    return f"{type(error).__name__}: {text[:100]}" if text else type(error).__name__
+
+
+_CLIENT_ERRORS = _ClientErrorLogger(logging.getLogger("aiohttp.server"), {})

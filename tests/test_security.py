@@ -431,7 +431,11 @@ BAD_PASSWORD = "Plain-Passw0rd-CANARY-5d1e"
         ("cert is a directory", "cert_file"),
         ("plain password", "basic_auth_users.alice"),
         ("truncated hash", "basic_auth_users.alice"),
-        ("client_ca_file missing", "client_ca_file"),
+        ("client CA without a client auth type", "tls_server_config.client_ca_file"),
+        ("a header the toolkit refuses", "http_server_config.headers.Content-Type"),
+        ("a header value the toolkit refuses", "http_server_config.headers.X-Frame-Options"),
+        ("SANs but no client certificate asked", "tls_server_config.client_allowed_sans"),
+        ("several curves", "tls_server_config.curve_preferences"),
     ],
 )
 def test_a_bad_web_config_is_a_one_line_error_at_start_up(
@@ -447,9 +451,15 @@ def test_a_bad_web_config_is_a_one_line_error_at_start_up(
         "cert is a directory": {"tls_server_config": {**tls, "cert_file": str(tmp_path)}},
         "plain password": {"basic_auth_users": {"alice": BAD_PASSWORD}},
         "truncated hash": {"basic_auth_users": {"alice": "$2y$10$" + BAD_PASSWORD}},
-        "client_ca_file missing": {
-            "tls_server_config": {**tls, "client_auth_type": "RequireAndVerifyClientCert"}
+        "client CA without a client auth type": {
+            "tls_server_config": {**tls, "client_ca_file": str(pki / "ca.crt")}
         },
+        "a header the toolkit refuses": {"http_server_config": {"headers": {"Content-Type": "text/html"}}},
+        "a header value the toolkit refuses": {
+            "http_server_config": {"headers": {"X-Frame-Options": "allow"}}
+        },
+        "SANs but no client certificate asked": {"tls_server_config": {**tls, "client_allowed_sans": ["a"]}},
+        "several curves": {"tls_server_config": {**tls, "curve_preferences": ["X25519", "CurveP256"]}},
     }[problem]
     web_path = write_yaml(tmp_path / "bad-web.yml", web)
     # A valid config with nothing to warn about, so the error is the only line.
@@ -467,6 +477,137 @@ def test_a_bad_web_config_is_a_one_line_error_at_start_up(
     assert str(web_path) in lines[0] and key in lines[0], lines[0]
     assert "level=error" in lines[0]
     assert BAD_PASSWORD not in output
+
+
+def test_config_check_validates_the_web_config_too(pki: Path, tmp_path: Path) -> None:
+    config = write_yaml(
+        tmp_path / "config.yml",
+        {"operations": [{"server": "wv1", "token": "tok-x", "base_url": f"http://127.0.0.1:{free_port()}"}]},
+    )
+    good = write_yaml(
+        tmp_path / "web-good.yml",
+        {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}},
+    )
+    bad = write_yaml(tmp_path / "web-bad.yml", {"http_server_config": {"headers": {"Set-Cookie": "a=b"}}})
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "exporter.cli", "--config.file", str(config), "--config.check", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+
+    ok = check("--web.config.file", str(good))
+    assert ok.returncode == 0 and f"{good}: OK" in ok.stdout, ok.stdout + ok.stderr
+    refused = check("--web.config.file", str(bad))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "http_server_config.headers.Set-Cookie" in lines[0], refused.stderr
+    empty = check("--web.config.file=")  # the toolkit's "no web config"
+    assert empty.returncode == 0 and "web" not in empty.stdout, empty.stdout + empty.stderr
+
+
+def test_an_empty_web_config_flag_means_plain_http(
+    simulator: Simulator, start_exporter: Callable[..., Exporter]
+) -> None:
+    exporter = start_exporter(exporter_config(simulator.url), "--web.config.file=")
+    assert exporter.url.startswith("http://")
+    assert exporter.get("/-/healthy").status_code == 200
+
+
+def test_a_burst_of_reload_requests_shares_one_reload(
+    simulator: Simulator, start_exporter: Callable[..., Exporter]
+) -> None:
+    """Ten unauthenticated POST /-/reload at once: they join the reload already running (each reload
+    parses the config in a child interpreter) instead of starting ten."""
+    exporter = start_exporter(exporter_config(simulator.url))
+    barrier = threading.Barrier(10)
+
+    def post() -> tuple[int, str]:
+        barrier.wait(timeout=10)
+        answer = requests.post(exporter.url + "/-/reload", timeout=30)
+        return answer.status_code, answer.text
+
+    results: list[tuple[int, str]] = []
+    threads = [threading.Thread(target=lambda: results.append(post())) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [(200, "OK\n")] * 10
+    reloads = exporter.process.log().count("configuration reloaded")
+    # One in practice; a thread the scheduler holds back past the end of the first may start a second.
+    assert 1 <= reloads <= 2, exporter.process.log()[-2000:]
+
+
+MALFORMED = {
+    "a header over 8 KB": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    "a URL over 8 KB": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a NUL in the path": b"GET /met\x00rics HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Content-Length with Transfer-Encoding": b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "a TLS hello": None,  # sent by an ssl client
+}
+
+
+def send_malformed(port: int, request: bytes | None) -> bytes:
+    """Send ``request`` (or a TLS hello) and read what comes back until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        if request is None:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+            return b""
+        raw.sendall(request)
+        chunks = []
+        try:
+            while chunk := raw.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+        return b"".join(chunks)
+
+
+def test_malformed_requests_cost_one_debug_line_each(
+    pki: Path, simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+) -> None:
+    exporter = start_exporter(exporter_config(simulator.url), log_level="debug")
+    port = exporter.process.port
+    for what, request in MALFORMED.items():
+        answer = send_malformed(port, request)
+        if request is not None:
+            assert answer.split(b"\r\n", 1)[0].split()[1] == b"400", (what, answer[:80])
+        assert b"wolkvox_" not in answer, what
+
+    tls = start_with_web_config(
+        start_exporter,
+        simulator,
+        tmp_path,
+        {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}},
+    )
+    plain_on_tls = send_malformed(tls.process.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"wolkvox_" not in plain_on_tls
+    # Both still serve.
+    assert exporter.get("/-/healthy").status_code == 200
+    assert tls.get("/-/healthy", verify=str(pki / "ca.crt")).status_code == 200
+
+    def lines(process: Process, needle: str) -> list[str]:
+        return [line for line in process.log().splitlines() if needle in line]
+
+    bad = wait_until(
+        lambda: (
+            (found := lines(exporter.process, "bad request from 127.0.0.1")) and len(found) >= 5 and found
+        ),
+        what="a line per malformed request",
+    )
+    assert len(bad) == len(MALFORMED), "\n".join(bad)
+    assert all("level=debug" in line for line in bad), "\n".join(bad)
+    handshake = lines(tls.process, "TLS handshake with 127.0.0.1")
+    assert len(handshake) == 1 and "level=debug" in handshake[0], tls.process.log()
+    for process in (exporter.process, tls.process):
+        log = process.log()
+        assert "Traceback" not in log and "level=error" not in log, log[-3000:]
 
 
 # ===== 2. the token goes nowhere but the configured host; upstream TLS is verified =====================
