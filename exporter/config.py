@@ -218,7 +218,7 @@ def _read_yaml(file: str) -> object:
     except UnicodeDecodeError as error:
         raise ConfigError(f"not valid UTF-8 (byte {error.start})") from None
     try:
-        loader = _Loader(text)
+        loader = StrictLoader(text)
     except yaml.reader.ReaderError as error:
         # e.g. a control character; the position is an index into the text.
         line = text.count("\n", 0, error.position) + 1
@@ -242,7 +242,7 @@ def _read_yaml(file: str) -> object:
         loader.dispose()
 
 
-class _Loader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys (PyYAML keeps the last one silently) and reports
     constructor failures (``!!int abc``, ``2024-13-01``) with their position instead of crashing."""
 

@@ -147,3 +147,13 @@ class FetchResult:
     @property
     def ok(self) -> bool:
         return self.reason is None
+
+
+@dataclass(frozen=True)
+class ReportStatus:
+    """The pace of one report, from the refresher to the store (for /metrics and the status page): the
+    interval in use and when the report is next due (wall clock)."""
+
+    interval: float
+    next_due: float
+    failures: int

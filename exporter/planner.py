@@ -26,6 +26,8 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from exporter.model import ReportStatus
+
 DAY = 86_400.0
 TOKEN_GAP = 1.0  # seconds between an answer and the next request on the same token
 FIRST_RETRY = 30.0
@@ -102,15 +104,6 @@ class _Token:
 class _Server:
     failures: int = 0
     paused_until: float = 0.0
-
-
-@dataclass(frozen=True)
-class ReportStatus:
-    """For the status page and /metrics: the interval in use and when the report is next due (wall)."""
-
-    interval: float
-    next_due: float
-    failures: int
 
 
 @dataclass

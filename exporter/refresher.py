@@ -23,8 +23,8 @@ from typing import Any
 from exporter import __version__
 from exporter.client import WolkvoxClient
 from exporter.config import Config, OperationConfig, format_duration
-from exporter.model import TOKEN_INFO, FetchError, FetchResult
-from exporter.planner import Job, Pace, Planner, ReportStatus, SavedPacing, jobs_for
+from exporter.model import TOKEN_INFO, FetchError, FetchResult, ReportStatus
+from exporter.planner import Job, Pace, Planner, SavedPacing, jobs_for
 from exporter.secret import Secret
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from exporter import __version__
 from exporter.exposition import Family, GzipWithTail, sample
-from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading
-from exporter.planner import ReportStatus
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ import bcrypt
 import yaml
 from cachetools import TTLCache
 
-from exporter.config import _Loader as _StrictLoader  # duplicate keys refused, like the toolkit's strict YAML
+from exporter.config import StrictLoader  # duplicate keys refused, like the toolkit's strict YAML
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _read(where: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise WebConfigError(f"{where}: not valid UTF-8") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         position = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import Exporter, Simulator, value
 from tools import require
 
-from exporter.planner import ReportStatus
+from exporter.model import ReportStatus
 from exporter.statuspage import render
 from exporter.store import OperationInfo, ReportRow, Store
 
