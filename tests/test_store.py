@@ -7,7 +7,7 @@ import gzip
 from conftest import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.model import REASONS, FetchResult
+from exporter.model import REASONS, FetchResult, Reading
 from exporter.store import OperationInfo, Store
 
 
@@ -28,7 +28,7 @@ def make_store(clock: Clock, max_age: float = 3600.0, **kwargs) -> Store:
 
 
 def ok(op: str, minutes: float, at: float, api: str = "stereo_rec") -> FetchResult:
-    return FetchResult(operation=op, api=api, finished_at=at, duration=0.25, value=minutes)
+    return FetchResult(operation=op, api=api, finished_at=at, duration=0.25, value=Reading(minutes, rows=1))
 
 
 def failed(op: str, reason: str, at: float) -> FetchResult:
