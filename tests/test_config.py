@@ -256,8 +256,8 @@ KEY_CASES = [
     ),
     Case(
         "integer from the environment not a number",
-        minimal("fetch_workers: ${W}"),
-        "fetch_workers",
+        minimal("daily_request_limit: ${W}"),
+        "daily_request_limit",
         "expected an integer",
         env={"W": "four"},
     ),
@@ -374,13 +374,18 @@ KEY_CASES = [
     Case("connect_timeout negative", minimal("connect_timeout: -1s"), "connect_timeout", "greater than 0"),
     Case("read_timeout boolean", minimal("read_timeout: yes"), "read_timeout", "got a boolean"),
     Case(
-        "fetch_workers string",
-        minimal("fetch_workers: '16'"),
-        "fetch_workers",
+        "daily_request_limit string",
+        minimal("daily_request_limit: '16'"),
+        "daily_request_limit",
         "expected an integer, got a string",
     ),
-    Case("fetch_workers boolean", minimal("fetch_workers: true"), "fetch_workers", "expected an integer"),
-    Case("fetch_workers zero", minimal("fetch_workers: 0"), "fetch_workers", "at least 1"),
+    Case(
+        "daily_request_limit boolean",
+        minimal("daily_request_limit: true"),
+        "daily_request_limit",
+        "expected an integer",
+    ),
+    Case("daily_request_limit zero", minimal("daily_request_limit: 0"), "daily_request_limit", "at least 1"),
     Case(
         "max_body_bytes float",
         minimal("max_body_bytes: 1.5"),
@@ -487,7 +492,7 @@ SYNTAX_WITH_TOKEN = f"operations:\n  - server: wv1\n    token: {TOKEN}: x\n"
 TAB_INDENT = "operations:\n\t- server: wv1\n"
 DUPLICATE_KEY = f"refresh_interval: 5m\noperations:\n  - server: wv1\n    token: {TOKEN}\n    token: other\n"
 CONTROL_CHARACTER = "refresh_interval: 5m\x1b\noperations: []\n"
-BAD_INT = "fetch_workers: !!int many\n"
+BAD_INT = "daily_request_limit: !!int many\n"
 
 
 @pytest.mark.parametrize(

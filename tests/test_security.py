@@ -643,7 +643,13 @@ def test_redirects_are_never_followed(simulator: Simulator, start_exporter: Call
                 )
             simulator.fault("redirect", token="tok-redirect-302", location=target)
             exporter = start_exporter(
-                {"refresh_interval": "1s", "connect_timeout": "1s", "read_timeout": "1s", "operations": ops}
+                {
+                    "refresh_interval": "1s",
+                    "daily_request_limit": 10_000_000,  # every report each second
+                    "connect_timeout": "1s",
+                    "read_timeout": "1s",
+                    "operations": ops,
+                }
             )
             names = [op["name"] for op in ops]
             samples = exporter.wait_for(
@@ -708,7 +714,13 @@ def test_upstream_tls_is_always_verified(
             },
         ]
         exporter = start_exporter(
-            {"refresh_interval": "1s", "connect_timeout": "2s", "read_timeout": "2s", "operations": ops}
+            {
+                "refresh_interval": "1s",
+                "daily_request_limit": 10_000_000,  # every report each second
+                "connect_timeout": "2s",
+                "read_timeout": "2s",
+                "operations": ops,
+            }
         )
         samples = exporter.wait_for(
             lambda s: (
@@ -928,7 +940,7 @@ def test_no_token_is_ever_printed_or_served(
         "connect_timeout": "1s",
         "read_timeout": "1s",
         "max_body_bytes": 65536,
-        "fetch_workers": 16,
+        "daily_request_limit": 10_000_000,  # every report each second
         "operations": ops,
     }
     exporter = start_quiet_exporter(good, "--log.format", log_format, "--log.level", log_level)
@@ -1093,9 +1105,7 @@ def test_a_connection_flood_is_bounded_and_recovers(
     simulator: Simulator, start_exporter: Callable[..., Exporter]
 ) -> None:
     limit, flood = 20, 100
-    exporter = start_exporter(
-        exporter_config(simulator.url, fetch_workers=1), "--web.max-connections", str(limit)
-    )
+    exporter = start_exporter(exporter_config(simulator.url), "--web.max-connections", str(limit))
     exporter.wait_for(lambda s: value(s, "wolkvox_up", operation="a") == 1)
     pid = exporter.process.proc.pid
     baseline = fd_count(pid)

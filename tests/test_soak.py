@@ -128,7 +128,7 @@ def test_soak_rotating_faults_under_continuous_scrapes(
         "connect_timeout": "0.5s",
         "read_timeout": "0.5s",
         "max_body_bytes": 65536,
-        "fetch_workers": 4,
+        "daily_request_limit": 10_000_000,  # every report twice a second
         "operations": [
             {"name": n, "server": f"wv{i:04d}", "token": f"tok-soak-{i:02d}", "base_url": simulator.url}
             for i, n in enumerate(names)
