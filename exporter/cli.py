@@ -117,6 +117,7 @@ class Exporter:
         self.store = Store(_infos(config), max_age=config.max_age, schedule=_schedule(config))
         if saved is not None:
             self.store.restore_values(saved.values)
+            self.store.restore_months(saved.months)
             self.store.render()  # so the very first scrape already shows the restored values
         self.refresher = Refresher(
             config,
@@ -126,7 +127,10 @@ class Exporter:
         )
         self.publisher = Publisher(self.store)
         self.saver = (
-            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.save()))
+            StateSaver(
+                self.state_file,
+                lambda: (self.store.values(), self.refresher.save(), self.store.month_state()),
+            )
             if self.state_file
             else None
         )
