@@ -101,6 +101,7 @@ class App:
         self.store = Store(operation_infos(config), max_age=config.max_age, schedule=schedule_of(config))
         if saved is not None:
             self.store.restore_values(saved.values)
+            self.store.restore_months(saved.months)
             self.store.render()  # so the very first scrape already shows the restored values
         self.refresher = Refresher(
             config,
@@ -110,7 +111,10 @@ class App:
         )
         self.publisher = Publisher(self.store)
         self.saver = (
-            StateSaver(self.state_file, lambda: (self.store.values(), self.refresher.save()))
+            StateSaver(
+                self.state_file,
+                lambda: (self.store.values(), self.refresher.save(), self.store.month_state()),
+            )
             if self.state_file
             else None
         )

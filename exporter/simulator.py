@@ -84,6 +84,12 @@ Control endpoints
     until there are two). Reading the stats is not a request.
 ``POST /-/stats/reset`` zeroes the counters (requests still in flight stay in flight).
 ``GET /-/healthy`` answers 200 ``OK``.
+``POST /-/clock`` with JSON ``{"at": T}``
+    Answers as if it were T from now on, to play a month change without waiting for one: the
+    month-to-date values and the rows' ``date`` are computed at T, which stands still until set again.
+    T is an ISO 8601 time with a zone (``2026-11-30T23:55:00Z``) or Unix seconds; ``{"at": null}`` or
+    ``DELETE /-/clock`` goes back to the real clock. The daily limit, the stats and the report gaps keep
+    the real clock. ``GET /-/clock`` answers ``{"at": ISO time or null}``.
 
 Fault modes
 -----------
@@ -108,6 +114,9 @@ Fault modes
 ``maintenance``   403 with an empty body
 ``no_token``      401 as if the token header were missing
 ``redirect``      302 to ``location`` (to check that a client does not forward the token)
+``correction``    200 with ``items`` at half the month-to-date value, same ``date``: the vendor correcting
+                  a value within the month (which is not a month change)
+``no_date``       200 with rows that have no ``date`` field
 
 SIGTERM and SIGINT stop it within a second or two, even with hanging connections (they get a 503).
 In-process: ``build_app(SimulatorOptions(...))`` or ``await start_server(options)``.
@@ -207,6 +216,8 @@ FAULT_MODES = (
     "maintenance",
     "no_token",
     "redirect",
+    "correction",
+    "no_date",
 )
 WILDCARD = "*"
 DEFAULT_SLOW_SECONDS = 1.0
@@ -311,6 +322,26 @@ def format_items(value: float, items_format: str) -> str:
 
 def _utc_stamp(now_unix: float) -> str:
     return datetime.fromtimestamp(now_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def parse_clock(body: Any) -> float | None:
+    """Validates a ``POST /-/clock`` document: the Unix time to answer at, or None for the real clock."""
+    if not isinstance(body, dict) or set(body) != {"at"}:
+        raise ValueError('body must be a JSON object {"at": ISO 8601 time, Unix seconds or null}')
+    at = body["at"]
+    if at is None:
+        return None
+    if isinstance(at, str):
+        try:
+            moment = datetime.fromisoformat(at.strip())
+        except ValueError:
+            raise ValueError(f"at: {at!r} is not an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"at: {at!r} has no time zone (add Z or +00:00)")
+        return moment.timestamp()
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at) or at < 0:
+        raise ValueError("at must be an ISO 8601 time, Unix seconds >= 0, or null")
+    return float(at)
 
 
 # --------------------------------------------------------------------------- options and state
@@ -429,12 +460,17 @@ class Simulator:
         self.total_violations = 0
         self.total_report_violations = 0
         self.faults: dict[str, Fault] = {}
+        self.clock: float | None = None  # POST /-/clock: the Unix time answers are computed at
         self.stopping = False
         # token -> {id(request): request}: requests are not hashable
         self._flights: dict[str, dict[int, web.BaseRequest]] = {}
         self._waiters: dict[asyncio.Future[str], web.BaseRequest] = {}
 
     # ----------------------------------------------------------------- bookkeeping
+
+    def now(self) -> float:
+        """The time values and dates are computed at: the real clock unless ``/-/clock`` set one."""
+        return time.time() if self.clock is None else self.clock
 
     def in_flight(self, token: str) -> int:
         """Requests of ``token`` being handled whose client is still connected (prunes the rest)."""
@@ -659,7 +695,7 @@ class Simulator:
             await self.pause(request, DEFAULT_SLOW_SECONDS if fault.seconds is None else fault.seconds)
         if self.hangs(token):
             await self.pause(request, None)
-        now = time.time()
+        now = self.now()
         limit = self.options.daily_limit
         if limit and self.requests_today(token) > limit:
             return _error(ERR_LIMIT)
@@ -673,7 +709,7 @@ class Simulator:
         return _json_response(200, self._success(request, kind, token, api, now))
 
     def _rows(
-        self, request: web.Request, kind: str, token: str, api: str, now: float
+        self, request: web.Request, kind: str, token: str, api: str, now: float, scale: float = 1.0
     ) -> list[dict[str, str]]:
         if kind == "information":
             return [
@@ -684,7 +720,7 @@ class Simulator:
                 }
             ]
         server = _server_name(request)
-        value = usage_value(api, token, server, now, self.options.minutes_per_hour)
+        value = scale * usage_value(api, token, server, now, self.options.minutes_per_hour)
         return [
             {
                 "operation": server,
@@ -694,9 +730,11 @@ class Simulator:
             }
         ]
 
-    def _success(self, request: web.Request, kind: str, token: str, api: str, now: float) -> dict[str, Any]:
+    def _success(
+        self, request: web.Request, kind: str, token: str, api: str, now: float, scale: float = 1.0
+    ) -> dict[str, Any]:
         msg = SUCCESS_MSG if kind == "billing" else "Token information found"
-        return _doc(200, None, msg, self._rows(request, kind, token, api, now))
+        return _doc(200, None, msg, self._rows(request, kind, token, api, now, scale))
 
     async def _faulted(
         self, request: web.Request, fault: Fault, kind: str, token: str, api: str | None
@@ -720,9 +758,9 @@ class Simulator:
             return web.Response(status=403, body=b"", content_type="text/html")
         if mode == "redirect":
             return web.Response(status=302, headers={"Location": fault.location or "/"})
-        now = time.time()
+        now = self.now()
         api_name = api if api else "stereo_rec"
-        doc = self._success(request, kind, token, api_name, now)
+        doc = self._success(request, kind, token, api_name, now, scale=0.5 if mode == "correction" else 1.0)
         if mode == "wrongshape":
             return _json_response(200, [doc])
         if mode == "empty_data":
@@ -732,6 +770,8 @@ class Simulator:
                 {k: ("n/a" if k not in ("operation", "description", "date") else v) for k, v in row.items()}
                 for row in doc["data"]
             ]
+        elif mode == "no_date":
+            doc["data"] = [{k: v for k, v in row.items() if k != "date"} for row in doc["data"]]
         elif mode == "multi_rows":
             row = doc["data"][0]
             if kind == "billing":
@@ -772,6 +812,25 @@ class Simulator:
     async def handle_stats_reset(self, request: web.Request) -> web.Response:
         self.reset_stats()
         return _json_response(200, self.snapshot())
+
+    def _clock_doc(self) -> dict[str, Any]:
+        at = None if self.clock is None else datetime.fromtimestamp(self.clock, UTC).isoformat()
+        return {"at": at}
+
+    async def handle_clock_get(self, request: web.Request) -> web.Response:
+        return _json_response(200, self._clock_doc())
+
+    async def handle_clock_post(self, request: web.Request) -> web.Response:
+        try:
+            self.clock = parse_clock(await request.json())
+        except ValueError as exc:
+            return _bad_control(str(exc))
+        logger.info("clock set: %s", self._clock_doc()["at"] or "real time")
+        return _json_response(200, self._clock_doc())
+
+    async def handle_clock_delete(self, request: web.Request) -> web.Response:
+        self.clock = None
+        return _json_response(200, self._clock_doc())
 
     def _faults_doc(self) -> dict[str, Any]:
         return {"faults": [f.as_dict() for f in self.faults.values()]}
@@ -906,6 +965,9 @@ def build_app(options: SimulatorOptions | None = None) -> web.Application:
     app.router.add_get("/-/faults", sim.handle_faults_get, allow_head=False)
     app.router.add_post("/-/faults", sim.handle_faults_post)
     app.router.add_delete("/-/faults", sim.handle_faults_delete)
+    app.router.add_get("/-/clock", sim.handle_clock_get, allow_head=False)
+    app.router.add_post("/-/clock", sim.handle_clock_post)
+    app.router.add_delete("/-/clock", sim.handle_clock_delete)
     return app
 
 

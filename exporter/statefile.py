@@ -1,10 +1,12 @@
-"""The optional ``state_file``: the last good values and the pacing (each report's next due time, each
-token's budget), across restarts.
+"""The optional ``state_file``: the last good values, the pacing (each report's next due time, each
+token's budget) and the month close (each report's last reading and its last closed month), across restarts.
 
 So a crash-looping exporter neither re-fetches everything, nor spends more than its daily budget, nor
 starts with an empty page. Tokens are never written: a token is named by a truncated SHA-256 of it
 (``refresher.token_key``). The file is JSON, replaced atomically (write to a temporary file, then rename).
-Version 1 files (values and each token's last use) are still read: their values are kept.
+Version 1 files (values and each token's last use) are still read: their values are kept. The
+``month_close`` section is optional (version 2 files written before it existed have none, and an older
+exporter reading a newer file ignores it); entries are ``[value, fetched at, "YYYY-MM" or null]``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -20,18 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
 
 log = logging.getLogger(__name__)
 
 VERSION = 2
 Values = dict[str, dict[str, tuple[float, float]]]
+Snapshot = tuple[Values, SavedPacing] | tuple[Values, SavedPacing, SavedMonths]
+_MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
 @dataclass
 class SavedState:
     values: Values = field(default_factory=dict)
     pacing: SavedPacing = field(default_factory=SavedPacing)
+    months: SavedMonths = field(default_factory=SavedMonths)
 
 
 class StateFile:
@@ -54,12 +61,14 @@ class StateFile:
             log.warning("state_file %s: ignored, unexpected content: %s", self.path, error)
             return None
 
-    def save(self, values: Values, pacing: SavedPacing) -> None:
-        document = {
+    def save(self, values: Values, pacing: SavedPacing, months: SavedMonths | None = None) -> None:
+        document: dict[str, Any] = {
             "version": VERSION,
             "values": {op: {api: list(pair) for api, pair in apis.items()} for op, apis in values.items()},
             "pacing": {"tokens": pacing.tokens, "reports": pacing.reports},
         }
+        if months is not None:
+            document["month_close"] = {"seen": _dump(months.seen), "closed": _dump(months.closed)}
         data = json.dumps(document, sort_keys=True).encode()
         if data == self._last_written:
             return
@@ -93,7 +102,34 @@ def _parse(raw: Any) -> SavedState:
         for section, target in (("tokens", pacing.tokens), ("reports", pacing.reports)):
             for key, entries in raw["pacing"][section].items():
                 target[str(key)] = {str(name): float(when) for name, when in entries.items()}
-    return SavedState(values=values, pacing=pacing)
+    months = SavedMonths()
+    month_close = raw.get("month_close")
+    if month_close is not None:
+        months.seen = _load(month_close["seen"], closed=False)
+        months.closed = _load(month_close["closed"], closed=True)
+    return SavedState(values=values, pacing=pacing, months=months)
+
+
+def _dump(per_operation: dict[str, dict[str, Seen]]) -> dict[str, dict[str, list[Any]]]:
+    return {
+        op: {api: [seen.value, seen.at, seen.month] for api, seen in apis.items()}
+        for op, apis in per_operation.items()
+    }
+
+
+def _load(raw: Any, *, closed: bool) -> dict[str, dict[str, Seen]]:
+    """Entries ``[value, at, month]``; a closed month must name its month."""
+    loaded: dict[str, dict[str, Seen]] = {}
+    for op, apis in raw.items():
+        entries: dict[str, Seen] = {}
+        for api, (value, at, month) in apis.items():
+            if month is None and closed:
+                raise ValueError(f"month_close: {op}/{api}: a closed month without its month")
+            if month is not None and not (isinstance(month, str) and _MONTH_RE.fullmatch(month)):
+                raise ValueError(f"month_close: {op}/{api}: month {month!r} is not YYYY-MM")
+            entries[str(api)] = Seen(float(value), float(at), month)
+        loaded[str(op)] = entries
+    return loaded
 
 
 class StateSaver:
@@ -102,7 +138,7 @@ class StateSaver:
     def __init__(
         self,
         state_file: StateFile,
-        snapshot: Callable[[], tuple[Values, SavedPacing]],
+        snapshot: Callable[[], Snapshot],
         interval: float = 1.0,
     ) -> None:
         self._state_file = state_file

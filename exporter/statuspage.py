@@ -47,6 +47,16 @@ def _value(value: float | None) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
 
 
+def _last_month(row: ReportRow) -> str:
+    """The closing value of the report's last closed month, the month, and when that value was fetched
+    (a value fetched days before the month ended is not the month's final figure)."""
+    closed = row.last_month
+    if closed is None or closed.month is None:
+        return "-"
+    seen = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(closed.at))
+    return f"{_value(closed.value)}<br><small>{html.escape(closed.month)}, fetched {seen}</small>"
+
+
 def _row(row: ReportRow, now: float, scrub: Callable[[str], str]) -> str:
     e = html.escape
     if row.failing:
@@ -65,7 +75,7 @@ def _row(row: ReportRow, now: float, scrub: Callable[[str], str]) -> str:
         f'<tr class="{"failing" if row.failing else "ok"}">'
         f"<td>{e(row.operation)}</td><td>{e(row.api)}</td>"
         f'<td class="{css}">{state}</td>'
-        f"<td>{_value(row.value)}</td><td>{e(_ago(row.last_success, now))}</td>"
+        f"<td>{_value(row.value)}</td><td>{_last_month(row)}</td><td>{e(_ago(row.last_success, now))}</td>"
         f"<td>{failure}</td><td>{e(_in(row.next_due, now))}</td><td>every {e(interval)}</td></tr>"
     )
 
@@ -111,7 +121,8 @@ Values are cached and refreshed in the background: a scrape never calls the wolk
 <a href="/-/ready">/-/ready</a> &middot; POST /-/reload re-reads the configuration</p>
 <h2>Reports</h2>
 <table>
-<thead><tr><th>Operation</th><th>Service (api)</th><th>State</th><th>Last value</th><th>Last success</th>
+<thead><tr><th>Operation</th><th>Service (api)</th><th>State</th><th>Last value</th><th>Last month</th>
+<th>Last success</th>
 <th>Last failure</th><th>Next refresh</th><th>Pace in use</th></tr></thead>
 <tbody>
 {body}

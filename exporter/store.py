@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY, generate_latest
 from exporter import __version__
 from exporter.exposition import Family, GzipWithTail, sample
 from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
+from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,22 @@ BILLING_USAGE = Family(
     + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
     + ".",
 )
+_CLOSED = (
+    "the last value fetched before the first answer of the next month, labelled with the month it "
+    "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
+    "the next month closes, and across restarts when state_file is set; never expires."
+)
+STEREO_REC_PREVIOUS_MONTH = Family(
+    "wolkvox_stereo_rec_minutes_previous_month",
+    "gauge",
+    "Stereo-recording minutes of the operation's last closed month (unit: minutes): " + _CLOSED,
+)
+BILLING_USAGE_PREVIOUS_MONTH = Family(
+    "wolkvox_billing_usage_previous_month",
+    "gauge",
+    "Usage of a wolkvox billing service (api) by the operation in its last closed month, in the unit of "
+    "wolkvox_billing_usage: " + _CLOSED,
+)
 UNIT_PRICE = Family(
     "wolkvox_billing_unit_price",
     "gauge",
@@ -108,6 +125,8 @@ REFRESH_INTERVAL = Family(
 OPERATION_FAMILIES: tuple[Family, ...] = (
     STEREO_REC_MINUTES,
     BILLING_USAGE,
+    STEREO_REC_PREVIOUS_MONTH,
+    BILLING_USAGE_PREVIOUS_MONTH,
     UNIT_PRICE,
     COST_BUDGET,
     TOKEN_LIMIT,
@@ -184,6 +203,7 @@ class ReportRow:
     last_failure: tuple[str, float, str] | None  # (reason, when, detail) of its last failure
     next_due: float | None
     interval: float | None
+    last_month: Seen | None = None  # the closing value of the report's last closed month
 
 
 @dataclass
@@ -200,6 +220,8 @@ class _OperationState:
     last_duration: float | None = None
     last_error: str | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
+    seen: dict[str, Seen] = field(default_factory=dict)  # api -> last good reading (never expires)
+    closed: dict[str, Seen] = field(default_factory=dict)  # api -> closing value of its last closed month
 
     @property
     def tried(self) -> bool:
@@ -273,6 +295,9 @@ class Store:
                     if api not in info.apis:
                         del state.values[api]
                         state.last_reason.pop(api, None)
+                for months in (state.seen, state.closed):
+                    for api in [api for api in months if api not in info.apis]:
+                        del months[api]
                 states[info.name] = state
             self._states = states
             self._fragments = {name: self._fragments.get(name, []) for name in states}
@@ -295,6 +320,9 @@ class Store:
             state.last_reason[result.api] = result.reason
             if result.ok and isinstance(result.value, Reading):
                 state.values[result.api] = (result.value.value, result.finished_at)
+                self._track_month(
+                    state, result.api, Seen(result.value.value, result.finished_at, result.value.month)
+                )
                 state.successes[result.api] = result.finished_at
                 state.last_success = max(state.last_success or 0.0, result.finished_at)
                 self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
@@ -304,6 +332,28 @@ class Store:
                 state.failures[result.api] = (result.reason, result.finished_at, result.detail)
             self._dirty.add(result.operation)
         self.changed.set()
+
+    @staticmethod
+    def _track_month(state: _OperationState, api: str, new: Seen) -> None:
+        """Keep the previous reading as the closing value when ``new`` is the first of a new month. A month
+        closes once: a later drop near the same 1st (a correction) does not replace its value."""
+        last = state.seen.get(api)
+        state.seen[api] = new
+        if last is None:
+            return
+        month = closed_month(last, new, kind_of(api))
+        kept = state.closed.get(api)
+        if month is None or (kept is not None and kept.month is not None and month <= kept.month):
+            return
+        state.closed[api] = Seen(last.value, last.at, month)
+        log.info(
+            "month %s closed: operation=%s api=%s final value=%s (fetched at %s)",
+            month,
+            state.info.name,
+            api,
+            last.value,
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.at)),
+        )
 
     def _record_token_info(self, state: _OperationState, result: FetchResult) -> None:
         """A token_info read: counted as a request of the operation that made it; its answer is shown
@@ -369,6 +419,7 @@ class Store:
                             last_failure=state.failures.get(api),
                             next_due=pace.next_due if pace is not None else None,
                             interval=pace.interval if pace is not None else None,
+                            last_month=state.closed.get(api),
                         )
                     )
         return rows
@@ -391,6 +442,27 @@ class Store:
                         state.last_success = max(state.last_success or 0.0, fetched_at)
                 self._dirty.add(name)
             self._next_expiry = 0.0
+        self.changed.set()
+
+    def month_state(self) -> SavedMonths:
+        """Last readings and closing values per operation and api: for the state file."""
+        with self._lock:
+            return SavedMonths(
+                seen={name: dict(state.seen) for name, state in self._states.items() if state.seen},
+                closed={name: dict(state.closed) for name, state in self._states.items() if state.closed},
+            )
+
+    def restore_months(self, saved: SavedMonths) -> None:
+        """Put back the last readings and closing values of an earlier run (a restart on the 3rd keeps the
+        month that closed on the 1st, and one on the 31st still notices the close)."""
+        with self._lock:
+            for name, state in self._states.items():
+                pairs = ((state.seen, saved.seen.get(name, {})), (state.closed, saved.closed.get(name, {})))
+                for kept, restored in pairs:
+                    for api, seen in restored.items():
+                        if api in state.info.apis and api not in kept:
+                            kept[api] = seen
+                self._dirty.add(name)
         self.changed.set()
 
     # ----- rendering (the publisher thread) ---------------------------------------------------
@@ -469,6 +541,20 @@ class Store:
             sample(BILLING_USAGE.name, {"operation": name, "api": api}, state.values[api][0])
             for api in state.info.apis
             if api in state.values
+        )
+        closed = state.closed.get(STEREO_REC)
+        if closed is not None and closed.month is not None:
+            lines[_INDEX[STEREO_REC_PREVIOUS_MONTH]] = sample(
+                STEREO_REC_PREVIOUS_MONTH.name, {"operation": name, "month": closed.month}, closed.value
+            )
+        lines[_INDEX[BILLING_USAGE_PREVIOUS_MONTH]] = "".join(
+            sample(
+                BILLING_USAGE_PREVIOUS_MONTH.name,
+                {"operation": name, "api": api, "month": str(state.closed[api].month)},
+                state.closed[api].value,
+            )
+            for api in state.info.apis
+            if api in state.closed
         )
         currency = state.info.currency
         lines[_INDEX[UNIT_PRICE]] = "".join(

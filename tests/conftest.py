@@ -111,6 +111,10 @@ class Simulator:
     def clear_faults(self) -> None:
         requests.delete(f"{self.url}/-/faults", timeout=5).raise_for_status()
 
+    def set_clock(self, at: str | float | None) -> None:
+        """Answer as if it were ``at`` (ISO 8601 with a zone, or Unix seconds); None: the real clock."""
+        requests.post(f"{self.url}/-/clock", json={"at": at}, timeout=5).raise_for_status()
+
     def stats(self) -> dict[str, Any]:
         return requests.get(f"{self.url}/-/stats", timeout=5).json()
 

@@ -97,6 +97,7 @@ def test_there_are_unit_test_files() -> None:
         "fetch_test.yml",
         "exporter_test.yml",
         "billing_test.yml",
+        "month_close_test.yml",
     }
 
 
@@ -140,7 +141,25 @@ def test_expected_recording_rules_exist() -> None:
         "wolkvox:billing_cost_month_to_date:sum",
         "wolkvox:billing_cost_forecast_month_end:sum",
         "operation:wolkvox_token_budget_used:ratio",
+        "operation:wolkvox_stereo_rec_minutes_previous_month:max",
+        "operation_api:wolkvox_billing_usage_previous_month:max",
+        "operation_api:wolkvox_billing_cost:previous_month",
+        "operation:wolkvox_billing_cost:previous_month",
+        "wolkvox:billing_cost_previous_month:sum",
+        "wolkvox:stereo_rec_minutes_previous_month:sum",
+        "operation:wolkvox_stereo_rec_budget_used_previous_month:ratio",
+        "operation:wolkvox_billing_cost_budget_used_previous_month:ratio",
     } <= records
+
+
+def test_every_previous_month_rule_keeps_the_month_label() -> None:
+    """Only the last closed month is exported, but two replicas may briefly disagree on which one it is:
+    every aggregation keeps `month`, so two months are never added together."""
+    rules = [r for r in all_rules() if "previous_month" in r.get("record", "")]
+    assert len(rules) == 8
+    for rule in rules:
+        for grouping in re.findall(r"(?:sum|max) by \(([^)]*)\)", rule["expr"]):
+            assert "month" in grouping.replace(" ", "").split(","), rule["record"]
 
 
 def test_forecast_uses_calendar_functions_and_guards_the_first_day() -> None:
@@ -349,6 +368,26 @@ MUTATIONS = {
         'increase(wolkvox_scrape_errors_total{reason="unknown_api"}[1h]) > 0',
         "increase(wolkvox_scrape_errors_total[1h]) > 0",
         "billing_test.yml",
+    ),
+    "previous-month usage summed over exporter replicas": (
+        "max by (operation, api, month) (wolkvox_billing_usage_previous_month)",
+        "sum by (operation, api, month) (wolkvox_billing_usage_previous_month)",
+        "month_close_test.yml",
+    ),
+    "previous-month cost from this month's usage": (
+        "operation_api:wolkvox_billing_usage_previous_month:max\n          * on (operation, api)",
+        "operation_api:wolkvox_billing_usage:max\n          * on (operation, api)",
+        "month_close_test.yml",
+    ),
+    "previous-month cost total without its currency": (
+        "sum by (month, currency) (operation:wolkvox_billing_cost:previous_month)",
+        "sum by (month) (operation:wolkvox_billing_cost:previous_month)",
+        "month_close_test.yml",
+    ),
+    "previous-month minutes against the cost budget": (
+        "/ on (operation) group_left () operation:wolkvox_stereo_rec_budget_minutes:max",
+        "/ on (operation) group_left () operation:wolkvox_billing_cost_budget:max",
+        "month_close_test.yml",
     ),
     "cost budget alert below the budget": (
         "operation:wolkvox_billing_cost_budget_used:ratio >= 1",

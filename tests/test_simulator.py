@@ -196,6 +196,7 @@ def sim(sim_proc: tuple[subprocess.Popen[str], str]) -> str:
     """Base URL of the shared simulator, with no faults and zeroed stats."""
     base = sim_proc[1]
     requests.delete(base + "/-/faults", timeout=HTTP_TIMEOUT).raise_for_status()
+    requests.delete(base + "/-/clock", timeout=HTTP_TIMEOUT).raise_for_status()
     requests.post(base + "/-/stats/reset", timeout=HTTP_TIMEOUT).raise_for_status()
     return base
 
@@ -461,6 +462,17 @@ FAULT_CASES: dict[str, tuple[dict[str, Any], Callable[[requests.Response], None]
         {},
         lambda r: (r.status_code == 200 and r.json()["code"] == "200" and r.json()["data"] == []) or _fail(r),
     ),
+    "correction": (
+        {},
+        lambda r: (r.status_code == 200 and re.fullmatch(r"\d+", r.json()["data"][0]["items"])) or _fail(r),
+    ),
+    "no_date": (
+        {},
+        lambda r: (
+            (r.status_code == 200 and "date" not in r.json()["data"][0] and r.json()["data"][0]["items"])
+            or _fail(r)
+        ),
+    ),
     "token_limit": ({}, lambda r: assert_error(r, 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")),
     "invalid_token": ({}, lambda r: assert_error(r, 403, "FORBIDDEN", "PLEASE VALIDATE TOKEN")),
     "busy": (
@@ -647,6 +659,65 @@ def test_invalid_fault_is_rejected(sim: str, body: Any) -> None:
 def test_non_json_fault_is_rejected(sim: str) -> None:
     response = requests.post(sim + "/-/faults", data=b"{nope", timeout=HTTP_TIMEOUT)
     assert response.status_code == 400
+
+
+# --------------------------------------------------------------------------- the clock: a month change
+
+
+def set_clock(base: str, at: Any) -> requests.Response:
+    return requests.post(base + "/-/clock", json={"at": at}, timeout=HTTP_TIMEOUT)
+
+
+def row(base: str, token: str, api: str = "stereo_rec") -> dict[str, str]:
+    response = api_get(base, token, api=api, headers={"wolkvox_server": "wv9901"})
+    assert response.status_code == 200, response.text
+    return response.json()["data"][0]
+
+
+def test_the_clock_plays_a_month_change(sim: str, token: str) -> None:
+    end = datetime(2026, 11, 30, 23, 55, tzinfo=UTC).timestamp()
+    assert set_clock(sim, "2026-11-30T23:55:00Z").json() == {"at": "2026-11-30T23:55:00+00:00"}
+    last = row(sim, token)
+    assert last["date"] == "2026-11-30 23:55:00"
+    assert int(last["items"]) == int(simulator.usage_value("stereo_rec", token, "wv9901", end, 600))
+    assert row(sim, token) == last  # the clock stands still
+    licences = row(sim, token, "chat_licenses")
+    # Unix seconds work too; the first answer of December is small, the licences do not drop.
+    assert set_clock(sim, end + 600).status_code == 200
+    first = row(sim, token)
+    assert first["date"] == "2026-12-01 00:05:00"
+    assert int(first["items"]) < 550 < int(last["items"])
+    assert row(sim, token, "chat_licenses")["items"] == licences["items"]
+    assert requests.get(sim + "/-/clock", timeout=HTTP_TIMEOUT).json() == {"at": "2026-12-01T00:05:00+00:00"}
+    # Back to real time (the daily window and stats never left it).
+    assert requests.delete(sim + "/-/clock", timeout=HTTP_TIMEOUT).json() == {"at": None}
+    assert row(sim, token)["date"][:7] == datetime.now(UTC).strftime("%Y-%m")
+    assert token_stats(sim, token)["requests"] == 6
+
+
+def test_a_correction_halves_the_value_and_keeps_the_month(sim: str, token: str) -> None:
+    set_clock(sim, "2026-11-15T12:00:00-05:00")
+    normal = row(sim, token)
+    set_fault(sim, mode="correction", token=token, count=1)
+    corrected = row(sim, token)
+    assert corrected["date"] == normal["date"] == "2026-11-15 17:00:00"
+    moment = datetime(2026, 11, 15, 17, tzinfo=UTC).timestamp()
+    assert int(corrected["items"]) == int(
+        0.5 * simulator.usage_value("stereo_rec", token, "wv9901", moment, 600)
+    )
+    assert 0 < int(corrected["items"]) < int(normal["items"])
+    assert row(sim, token) == normal
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"at": "2026-11-30 23:55"}, {"at": "yesterday"}, {"at": -1}, {"at": True}, {"when": 1}, {}, [1], "x"],
+)
+def test_invalid_clock_is_rejected(sim: str, body: Any) -> None:
+    response = requests.post(sim + "/-/clock", json=body, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 400
+    assert response.json()["error"]
+    assert requests.get(sim + "/-/clock", timeout=HTTP_TIMEOUT).json() == {"at": None}
 
 
 # --------------------------------------------------------------------------- stats, logging

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import Exporter, Simulator, value, wait_until
 
+from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
 from exporter.refresher import token_key
 from exporter.secret import Secret
@@ -239,6 +240,59 @@ def test_a_version_1_file_keeps_its_values(tmp_path: Path) -> None:
     loaded = StateFile(path).load()
     assert loaded is not None and loaded.values == {"a": {"stereo_rec": (5.0, 6.0)}}
     assert loaded.pacing == SavedPacing()
+
+
+MONTHS = SavedMonths(
+    seen={"bogota": {"stereo_rec": Seen(12.0, 1_796_083_800.0, "2026-12"), "amd_ai": Seen(3.0, 1.5, None)}},
+    closed={"bogota": {"stereo_rec": Seen(43_000.5, 1_796_082_900.0, "2026-11")}},
+)
+
+
+def test_the_month_close_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    StateFile(path).save(VALUES, PACING, MONTHS)
+    loaded = StateFile(path).load()
+    assert loaded is not None
+    assert loaded.months == MONTHS
+    assert loaded.values == VALUES and loaded.pacing == PACING
+    assert json.loads(path.read_text())["version"] == 2  # an optional section: older exporters still read it
+
+
+def test_a_version_2_file_without_month_close_loads_with_no_months(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    StateFile(path).save(VALUES, PACING)
+    assert "month_close" not in json.loads(path.read_text())
+    loaded = StateFile(path).load()
+    assert loaded is not None and loaded.months == SavedMonths() and loaded.values == VALUES
+
+
+@pytest.mark.parametrize(
+    "month_close",
+    [
+        {"seen": {}, "closed": {"a": {"stereo_rec": [1, 2, None]}}},
+        {"seen": {}, "closed": {"a": {"stereo_rec": [1, 2, "2026-13"]}}},
+        {"seen": {"a": {"stereo_rec": [1, 2, "November"]}}, "closed": {}},
+        {"seen": {"a": {"stereo_rec": [1, 2]}}, "closed": {}},
+        {"seen": {"a": {"stereo_rec": ["x", 2, "2026-11"]}}, "closed": {}},
+        {"seen": {}},
+        [],
+    ],
+    ids=["closed-without-month", "month-13", "month-name", "short-entry", "bad-value", "no-closed", "list"],
+)
+def test_a_corrupt_month_close_section_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, month_close: Any
+) -> None:
+    path = tmp_path / "state.json"
+    document = {
+        "version": 2,
+        "values": {},
+        "pacing": {"tokens": {}, "reports": {}},
+        "month_close": month_close,
+    }
+    path.write_text(json.dumps(document))
+    with caplog.at_level(logging.WARNING, logger="exporter.statefile"):
+        assert StateFile(path).load() is None
+    assert any("ignored" in r.getMessage() for r in caplog.records)
 
 
 # ----- the real exporter across restarts ------------------------------------------------------------------

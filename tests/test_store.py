@@ -8,6 +8,7 @@ from conftest import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import REASONS, FetchResult, Reading
+from exporter.monthclose import SavedMonths, Seen
 from exporter.store import OperationInfo, Store
 
 
@@ -27,8 +28,8 @@ def make_store(clock: Clock, max_age: float = 3600.0, **kwargs) -> Store:
     return Store(operations, max_age=max_age, wall=clock, include_process_metrics=False, **kwargs)
 
 
-def ok(op: str, minutes: float, at: float, api: str = "stereo_rec") -> FetchResult:
-    return FetchResult(operation=op, api=api, finished_at=at, duration=0.25, value=Reading(minutes, rows=1))
+def ok(op: str, minutes: float, at: float, api: str = "stereo_rec", month: str | None = None) -> FetchResult:
+    return FetchResult(operation=op, api=api, finished_at=at, duration=0.25, value=Reading(minutes, 1, month))
 
 
 def failed(op: str, reason: str, at: float) -> FetchResult:
@@ -193,3 +194,148 @@ def test_token_info_is_shared_by_the_token_and_expires() -> None:
     assert b"wolkvox_token_limit{" in store.render().plain
     clock.now += 2  # two token_info intervals without a new answer
     assert b"wolkvox_token_limit{" not in store.render().plain
+
+
+# ----- the month close ------------------------------------------------------------------------------------
+
+NOV_30 = 1_796_083_200.0 - 300  # 2026-11-30 23:55 UTC
+APIS = ("stereo_rec", "ivr_minutes", "chat_licenses")
+
+
+def month_store(clock: Clock, max_age: float = 3600.0) -> Store:
+    return Store(
+        [OperationInfo("bogota", apis=APIS)], max_age=max_age, wall=clock, include_process_metrics=False
+    )
+
+
+def previous_month(store: Store) -> dict[tuple[str, ...], float]:
+    """Every previous-month sample on the page, by (name, api, month)."""
+    samples = parse_samples(store.render().plain.decode())
+    return {
+        (name, dict(labels).get("api", ""), dict(labels)["month"]): v
+        for (name, labels), v in samples.items()
+        if name.endswith("_previous_month")
+    }
+
+
+def test_the_first_answer_of_a_new_month_closes_the_old_one_for_each_api() -> None:
+    clock = Clock(NOV_30)
+    store = month_store(clock)
+    for api, minutes in zip(APIS, (43_000, 9_000, 7), strict=True):
+        store.record(ok("bogota", minutes - 10, NOV_30 - 300, api, "2026-11"))
+        store.record(ok("bogota", minutes, NOV_30, api, "2026-11"))
+    assert previous_month(store) == {}
+    clock.now = NOV_30 + 600
+    for api, minutes in zip(APIS, (12, 3, 7), strict=True):
+        store.record(ok("bogota", minutes, clock.now, api, "2026-12"))
+    assert previous_month(store) == {
+        ("wolkvox_stereo_rec_minutes_previous_month", "", "2026-11"): 43_000,
+        ("wolkvox_billing_usage_previous_month", "stereo_rec", "2026-11"): 43_000,
+        ("wolkvox_billing_usage_previous_month", "ivr_minutes", "2026-11"): 9_000,
+        ("wolkvox_billing_usage_previous_month", "chat_licenses", "2026-11"): 7,
+    }
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_stereo_rec_minutes", operation="bogota") == 12  # the new month
+    (row,) = [r for r in store.report_rows() if r.api == "ivr_minutes"]
+    assert row.last_month == Seen(9_000, NOV_30, "2026-11")
+
+
+def test_a_mid_month_correction_is_not_a_close() -> None:
+    clock = Clock(NOV_30 - 14 * 86400)
+    store = month_store(clock)
+    store.record(ok("bogota", 20_000, clock.now, month="2026-11"))
+    store.record(ok("bogota", 9_000, clock.now + 300, month="2026-11"))  # the vendor corrected it
+    assert previous_month(store) == {}
+    # Without a date either: mid-month, a drop is a correction.
+    store.record(ok("bogota", 4_000, clock.now + 600))
+    assert previous_month(store) == {}
+    assert value(
+        parse_samples(store.render().plain.decode()), "wolkvox_stereo_rec_minutes", operation="bogota"
+    )
+
+
+def test_a_month_closes_once_and_its_value_stays_until_the_next_close() -> None:
+    """Without dates: the drop at 00:05 closes November; a correction at 02:00 (still near the 1st)
+    must not replace November's value with December's; January replaces it."""
+    clock = Clock(NOV_30)
+    store = month_store(clock)
+    store.record(ok("bogota", 43_000, NOV_30))
+    store.record(ok("bogota", 50, NOV_30 + 600))
+    store.record(ok("bogota", 20, NOV_30 + 2 * 3600))
+    closed = {("wolkvox_stereo_rec_minutes_previous_month", "", "2026-11"): 43_000}
+    assert {k: v for k, v in previous_month(store).items() if k[1] == ""} == closed
+    store.record(ok("bogota", 30_000, NOV_30 + 20 * 86400))  # Dec 20: month-to-date again
+    assert {k: v for k, v in previous_month(store).items() if k[1] == ""} == closed
+    dec_31 = NOV_30 + 31 * 86400
+    store.record(ok("bogota", 44_000, dec_31))
+    store.record(ok("bogota", 9, dec_31 + 600))
+    # One series at a time: December replaced November.
+    assert previous_month(store) == {
+        ("wolkvox_stereo_rec_minutes_previous_month", "", "2026-12"): 44_000,
+        ("wolkvox_billing_usage_previous_month", "stereo_rec", "2026-12"): 44_000,
+    }
+
+
+def test_failures_and_max_age_across_the_1st_do_not_lose_the_close() -> None:
+    """The last November value was dropped from /metrics (older than max_age) before December's first
+    answer came: it is still what November closed at."""
+    clock = Clock(NOV_30 - 4 * 3600)
+    store = month_store(clock, max_age=3600)
+    store.record(ok("bogota", 41_000, clock.now, month="2026-11"))
+    clock.now = NOV_30 + 6 * 3600
+    store.record(failed("bogota", "timeout", clock.now))
+    assert b"wolkvox_stereo_rec_minutes{" not in store.render().plain
+    store.record(ok("bogota", 100, clock.now + 60, month="2026-12"))
+    assert previous_month(store)[("wolkvox_stereo_rec_minutes_previous_month", "", "2026-11")] == 41_000
+
+
+def test_the_closing_values_are_kept_and_restored_and_a_restart_still_notices_the_close() -> None:
+    clock = Clock(NOV_30)
+    store = month_store(clock)
+    store.record(ok("bogota", 43_000, NOV_30, month="2026-11"))
+    store.record(ok("bogota", 7, NOV_30, "chat_licenses", month="2026-11"))
+    store.record(ok("bogota", 12, NOV_30 + 600, month="2026-12"))
+    saved = store.month_state()
+    assert saved.closed == {"bogota": {"stereo_rec": Seen(43_000, NOV_30, "2026-11")}}
+    assert saved.seen["bogota"]["chat_licenses"] == Seen(7, NOV_30, "2026-11")
+
+    # A restart on the 3rd: November is on the first page, before any answer.
+    clock.now = NOV_30 + 2 * 86400
+    restarted = month_store(clock)
+    restarted.restore_months(saved)
+    assert previous_month(restarted) == {
+        ("wolkvox_stereo_rec_minutes_previous_month", "", "2026-11"): 43_000,
+        ("wolkvox_billing_usage_previous_month", "stereo_rec", "2026-11"): 43_000,
+    }
+    # The licences' last November reading came back too: December's first answer closes November.
+    restarted.record(ok("bogota", 8, clock.now, "chat_licenses", month="2026-12"))
+    assert (
+        previous_month(restarted)[("wolkvox_billing_usage_previous_month", "chat_licenses", "2026-11")] == 7
+    )
+
+
+def test_restoring_keeps_only_configured_apis_and_never_overrides_what_is_known() -> None:
+    clock = Clock(NOV_30)
+    store = month_store(clock)
+    store.record(ok("bogota", 12, NOV_30, month="2026-12"))
+    store.restore_months(
+        SavedMonths(
+            seen={"bogota": {"stereo_rec": Seen(1, 1, "2026-10")}},
+            closed={
+                "bogota": {"amd_ai": Seen(5, 1, "2026-10")},
+                "gone": {"stereo_rec": Seen(5, 1, "2026-10")},
+            },
+        )
+    )
+    assert previous_month(store) == {}
+    assert store.month_state().seen["bogota"]["stereo_rec"].month == "2026-12"
+
+
+def test_an_api_removed_by_a_reload_loses_its_closing_value() -> None:
+    clock = Clock(NOV_30)
+    store = month_store(clock)
+    for api in ("stereo_rec", "ivr_minutes"):
+        store.record(ok("bogota", 100, NOV_30, api, "2026-11"))
+        store.record(ok("bogota", 1, NOV_30 + 600, api, "2026-12"))
+    store.reconfigure([OperationInfo("bogota", apis=("ivr_minutes",))], max_age=3600)
+    assert previous_month(store) == {("wolkvox_billing_usage_previous_month", "ivr_minutes", "2026-11"): 100}
