@@ -50,6 +50,11 @@ NEEDS_BUDGET = " Needs budget_minutes on the operation (config); empty for opera
 NEEDS_PRICES = " Needs prices (config: prices or operations[].prices)."
 NEEDS_COST_BUDGET = " Needs prices and cost_budget on the operation (config)."
 NEEDS_TOKEN_INFO = " Needs token_info_interval (config)."  # noqa: S105 (a config key, not a secret)
+NEEDS_CLOSED_MONTH = (
+    " Empty until the exporter has seen a month close (the first answer of a new month); kept across "
+    "restarts only with state_file."
+)
+LAST_MONTH = "the last value fetched before the first answer of the next month"
 NEEDS_APIS = (
     " Services beyond stereo_rec need apis on the operation (config); the price and cost columns need prices."
 )
@@ -778,6 +783,86 @@ def billing() -> dashboard.Dashboard:
         )
         .decimals(0)
         .override_by_name("Used", ratio_cells(decimals=1))
+    )
+    return last_month(board)
+
+
+def last_month(board: dashboard.Dashboard) -> dashboard.Dashboard:
+    """The invoice to check against: the totals of the last closed month, kept after the API forgot it."""
+    board = board.with_row(dashboard.Row("Last month (the invoice to check)"))
+    board = board.with_panel(
+        stat_panel(
+            "Last month: stereo-recording minutes",
+            f"Final stereo-recording minutes of the last closed month ({LAST_MONTH}), per month label, for "
+            "the selected operations." + NEEDS_CLOSED_MONTH,
+            "none",
+            [
+                query(
+                    f"sum by (month) (operation:wolkvox_stereo_rec_minutes_previous_month:max{{{OP}}})",
+                    "{{month}}",
+                )
+            ],
+            color="blue",
+            size=(8, 5),
+            text_mode=cm.BigValueTextMode.VALUE_AND_NAME,
+        )
+        .decimals(0)
+        .no_value("no month closed yet")
+    )
+    board = board.with_panel(
+        stat_panel(
+            "Last month: invoice to check",
+            f"Cost of the last closed month per currency: its final usage ({LAST_MONTH}) times the unit "
+            "prices configured now; services without a price are not counted."
+            + NEEDS_CLOSED_MONTH
+            + NEEDS_PRICES,
+            "locale",
+            [
+                query(
+                    f"sum by (month, currency) (operation:wolkvox_billing_cost:previous_month{{{OP}}})",
+                    "{{month}} {{currency}}",
+                )
+            ],
+            color="purple",
+            size=(8, 5),
+            text_mode=cm.BigValueTextMode.VALUE_AND_NAME,
+        )
+        .decimals(2)
+        .no_value("no month closed yet, or no prices configured")
+    )
+    board = board.with_panel(
+        ratio_bars(
+            "Last month against budget",
+            "The last closed month's minutes against budget_minutes and its cost against cost_budget (the "
+            "budgets configured now). Orange from 80 %, red from 100 %." + NEEDS_CLOSED_MONTH + NEEDS_BUDGET,
+            f"operation:wolkvox_stereo_rec_budget_used_previous_month:ratio{{{OP}}}",
+            "no month closed yet, or no budget_minutes configured",
+        )
+        .span(8)
+        .height(5)
+    )
+    board = board.with_panel(
+        table_panel(
+            "Last month per operation",
+            f"Per operation and month: final minutes ({LAST_MONTH}), share of the minutes budget, cost with "
+            "the unit prices configured now, share of the cost budget."
+            + NEEDS_CLOSED_MONTH
+            + NEEDS_COST_BUDGET
+            + NEEDS_BUDGET,
+            "locale",
+            {"operation": "Operation", "month": "Month"},
+            {
+                "Minutes": f"operation:wolkvox_stereo_rec_minutes_previous_month:max{{{OP}}}",
+                "Of minutes budget": f"operation:wolkvox_stereo_rec_budget_used_previous_month:ratio{{{OP}}}",
+                "Cost": f"operation:wolkvox_billing_cost:previous_month{{{OP}}}",
+                "Of cost budget": f"operation:wolkvox_billing_cost_budget_used_previous_month:ratio{{{OP}}}",
+            },
+            sort_by="Minutes",
+            size=(24, 7),
+        )
+        .decimals(2)
+        .override_by_name("Of minutes budget", ratio_cells(decimals=1))
+        .override_by_name("Of cost budget", ratio_cells(decimals=1))
     )
     return board
 
