@@ -19,10 +19,11 @@ from aiohttp import web
 from exporter import __version__
 from exporter.config import Config, ConfigError, format_duration
 from exporter.logs import redact
+from exporter.page import Pages, Publisher
 from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs, token_key
 from exporter.statefile import StateFile, StateSaver
-from exporter.store import OperationInfo, Publisher, Schedule, Store
+from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
 
@@ -102,14 +103,14 @@ class App:
         if saved is not None:
             self.store.restore_values(saved.values)
             self.store.restore_months(saved.months)
-            self.store.render()  # so the very first scrape already shows the restored values
+        self.pages = Pages(self.store)  # rendered now: the very first scrape shows restored values
         self.refresher = Refresher(
             config,
             self.store.record,
             on_pace=self.store.set_pace,
             saved=saved.pacing if saved is not None else None,
         )
-        self.publisher = Publisher(self.store)
+        self.publisher = Publisher(self.pages, self.store)
         self.saver = (
             StateSaver(
                 self.state_file,
@@ -132,6 +133,7 @@ class App:
             raise StartError(str(error)) from None
         app = WebApp(
             self.store,
+            self.pages,
             telemetry_path=settings.telemetry_path,
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,

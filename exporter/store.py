@@ -1,171 +1,28 @@
-"""What is known per operation, and the /metrics page rendered from it.
+"""What is known per operation: the one owner of the exporter's snapshot.
 
-The scheduler's worker threads hand each ``FetchResult`` to ``Store.record``; that only updates the
-operation's state and marks it dirty. ``Store.render`` (called by the ``Publisher`` thread, at most
-about once a second and at least every few seconds) re-renders the dirty operations' lines, joins the
-cached lines of all operations family by family, and swaps in a new immutable ``RenderedPage`` holding
-the plain and the gzip bytes. A scrape only reads ``Store.page``: it never waits for upstream and never
-sees half an update.
-
-Sample output::
-
-    # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
-    # TYPE wolkvox_stereo_rec_minutes gauge
-    wolkvox_stereo_rec_minutes{operation="bogota"} 1234.5
-    # HELP wolkvox_up 1 if the last fetch for the operation succeeded, else 0.
-    # TYPE wolkvox_up gauge
-    wolkvox_up{operation="bogota"} 1
+The refresher hands each ``FetchResult`` to ``Store.record`` and the pace of each report to
+``Store.set_pace``; that only updates the operation's state and marks it changed. The page thread asks
+``Store.changes`` for what changed since its last visit (rendered under the lock by a function it passes
+in, so the store knows nothing of the exposition format); the status page reads ``report_rows``; the
+state file reads ``values``/``month_state``. One lock guards everything, held for dictionary updates and
+the rendering of the operations that changed, never for I/O.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from prometheus_client import REGISTRY, generate_latest
-
-from exporter import __version__
-from exporter.exposition import Family, GzipWithTail, sample
-from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
+from exporter.model import REASONS, STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
-
-STEREO_REC_MINUTES = Family(
-    "wolkvox_stereo_rec_minutes",
-    "gauge",
-    "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
-    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
-    "of each month. Absent when the last good value is older than max_age.",
-)
-BUDGET = Family(
-    "wolkvox_stereo_rec_budget_minutes",
-    "gauge",
-    "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
-)
-UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
-LAST_ERROR = Family(
-    "wolkvox_last_error_info",
-    "gauge",
-    "Reason of the last failed fetch for the operation; present (value 1) only while wolkvox_up is 0.",
-)
-ERRORS = Family(
-    "wolkvox_scrape_errors_total",
-    "counter",
-    f"Failed requests to the wolkvox API for the operation, by reason ({', '.join(REASONS)}).",
-)
-REQUESTS = Family(
-    "wolkvox_scrape_requests_total", "counter", "Requests made to the wolkvox API for the operation."
-)
-LAST_SUCCESS = Family(
-    "wolkvox_last_success_timestamp_seconds",
-    "gauge",
-    "Unix time of the last successful fetch for the operation.",
-)
-DURATION = Family(
-    "wolkvox_scrape_duration_seconds",
-    "gauge",
-    "Duration of the last request to the wolkvox API for the operation, in seconds.",
-)
-BILLING_USAGE = Family(
-    "wolkvox_billing_usage",
-    "gauge",
-    "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
-    "drops at the start of each month). The unit depends on the api: "
-    + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
-    + ".",
-)
-_CLOSED = (
-    "the last value fetched before the first answer of the next month, labelled with the month it "
-    "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
-    "the next month closes, and across restarts when state_file is set; never expires."
-)
-STEREO_REC_PREVIOUS_MONTH = Family(
-    "wolkvox_stereo_rec_minutes_previous_month",
-    "gauge",
-    "Stereo-recording minutes of the operation's last closed month (unit: minutes): " + _CLOSED,
-)
-BILLING_USAGE_PREVIOUS_MONTH = Family(
-    "wolkvox_billing_usage_previous_month",
-    "gauge",
-    "Usage of a wolkvox billing service (api) by the operation in its last closed month, in the unit of "
-    "wolkvox_billing_usage: " + _CLOSED,
-)
-UNIT_PRICE = Family(
-    "wolkvox_billing_unit_price",
-    "gauge",
-    "Configured price of one unit of the api's usage, in the currency of the label.",
-)
-COST_BUDGET = Family(
-    "wolkvox_billing_cost_budget",
-    "gauge",
-    "Configured monthly cost budget of the operation, in the currency of the label.",
-)
-TOKEN_LIMIT = Family(
-    "wolkvox_token_limit",
-    "gauge",
-    "Daily request limit of the operation's token, as read from information.php?api=token_info.",
-)
-TOKEN_USED = Family(
-    "wolkvox_token_used_today",
-    "gauge",
-    "Requests made today with the operation's token (by anyone), as read from token_info.",
-)
-REFRESH_INTERVAL = Family(
-    "wolkvox_refresh_interval_seconds",
-    "gauge",
-    "Seconds between two fetches of the report (operation x api) in use: refresh_interval, stretched "
-    "evenly when the token's reports would need more than its daily_request_limit.",
-)
-# Order in which families appear on the page; each operation caches one string per family.
-OPERATION_FAMILIES: tuple[Family, ...] = (
-    STEREO_REC_MINUTES,
-    BILLING_USAGE,
-    STEREO_REC_PREVIOUS_MONTH,
-    BILLING_USAGE_PREVIOUS_MONTH,
-    UNIT_PRICE,
-    COST_BUDGET,
-    TOKEN_LIMIT,
-    TOKEN_USED,
-    BUDGET,
-    UP,
-    LAST_ERROR,
-    ERRORS,
-    REQUESTS,
-    LAST_SUCCESS,
-    DURATION,
-    REFRESH_INTERVAL,
-)
-_INDEX = {family: i for i, family in enumerate(OPERATION_FAMILIES)}
-
-BUILD_INFO = Family(
-    "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
-)
-RELOAD_OK = Family(
-    "wolkvox_config_last_reload_successful",
-    "gauge",
-    "1 if the last configuration (re)load succeeded, else 0.",
-)
-PLANNED_REQUESTS = Family(
-    "wolkvox_token_planned_requests_per_day",
-    "gauge",
-    "Requests per day the configured intervals ask of the busiest token (one per report per "
-    "refresh_interval, plus token_info reads); above daily_request_limit the intervals are stretched.",
-)
-DAILY_LIMIT = Family(
-    "wolkvox_token_daily_request_limit",
-    "gauge",
-    "Configured daily request budget per token (daily_request_limit).",
-)
-RELOAD_TIME = Family(
-    "wolkvox_config_last_reload_success_timestamp_seconds",
-    "gauge",
-    "Unix time of the last successful configuration load.",
-)
 
 
 @dataclass(frozen=True)
@@ -192,6 +49,26 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class GlobalFacts:
+    """What the exporter says of itself on /metrics."""
+
+    reload_ok: bool
+    reload_time: float
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class Changes(Generic[T]):
+    """What ``Store.changes`` hands the page: the operations rendered since the last call, by name."""
+
+    now: float
+    rendered: dict[str, T]
+    order: list[str]  # every operation, in configuration order
+    removed: bool  # an operation left since the last call
+    facts: GlobalFacts
+
+
+@dataclass(frozen=True)
 class ReportRow:
     """What the status page shows of one report (operation, api)."""
 
@@ -207,7 +84,7 @@ class ReportRow:
 
 
 @dataclass
-class _OperationState:
+class OperationState:
     info: OperationInfo
     values: dict[str, tuple[float, float]] = field(default_factory=dict)  # api -> (value, fetched at)
     last_reason: dict[str, str | None] = field(default_factory=dict)  # api -> reason of its last failure
@@ -235,21 +112,8 @@ class _OperationState:
         return any(r is None for r in reasons) and all(r in (None, "unknown_api") for r in reasons)
 
 
-@dataclass(frozen=True)
-class RenderedPage:
-    """One immutable /metrics page, kept gzip-compressed only: Prometheus always asks for gzip, and the
-    plain text (~10 MB at 10,000 operations) is decompressed on demand for the rare client that does not."""
-
-    gzipped: bytes
-    rendered_at: float
-
-    @property
-    def plain(self) -> bytes:
-        return gzip.decompress(self.gzipped)
-
-
 class Store:
-    """Per-operation state plus the latest rendered page. ``record`` is thread-safe."""
+    """Per-operation state. Every method is thread-safe."""
 
     def __init__(
         self,
@@ -257,25 +121,20 @@ class Store:
         *,
         max_age: float,
         wall: Callable[[], float] = time.time,
-        include_process_metrics: bool = True,
         schedule: Schedule | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._wall = wall
         self._max_age = max_age
-        self._include_process_metrics = include_process_metrics
-        self._states: dict[str, _OperationState] = {}
-        self._fragments: dict[str, list[bytes]] = {}
+        self._states: dict[str, OperationState] = {}
         self._dirty: set[str] = set()
+        self._removed = False  # an operation left since the last changes() (the page must drop it)
         self._next_expiry = float("inf")
         self._reload_ok = 1
         self._reload_time = wall()
         self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
-        self._head: GzipWithTail | None = None  # the operations' part, compressed (render() only)
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
-        self.page = RenderedPage(gzip.compress(b"", mtime=0), 0.0)
-        self.render()
 
     # ----- updates (any thread) -------------------------------------------------------------
 
@@ -287,9 +146,9 @@ class Store:
             self._max_age = max_age
             if schedule is not None:
                 self._schedule = schedule
-            states: dict[str, _OperationState] = {}
+            states: dict[str, OperationState] = {}
             for info in operations:
-                state = self._states.get(info.name) or _OperationState(info)
+                state = self._states.get(info.name) or OperationState(info)
                 state.info = info
                 for api in list(state.values):
                     if api not in info.apis:
@@ -300,7 +159,7 @@ class Store:
                         del months[api]
                 states[info.name] = state
             self._states = states
-            self._fragments = {name: self._fragments.get(name, []) for name in states}
+            self._removed = self._removed or set(self._states) - set(states) != set()
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()
@@ -334,7 +193,7 @@ class Store:
         self.changed.set()
 
     @staticmethod
-    def _track_month(state: _OperationState, api: str, new: Seen) -> None:
+    def _track_month(state: OperationState, api: str, new: Seen) -> None:
         """Keep the previous reading as the closing value when ``new`` is the first of a new month. A month
         closes once: a later drop near the same 1st (a correction) does not replace its value."""
         last = state.seen.get(api)
@@ -355,7 +214,7 @@ class Store:
             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.at)),
         )
 
-    def _record_token_info(self, state: _OperationState, result: FetchResult) -> None:
+    def _record_token_info(self, state: OperationState, result: FetchResult) -> None:
         """A token_info read: counted as a request of the operation that made it; its answer is shown
         for every operation sharing the token. It does not change wolkvox_up."""
         state.requests += 1
@@ -465,42 +324,20 @@ class Store:
                 self._dirty.add(name)
         self.changed.set()
 
-    # ----- rendering (the publisher thread) ---------------------------------------------------
+    # ----- rendering (the page thread) -------------------------------------------------------
 
-    def render(self) -> RenderedPage:
-        """Re-render what changed and swap in a new page. The operations' part is compressed again only
-        when an operation changed; the exporter's own lines and the process metrics every time."""
+    def changes(self, render: Callable[[OperationState], T]) -> Changes[T]:
+        """Under the lock: drop what is older than max_age, ``render`` every operation changed since the
+        last call, and return those with the order of all operations and the global facts."""
         now = self._wall()
         with self._lock:
             if now >= self._next_expiry:
                 self._expire(now)
-            changed = bool(self._dirty) or self._head is None
-            for name in self._dirty:
-                self._fragments[name] = self._render_operation(self._states[name])
+            rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
-            fragments = list(self._fragments.values()) if changed else []
-            global_lines = self._render_global()
-        if changed:
-            # One list of byte strings joined once: no intermediate copy of the page (it is ~7 MB at
-            # 10,000 operations, and every copy made here would stay in the heap as fragmentation).
-            parts: list[bytes] = []
-            for i, family in enumerate(OPERATION_FAMILIES):
-                start = len(parts)
-                parts.append(family.header())
-                parts.extend(fragment[i] for fragment in fragments if fragment[i])
-                if len(parts) == start + 1:
-                    parts.pop()  # no samples: no header either
-            head = b"".join(parts)
-            del parts, fragments
-            self._head = GzipWithTail(head)
-            del head
-        tail = global_lines.encode()
-        if self._include_process_metrics:
-            tail += generate_latest(REGISTRY)
-        assert self._head is not None
-        page = RenderedPage(self._head.with_tail(tail), now)
-        self.page = page
-        return page
+            removed, self._removed = self._removed, False
+            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule)
+            return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:
         """Drop values older than max_age, so a stale value is never shown as current."""
@@ -527,119 +364,3 @@ class Store:
     def _token_info_lifetime(self) -> float:
         """token_info is read every token_info_interval: keep an answer for two reads or max_age."""
         return max(self._max_age, 2 * (self._schedule.token_info_interval or 0.0))
-
-    @staticmethod
-    def _render_operation(state: _OperationState) -> list[bytes]:
-        name = state.info.name
-        op = {"operation": name}
-        lines = [""] * len(OPERATION_FAMILIES)
-        if STEREO_REC in state.values:
-            lines[_INDEX[STEREO_REC_MINUTES]] = sample(
-                STEREO_REC_MINUTES.name, op, state.values[STEREO_REC][0]
-            )
-        lines[_INDEX[BILLING_USAGE]] = "".join(
-            sample(BILLING_USAGE.name, {"operation": name, "api": api}, state.values[api][0])
-            for api in state.info.apis
-            if api in state.values
-        )
-        closed = state.closed.get(STEREO_REC)
-        if closed is not None and closed.month is not None:
-            lines[_INDEX[STEREO_REC_PREVIOUS_MONTH]] = sample(
-                STEREO_REC_PREVIOUS_MONTH.name, {"operation": name, "month": closed.month}, closed.value
-            )
-        lines[_INDEX[BILLING_USAGE_PREVIOUS_MONTH]] = "".join(
-            sample(
-                BILLING_USAGE_PREVIOUS_MONTH.name,
-                {"operation": name, "api": api, "month": str(state.closed[api].month)},
-                state.closed[api].value,
-            )
-            for api in state.info.apis
-            if api in state.closed
-        )
-        currency = state.info.currency
-        lines[_INDEX[UNIT_PRICE]] = "".join(
-            sample(UNIT_PRICE.name, {"operation": name, "api": api, "currency": currency}, price)
-            for api, price in state.info.prices
-            if api in state.info.apis
-        )
-        if state.info.cost_budget is not None:
-            lines[_INDEX[COST_BUDGET]] = sample(
-                COST_BUDGET.name, {"operation": name, "currency": currency}, state.info.cost_budget
-            )
-        if state.token_info is not None:
-            limit, used, _ = state.token_info
-            if limit is not None:
-                lines[_INDEX[TOKEN_LIMIT]] = sample(TOKEN_LIMIT.name, op, limit)
-            if used is not None:
-                lines[_INDEX[TOKEN_USED]] = sample(TOKEN_USED.name, op, used)
-        if state.info.budget_minutes is not None:
-            lines[_INDEX[BUDGET]] = sample(BUDGET.name, op, state.info.budget_minutes)
-        lines[_INDEX[UP]] = sample(UP.name, op, 1 if state.up else 0)
-        if not state.up and state.last_error is not None:
-            lines[_INDEX[LAST_ERROR]] = sample(
-                LAST_ERROR.name, {"operation": name, "reason": state.last_error}, 1
-            )
-        lines[_INDEX[ERRORS]] = "".join(
-            sample(ERRORS.name, {"operation": name, "reason": reason}, count)
-            for reason, count in state.errors.items()
-        )
-        lines[_INDEX[REQUESTS]] = sample(REQUESTS.name, op, state.requests)
-        if state.last_success is not None:
-            lines[_INDEX[LAST_SUCCESS]] = sample(LAST_SUCCESS.name, op, state.last_success)
-        if state.last_duration is not None:
-            lines[_INDEX[DURATION]] = sample(DURATION.name, op, state.last_duration)
-        lines[_INDEX[REFRESH_INTERVAL]] = "".join(
-            sample(REFRESH_INTERVAL.name, {"operation": name, "api": api}, state.pace[api].interval)
-            for api in state.info.apis
-            if api in state.pace
-        )
-        return [line.encode() for line in lines]
-
-    def _render_global(self) -> str:
-        return "".join(
-            (
-                BUILD_INFO.header().decode(),
-                sample(BUILD_INFO.name, {"version": __version__}, 1),
-                RELOAD_OK.header().decode(),
-                sample(RELOAD_OK.name, {}, self._reload_ok),
-                RELOAD_TIME.header().decode(),
-                sample(RELOAD_TIME.name, {}, self._reload_time),
-                PLANNED_REQUESTS.header().decode(),
-                sample(PLANNED_REQUESTS.name, {}, self._schedule.planned_requests_per_day),
-                DAILY_LIMIT.header().decode(),
-                sample(DAILY_LIMIT.name, {}, self._schedule.daily_request_limit),
-            )
-        )
-
-
-class Publisher:
-    """A thread that re-renders the store's page when it changed (at most every ``min_interval``)
-    and at least every ``max_interval`` (so process metrics and expiries stay current)."""
-
-    def __init__(self, store: Store, *, min_interval: float = 1.0, max_interval: float = 5.0) -> None:
-        self._store = store
-        self._min_interval = min_interval
-        self._max_interval = max_interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._store.changed.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._store.changed.wait(timeout=self._max_interval)
-            if self._stop.is_set():
-                return
-            self._store.changed.clear()
-            try:
-                self._store.render()
-            except Exception:  # never let a rendering bug stop the page from being served
-                log.exception("rendering /metrics failed; serving the previous page")
-            # Coalesce bursts of results (thousands at start-up) into one render per interval.
-            self._stop.wait(self._min_interval)

@@ -29,6 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from exporter import statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
+from exporter.page import Pages
 from exporter.store import Store
 from exporter.webconfig import BasicAuth, LiveWebConfig, TokenBucket, WebConfig, sans_allowed
 
@@ -69,6 +70,7 @@ class WebApp:
     def __init__(
         self,
         store: Store,
+        pages: Pages | None = None,
         *,
         telemetry_path: str = "/metrics",
         reload: ReloadHook | None = None,
@@ -76,6 +78,7 @@ class WebApp:
         operations_count: Callable[[], int] = lambda: 0,
     ) -> None:
         self._store = store
+        self._pages = pages or Pages(store)
         self._telemetry_path = telemetry_path
         self._reload = reload
         self._reload_task: asyncio.Task[tuple[bool, str]] | None = None
@@ -113,7 +116,7 @@ class WebApp:
     # ----- handlers -----------------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        page = self._store.page
+        page = self._pages.page
         compressed = accepts_gzip(request.headers.get("Accept-Encoding"))
         body = page.gzipped if compressed else page.plain
         extra = request[_REQUEST_CONFIG].headers if _REQUEST_CONFIG in request else {}

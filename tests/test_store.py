@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import gzip
+from typing import Any
 
+import pytest
 from conftest import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import REASONS, FetchResult, Reading
 from exporter.monthclose import SavedMonths, Seen
+from exporter.page import Pages, RenderedPage
 from exporter.store import OperationInfo, Store
+
+
+class PagedStore:
+    """A store with its page, wired as the exporter does (without the process metrics)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.store = Store(*args, **kwargs)
+        self.pages = Pages(self.store, include_process_metrics=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def render(self) -> RenderedPage:
+        return self.pages.render()
+
+    @property
+    def page(self) -> RenderedPage:
+        return self.pages.page
 
 
 class Clock:
@@ -20,12 +41,12 @@ class Clock:
         return self.now
 
 
-def make_store(clock: Clock, max_age: float = 3600.0, **kwargs) -> Store:
+def make_store(clock: Clock, max_age: float = 3600.0, **kwargs: Any) -> PagedStore:
     operations = [
         OperationInfo("bogota", budget_minutes=40000),
         OperationInfo('li"ma\\x'),
     ]
-    return Store(operations, max_age=max_age, wall=clock, include_process_metrics=False, **kwargs)
+    return PagedStore(operations, max_age=max_age, wall=clock, **kwargs)
 
 
 def ok(op: str, minutes: float, at: float, api: str = "stereo_rec", month: str | None = None) -> FetchResult:
@@ -145,11 +166,10 @@ def test_reload_status_is_exported() -> None:
 
 def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does() -> None:
     clock = Clock()
-    store = Store(
+    store = PagedStore(
         [OperationInfo("op", apis=("stereo_rec", "no_such_api", "ivr_calls"))],
         max_age=3600,
         wall=clock,
-        include_process_metrics=False,
     )
     store.record(ok("op", 1, clock.now))
     store.record(FetchResult("op", "no_such_api", clock.now, 0.1, reason="unknown_api"))
@@ -160,9 +180,7 @@ def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does(
     store.record(FetchResult("op", "ivr_calls", clock.now, 0.1, reason="timeout"))
     assert value(parse_samples(store.render().plain.decode()), "wolkvox_up", operation="op") == 0
     # Only unknown apis: nothing succeeded, so not up.
-    only_unknown = Store(
-        [OperationInfo("x", apis=("nope",))], max_age=60, wall=clock, include_process_metrics=False
-    )
+    only_unknown = PagedStore([OperationInfo("x", apis=("nope",))], max_age=60, wall=clock)
     only_unknown.record(FetchResult("x", "nope", clock.now, 0.1, reason="unknown_api"))
     assert value(parse_samples(only_unknown.render().plain.decode()), "wolkvox_up", operation="x") == 0
 
@@ -172,7 +190,7 @@ def test_token_info_is_shared_by_the_token_and_expires() -> None:
     from exporter.store import Schedule
 
     clock = Clock()
-    store = Store(
+    store = PagedStore(
         [
             OperationInfo("a", token_key="k1"),
             OperationInfo("b", token_key="k1"),
@@ -180,7 +198,6 @@ def test_token_info_is_shared_by_the_token_and_expires() -> None:
         ],
         max_age=600,
         wall=clock,
-        include_process_metrics=False,
         schedule=Schedule(token_info_interval=3600),
     )
     store.record(FetchResult("a", "token_info", clock.now, 0.1, value=TokenInfo(1000, 12, 40)))
@@ -203,9 +220,7 @@ APIS = ("stereo_rec", "ivr_minutes", "chat_licenses")
 
 
 def month_store(clock: Clock, max_age: float = 3600.0) -> Store:
-    return Store(
-        [OperationInfo("bogota", apis=APIS)], max_age=max_age, wall=clock, include_process_metrics=False
-    )
+    return PagedStore([OperationInfo("bogota", apis=APIS)], max_age=max_age, wall=clock)
 
 
 def previous_month(store: Store) -> dict[tuple[str, ...], float]:
@@ -339,3 +354,30 @@ def test_an_api_removed_by_a_reload_loses_its_closing_value() -> None:
         store.record(ok("bogota", 1, NOV_30 + 600, api, "2026-12"))
     store.reconfigure([OperationInfo("bogota", apis=("ivr_minutes",))], max_age=3600)
     assert previous_month(store) == {("wolkvox_billing_usage_previous_month", "ivr_minutes", "2026-11"): 100}
+
+
+def test_an_unchanged_state_is_not_compressed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle CPU stays near zero: a render with nothing new compresses only the small tail."""
+    import exporter.page
+
+    heads: list[int] = []
+
+    class Counting(exporter.page.GzipWithTail):
+        def __init__(self, head: bytes, level: int = 6) -> None:
+            heads.append(len(head))
+            super().__init__(head, level)
+
+    monkeypatch.setattr(exporter.page, "GzipWithTail", Counting)
+    clock = Clock()
+    store = make_store(clock)
+    store.record(ok("bogota", 1, clock.now))
+    first = store.render()
+    compressed = len(heads)
+    clock.now += 1
+    second = store.render()
+    assert len(heads) == compressed  # nothing changed: the operations' part was reused
+    operations_part = gzip.decompress(first.gzipped).split(b"# HELP wolkvox_exporter_build_info")[0]
+    assert gzip.decompress(second.gzipped).startswith(operations_part)
+    store.record(ok("bogota", 2, clock.now))
+    store.render()
+    assert len(heads) == compressed + 1

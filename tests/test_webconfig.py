@@ -573,7 +573,7 @@ class Served:
 
     async def _start(self, config_path: Path | None) -> int:
         config = load_web_config(config_path)
-        store = Store([], max_age=60.0, include_process_metrics=False)
+        store = Store([], max_age=60.0)
         app = WebApp(store, web_config=config, reload=self.reload).build()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()

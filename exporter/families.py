@@ -1,0 +1,245 @@
+"""Every metric family of /metrics and how it is rendered from the state: one table.
+
+A new per-operation metric is one ``Family`` and one entry in ``OPERATION_FAMILIES`` (a function from an
+operation's state to its sample lines), plus its row in the README. The order of the table is the order
+of the page. Sample output::
+
+    # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
+    # TYPE wolkvox_stereo_rec_minutes gauge
+    wolkvox_stereo_rec_minutes{operation="bogota"} 1234.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exporter import __version__
+from exporter.exposition import Family, sample
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC
+from exporter.store import GlobalFacts, OperationState
+
+STEREO_REC_MINUTES = Family(
+    "wolkvox_stereo_rec_minutes",
+    "gauge",
+    "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
+    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "of each month. Absent when the last good value is older than max_age.",
+)
+BUDGET = Family(
+    "wolkvox_stereo_rec_budget_minutes",
+    "gauge",
+    "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
+)
+UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+LAST_ERROR = Family(
+    "wolkvox_last_error_info",
+    "gauge",
+    "Reason of the last failed fetch for the operation; present (value 1) only while wolkvox_up is 0.",
+)
+ERRORS = Family(
+    "wolkvox_scrape_errors_total",
+    "counter",
+    f"Failed requests to the wolkvox API for the operation, by reason ({', '.join(REASONS)}).",
+)
+REQUESTS = Family(
+    "wolkvox_scrape_requests_total", "counter", "Requests made to the wolkvox API for the operation."
+)
+LAST_SUCCESS = Family(
+    "wolkvox_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful fetch for the operation.",
+)
+DURATION = Family(
+    "wolkvox_scrape_duration_seconds",
+    "gauge",
+    "Duration of the last request to the wolkvox API for the operation, in seconds.",
+)
+BILLING_USAGE = Family(
+    "wolkvox_billing_usage",
+    "gauge",
+    "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
+    "drops at the start of each month). The unit depends on the api: "
+    + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
+    + ".",
+)
+_CLOSED = (
+    "the last value fetched before the first answer of the next month, labelled with the month it "
+    "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
+    "the next month closes, and across restarts when state_file is set; never expires."
+)
+STEREO_REC_PREVIOUS_MONTH = Family(
+    "wolkvox_stereo_rec_minutes_previous_month",
+    "gauge",
+    "Stereo-recording minutes of the operation's last closed month (unit: minutes): " + _CLOSED,
+)
+BILLING_USAGE_PREVIOUS_MONTH = Family(
+    "wolkvox_billing_usage_previous_month",
+    "gauge",
+    "Usage of a wolkvox billing service (api) by the operation in its last closed month, in the unit of "
+    "wolkvox_billing_usage: " + _CLOSED,
+)
+UNIT_PRICE = Family(
+    "wolkvox_billing_unit_price",
+    "gauge",
+    "Configured price of one unit of the api's usage, in the currency of the label.",
+)
+COST_BUDGET = Family(
+    "wolkvox_billing_cost_budget",
+    "gauge",
+    "Configured monthly cost budget of the operation, in the currency of the label.",
+)
+TOKEN_LIMIT = Family(
+    "wolkvox_token_limit",
+    "gauge",
+    "Daily request limit of the operation's token, as read from information.php?api=token_info.",
+)
+TOKEN_USED = Family(
+    "wolkvox_token_used_today",
+    "gauge",
+    "Requests made today with the operation's token (by anyone), as read from token_info.",
+)
+REFRESH_INTERVAL = Family(
+    "wolkvox_refresh_interval_seconds",
+    "gauge",
+    "Seconds between two fetches of the report (operation x api) in use: refresh_interval, stretched "
+    "evenly when the token's reports would need more than its daily_request_limit.",
+)
+BUILD_INFO = Family(
+    "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
+)
+RELOAD_OK = Family(
+    "wolkvox_config_last_reload_successful",
+    "gauge",
+    "1 if the last configuration (re)load succeeded, else 0.",
+)
+PLANNED_REQUESTS = Family(
+    "wolkvox_token_planned_requests_per_day",
+    "gauge",
+    "Requests per day the configured intervals ask of the busiest token (one per report per "
+    "refresh_interval, plus token_info reads); above daily_request_limit the intervals are stretched.",
+)
+DAILY_LIMIT = Family(
+    "wolkvox_token_daily_request_limit",
+    "gauge",
+    "Configured daily request budget per token (daily_request_limit).",
+)
+RELOAD_TIME = Family(
+    "wolkvox_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful configuration load.",
+)
+
+
+@dataclass(frozen=True)
+class OperationFamily:
+    family: Family
+    render: Callable[[OperationState], str]  # the operation's sample lines ("" for none)
+
+
+def _per_api(family: Family, state: OperationState, values: dict[str, float], **extra: str) -> str:
+    name = state.info.name
+    return "".join(
+        sample(family.name, {"operation": name, "api": api, **extra}, values[api])
+        for api in state.info.apis
+        if api in values
+    )
+
+
+def _one(family: Family, state: OperationState, value: float | None, **labels: str) -> str:
+    if value is None:
+        return ""
+    return sample(family.name, {"operation": state.info.name, **labels}, value)
+
+
+def _stereo_rec_previous_month(state: OperationState) -> str:
+    closed = state.closed.get(STEREO_REC)
+    if closed is None or closed.month is None:
+        return ""
+    return _one(STEREO_REC_PREVIOUS_MONTH, state, closed.value, month=closed.month)
+
+
+def _billing_previous_month(state: OperationState) -> str:
+    name = state.info.name
+    return "".join(
+        sample(
+            BILLING_USAGE_PREVIOUS_MONTH.name,
+            {"operation": name, "api": api, "month": str(state.closed[api].month)},
+            state.closed[api].value,
+        )
+        for api in state.info.apis
+        if api in state.closed
+    )
+
+
+def _unit_prices(state: OperationState) -> str:
+    info = state.info
+    return "".join(
+        sample(UNIT_PRICE.name, {"operation": info.name, "api": api, "currency": info.currency}, price)
+        for api, price in info.prices
+        if api in info.apis
+    )
+
+
+def _token_info(index: int) -> Callable[[OperationState], float | None]:
+    return lambda state: state.token_info[index] if state.token_info is not None else None
+
+
+def _last_error(state: OperationState) -> str:
+    if state.up or state.last_error is None:
+        return ""
+    return _one(LAST_ERROR, state, 1, reason=state.last_error)
+
+
+def _errors(state: OperationState) -> str:
+    name = state.info.name
+    return "".join(
+        sample(ERRORS.name, {"operation": name, "reason": reason}, count)
+        for reason, count in state.errors.items()
+    )
+
+
+def _current(state: OperationState) -> dict[str, float]:
+    return {api: value for api, (value, _) in state.values.items()}
+
+
+OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
+    OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, _current(s).get(STEREO_REC))),
+    OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, _current(s))),
+    OperationFamily(STEREO_REC_PREVIOUS_MONTH, _stereo_rec_previous_month),
+    OperationFamily(BILLING_USAGE_PREVIOUS_MONTH, _billing_previous_month),
+    OperationFamily(UNIT_PRICE, _unit_prices),
+    OperationFamily(
+        COST_BUDGET, lambda s: _one(COST_BUDGET, s, s.info.cost_budget, currency=s.info.currency)
+    ),
+    OperationFamily(TOKEN_LIMIT, lambda s: _one(TOKEN_LIMIT, s, _token_info(0)(s))),
+    OperationFamily(TOKEN_USED, lambda s: _one(TOKEN_USED, s, _token_info(1)(s))),
+    OperationFamily(BUDGET, lambda s: _one(BUDGET, s, s.info.budget_minutes)),
+    OperationFamily(UP, lambda s: _one(UP, s, 1 if s.up else 0)),
+    OperationFamily(LAST_ERROR, _last_error),
+    OperationFamily(ERRORS, _errors),
+    OperationFamily(REQUESTS, lambda s: _one(REQUESTS, s, s.requests)),
+    OperationFamily(LAST_SUCCESS, lambda s: _one(LAST_SUCCESS, s, s.last_success)),
+    OperationFamily(DURATION, lambda s: _one(DURATION, s, s.last_duration)),
+    OperationFamily(
+        REFRESH_INTERVAL,
+        lambda s: _per_api(REFRESH_INTERVAL, s, {api: pace.interval for api, pace in s.pace.items()}),
+    ),
+)
+
+GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
+    (BUILD_INFO, lambda g: sample(BUILD_INFO.name, {"version": __version__}, 1)),
+    (RELOAD_OK, lambda g: sample(RELOAD_OK.name, {}, 1 if g.reload_ok else 0)),
+    (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
+    (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
+    (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+)
+
+
+def render_operation(state: OperationState) -> list[bytes]:
+    """The operation's lines, one string per entry of OPERATION_FAMILIES (cached until it changes)."""
+    return [entry.render(state).encode() for entry in OPERATION_FAMILIES]
+
+
+def render_global(facts: GlobalFacts) -> bytes:
+    return "".join(family.header().decode() + render(facts) for family, render in GLOBAL_FAMILIES).encode()
