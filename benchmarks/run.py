@@ -64,7 +64,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from exporter.simulator import parse_duration, stable_unit  # noqa: E402  (needs the path above)
+from exporter.config import parse_duration  # noqa: E402  (needs the path above)
+from exporter.simulator import stable_unit  # noqa: E402
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 WRK = shutil.which("wrk")

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, format_duration
+from exporter.config import Config, ConfigError, format_duration, parse_listen_address
 from exporter.logs import redact
 from exporter.page import Pages, Publisher
 from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs, token_key
 from exporter.statefile import StateFile, StateSaver
 from exporter.store import OperationInfo, Schedule, Store
-from exporter.web import LimitedSite, WebApp, parse_listen_address
+from exporter.web import LimitedSite, WebApp
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")

@@ -228,16 +228,6 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
-def parse_listen_address(address: str) -> tuple[str | None, int]:
-    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port`` -> (host or None, port)."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"--web.listen-address: expected host:port, got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return (host or None), int(port_text)
-
-
 class LimitedSite(web.BaseSite):
     """A TCP site that closes new connections beyond ``max_connections`` instead of queueing them.
 

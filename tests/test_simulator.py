@@ -23,6 +23,8 @@ import pytest
 import requests
 
 from exporter import simulator
+from exporter.simulator import cli as simulator_cli
+from exporter.simulator.api import format_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"^simulator listening on (http://\S+)$")
@@ -828,28 +830,6 @@ def test_signal_stops_quickly_while_a_request_hangs(sig: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("0", 0.0),
-        ("250ms", 0.25),
-        ("2s", 2.0),
-        ("1.5", 1.5),
-        ("1m30s", 90.0),
-        ("1h", 3600.0),
-        ("1d", 86400.0),
-    ],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert simulator.parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "abc", "5 parsecs", "-1", "2x", "s", "nan"])
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        simulator.parse_duration(text)
-
-
-@pytest.mark.parametrize(
     "argv",
     [
         ["--latency", "abc"],
@@ -864,14 +844,14 @@ def test_parse_duration_rejects(text: str) -> None:
     ],
 )
 def test_main_rejects_bad_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert simulator.main(argv) == 2
+    assert simulator_cli.main(argv) == 2
     assert "error" in capsys.readouterr().err
 
 
 def test_format_items() -> None:
-    assert simulator.format_items(1234.567, "int") == "1234"
-    assert simulator.format_items(1234.567, "dot") == "1234.57"
-    assert simulator.format_items(1234.567, "comma") == "1234,57"
+    assert format_items(1234.567, "int") == "1234"
+    assert format_items(1234.567, "dot") == "1234.57"
+    assert format_items(1234.567, "comma") == "1234,57"
 
 
 def test_usage_value_is_stable_monotonic_and_restarts_each_month() -> None:
