@@ -39,7 +39,8 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _which(binary: str) -> str | None:
+def which(binary: str) -> str | None:
+    """Path of ``binary`` on PATH or in the sbin directories, else None (never installs anything)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
     return shutil.which(binary, path=path)
 
@@ -59,7 +60,7 @@ def _apt_get(*args: str) -> tuple[bool, str]:
 
 def find_or_install(binary: str, debian_package: str | None) -> str:
     """Path of ``binary``; installs ``debian_package`` with apt-get as root if needed; else skip/fail."""
-    found = _which(binary)
+    found = which(binary)
     if found:
         return found
     if binary in _failed:
@@ -75,7 +76,7 @@ def find_or_install(binary: str, debian_package: str | None) -> str:
         if not ok:
             _apt_get("update")
             ok, detail = _apt_get("install", "--no-install-recommends", debian_package)
-        found = _which(binary)
+        found = which(binary)
         if found:
             return found
         reason = f"{binary} not found after installing {debian_package}: {detail}"
@@ -98,7 +99,7 @@ def amtool() -> str:
 
 def alertmanager() -> str:
     """The Alertmanager server: ``alertmanager`` upstream, ``prometheus-alertmanager`` in Debian."""
-    return _which("alertmanager") or find_or_install("prometheus-alertmanager", "prometheus-alertmanager")
+    return which("alertmanager") or find_or_install("prometheus-alertmanager", "prometheus-alertmanager")
 
 
 def free_port() -> int:
