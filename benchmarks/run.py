@@ -77,6 +77,7 @@ sys.path.insert(0, str(REPO))
 from exporter.client import default_max_connections  # noqa: E402
 from exporter.config import DEFAULT_DAILY_REQUEST_LIMIT, DEFAULT_READ_TIMEOUT  # noqa: E402
 from exporter.planner import DAY, plan_pace  # noqa: E402
+from exporter.refresher import MAX_YOUNG, YOUNG_SECONDS  # noqa: E402
 from exporter.simulator import parse_duration, stable_unit  # noqa: E402
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
@@ -647,7 +648,9 @@ def metrics_size(
                 tokens = sim_stats(sim)["tokens"].values()
                 return sum(t["in_flight"] for t in tokens) >= hanging
 
-            wait_for(all_hanging, 30, f"{hanging} upstream requests to hang")
+            # The refresher starts MAX_YOUNG requests per YOUNG_SECONDS while earlier ones hang.
+            ramp = math.ceil(hanging / MAX_YOUNG) * YOUNG_SECONDS
+            wait_for(all_hanging, 30 + 2 * ramp, f"{hanging} upstream requests to hang")
             out["upstream_in_flight_during_load"] = hanging
             out["exporter_rss_mb_page_complete"] = rss_mb(exporter)
             wire, plain, headers = fetch_page(exporter.url)
