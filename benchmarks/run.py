@@ -1109,6 +1109,18 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             and up["hanging_tokens_over_allowed"] == 0
             and moved == 0,
         )
+    for label, run in runs.items():
+        if run["observed_s"] == run["window_s"]:
+            continue
+        windows = int(run["observed_s"] // run["window_s"])
+        per = run["upstream"]["healthy_requests_per_report"]
+        add(
+            f"each healthy report refreshed every window ({label}: {run['observed_s']:g} s observed, "
+            f"window {run['window_s']:g} s, {run['hanging']:,} of {run['operations']:,} tokens hanging)",
+            f">= {windows} requests per healthy report",
+            f"{per['min']}-{per['max']}, smallest gap {run['upstream']['healthy_min_gap_s']} s",
+            per["min"] >= windows,
+        )
     if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
         ex, ref, ngx = (rows[(1000, impl)] for impl in IMPLEMENTATIONS)
         add(
