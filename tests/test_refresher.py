@@ -13,7 +13,7 @@ from tools import wait_until
 
 from exporter.config import Config, load_config
 from exporter.model import FetchResult, Reading
-from exporter.refresher import Refresher
+from exporter.refresher import Refresher, plan_jobs
 
 ANSWER_SECONDS = 0.05
 
@@ -92,3 +92,20 @@ def test_hanging_upstreams_do_not_hold_back_healthy_ones(tmp_path: Path) -> None
         assert all(r.ok for r in results)
     finally:
         refresher.stop(timeout=0.5)
+
+
+def test_timeouts_are_scoped_to_the_wolkvox_server_not_to_a_shared_base_url(tmp_path: Path) -> None:
+    # Three operations behind one base URL (a proxy, the simulator): op0 and op1 are different wolkvox
+    # servers, op2 is op0's server again with another token.
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "operations:\n"
+        + "".join(
+            f"  - name: op{i}\n    server: {server}\n    token: t{i}\n    base_url: http://proxy:8080\n"
+            for i, server in enumerate(["wv1", "wv2", "wv1"])
+        ),
+        encoding="utf-8",
+    )
+    servers = {job.operation: job.server for jobs in plan_jobs(load_config(path)).values() for job in jobs}
+    assert servers["op0"] != servers["op1"]  # a hanging wv1 does not pause wv2
+    assert servers["op0"] == servers["op2"]  # but pauses every operation on wv1
