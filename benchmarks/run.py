@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Speed, capacity and memory benchmark of the exporter, against the simulator, on loopback only.
+"""Speed, capacity, pacing and memory benchmark of the exporter, against the simulator, on loopback only.
 
     python benchmarks/run.py --steady         # the full run (about 15 minutes on 2 cores)
-    python benchmarks/run.py --quick --steady # the smoke run of the test suite (about 45 seconds)
+    python benchmarks/run.py --quick --steady # the smoke run of the test suite (about a minute)
 
 Part 1, /metrics under load, for each size in ``--sizes`` (number of operations, distinct tokens):
   the simulator is told to hang every request (fault ``hang`` for token ``*``) and the exporter
   (read_timeout 60s) is started against it, so every upstream request it makes hangs until its
   timeout while /metrics is measured. Once the page lists every operation (``wolkvox_up``) and the
-  fetch workers are all stuck upstream, ``wrk`` runs with ``--connections`` connections and
-  ``Accept-Encoding: gzip`` against three servers of the same series, one at a time:
+  upstream sockets are all held by hanging requests, ``wrk`` runs with ``--connections`` connections
+  and ``Accept-Encoding: gzip`` against three servers of the same series, one at a time:
     exporter           the exporter's /metrics (aiohttp, pre-rendered page, pre-compressed gzip);
     prometheus_client  reference 1, the straightforward alternative: the same series as plain
                        prometheus_client Gauges served by ``prometheus_client.start_http_server``
@@ -18,15 +18,24 @@ Part 1, /metrics under load, for each size in ``--sizes`` (number of operations,
                        exact bytes from a file, with ``gzip_static`` (pre-compressed, as the exporter).
   The exporter's resident memory (VmRSS) is read once the page is complete and again after wrk.
   With ``--steady`` the exporter is measured once more with every operation answered (values on the
-  page, as between refreshes in production).
+  page, as between refreshes in production); at the largest size that exporter's CPU is also read
+  over ``--idle`` seconds in which nothing changes (refresh_interval 1h, a scrape every 15 s).
+  At ``--active-size`` (1,000) the exporter is measured while its refresher is busy (values arriving
+  every second: refresh_interval ``--active-interval``, 250 ms upstream latency, a tenth of the tokens
+  hanging) and nginx right after on the page it served (``exporter-refreshing`` / ``nginx-refreshing``).
 
-Part 2, refresh capacity (skipped with ``--skip-refresh``): the largest size (10,000 operations in the
-  full run) against a simulator answering after ``--refresh-latency`` (250ms); once with every upstream
-  healthy, once with ``--hang-fraction`` (0.1) of the tokens hanging for ever, and once more with
-  ``fetch_workers`` sized so the current scheduler can absorb the hangs (``--refresh-runs``). It polls
-  /metrics every ~2 s until every healthy operation has ``wolkvox_up 1`` (or the window, ``refresh_interval``,
-  is over), fires a burst of scrapes during the window (and another after, when there is time left),
-  and reads the simulator's ``/-/stats``: requests per token, ``max_in_flight`` per token, violations.
+Part 2, refresh capacity and pacing (skipped with ``--skip-refresh``), at ``--refresh-ops`` (the
+  largest size) against a simulator answering after ``--refresh-latency`` (250ms), with the exporter's
+  DEFAULT settings (only base_url, refresh_interval = the window, and daily_request_limit when the
+  window needs more than the default budget). ``--refresh-runs``:
+    healthy  every upstream answers;
+    hang     ``--hang-fraction`` (0.1) of the tokens hang for ever (freed by the 60 s read timeout);
+    pace     a quarter of the operations with 4 reports each, a tenth hanging, refresh_interval
+             ``--pace-window`` (60s) for ``--pace-windows`` (3) windows: each report is fetched at most
+             once per window (the simulator's ``--report-interval``), one request at a time per token.
+  Healthy and hang poll /metrics every ~2 s until every healthy operation has ``wolkvox_up 1`` (or the
+  window is over) and fire bursts of scrapes; every run reads the simulator's ``/-/stats``: requests
+  per token and per report, ``max_in_flight`` per token, violations, the smallest gap per report.
 
 Everything listens on 127.0.0.1, every load is bounded in count and time, every child process dies
 with this script (PR_SET_PDEATHSIG) and the whole run has a deadline (``--max-minutes``).
@@ -64,12 +73,21 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from exporter.config import parse_duration  # noqa: E402  (needs the path above)
+# Needs the path above (E402): the exporter's own defaults, so the benchmark sets only what it must.
+from exporter.client import default_max_connections  # noqa: E402
+from exporter.config import (  # noqa: E402
+    DEFAULT_DAILY_REQUEST_LIMIT,
+    DEFAULT_READ_TIMEOUT,
+    parse_duration,
+)
+from exporter.planner import DAY, plan_pace  # noqa: E402
+from exporter.refresher import MAX_YOUNG, YOUNG_SECONDS  # noqa: E402
 from exporter.simulator import stable_unit  # noqa: E402
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 WRK = shutil.which("wrk")
 IMPLEMENTATIONS = ("exporter", "prometheus_client", "nginx")
+PACE_APIS = ("stereo_rec", "ivr_minutes", "amd_ai", "ivr_calls")  # the issue's one token, four services
 EXPORTER_ROOT = REPO  # where `python -m exporter.cli` runs from (--exporter-root)
 MB = 1_000_000  # memory is reported in MB of 10^6 bytes (stricter than MiB for the 100 MB goal)
 _LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
@@ -215,15 +233,37 @@ def operation_of(i: int) -> str:
     return f"op-{i:05d}"
 
 
-def write_exporter_config(path: Path, sim_url: str, n: int, prefix: str, **top: Any) -> None:
+def write_exporter_config(
+    path: Path, sim_url: str, n: int, prefix: str, apis: list[str] | None = None, **top: Any
+) -> None:
+    """One operation per token; ``top`` keys with the value None are left out (the exporter's default)."""
+    operation: dict[str, Any] = {"apis": apis} if apis else {}
     config = {
-        **top,
+        **{key: value for key, value in top.items() if value is not None},
         "operations": [
-            {"server": operation_of(i), "token": token_of(prefix, i), "base_url": sim_url} for i in range(n)
+            {"server": operation_of(i), "token": token_of(prefix, i), "base_url": sim_url, **operation}
+            for i in range(n)
         ],
     }
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     path.write_text(yaml.dump(config, Dumper=dumper, sort_keys=False), encoding="utf-8")
+
+
+def daily_limit_for(reports_per_token: int, interval: float) -> int | None:
+    """The ``daily_request_limit`` a token with these reports needs to keep ``interval`` unstretched;
+    None when the exporter's default budget already does (then the benchmark leaves it out)."""
+    intervals = [interval] * reports_per_token
+    if plan_pace(intervals, DEFAULT_DAILY_REQUEST_LIMIT).stretch <= 1.0:
+        return None
+    limit = math.ceil(1.2 * reports_per_token * DAY / interval) + reports_per_token
+    assert plan_pace(intervals, limit).stretch <= 1.0
+    return limit
+
+
+def exporter_max_connections() -> int:
+    """The exporter's default cap on upstream sockets: it raises its soft fd limit to the hard one."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return default_max_connections(-1 if hard == resource.RLIM_INFINITY else hard)
 
 
 def start_exporter(workdir: Path, name: str, config_path: Path) -> Child:
@@ -430,16 +470,16 @@ def start_nginx(workdir: Path, plain: bytes) -> Child:
 
 
 def steady_size(
-    size: int, args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+    size: int, args: argparse.Namespace, workdir: Path, log: Callable[[str], None], idle: bool
 ) -> dict[str, Any]:
     """--steady: the exporter once every operation has a value (upstream answering at once), as in
-    production between refreshes; the page is larger than with hanging upstreams (values, timestamps)."""
+    production between refreshes; the page is larger than with hanging upstreams (values, timestamps).
+    With ``idle``, first its CPU over ``--idle`` seconds in which nothing changes (refresh_interval 1h:
+    no request is due), scraped every 15 s as Prometheus would."""
     sim = start_simulator(workdir, f"simulator-steady-{size}", "--daily-limit", "0")
     try:
         config_path = workdir / f"steady-{size}.yml"
-        write_exporter_config(
-            config_path, sim.url, size, f"s{size}", refresh_interval="5m", max_age="1h", fetch_workers=16
-        )
+        write_exporter_config(config_path, sim.url, size, f"s{size}", refresh_interval="1h", max_age="2h")
         exporter = start_exporter(workdir, f"exporter-steady-{size}", config_path)
         try:
 
@@ -449,20 +489,133 @@ def steady_size(
 
             wait_for(all_up, 120, f"all {size} operations to be up", interval=1.0)
             time.sleep(2)  # the publisher coalesces results: let the last render land
+            rss_all_in = rss_mb(exporter)
+            quiet = idle_cpu(exporter, sim, args) if idle else None
+            if quiet is not None:
+                log(
+                    f"  size {size}: idle {quiet['seconds']} s: exporter CPU {quiet['cpu_seconds']} s "
+                    f"({quiet['percent_of_a_core']} % of a core), {quiet['upstream_requests']} upstream "
+                    f"requests, {quiet['scrapes']} scrapes, load {quiet['loadavg']}"
+                )
             wire, plain, _ = fetch_page(exporter.url)
             row = measure(exporter, exporter.url, args.duration, args, timeout=max(10.0, args.duration))
             row.update(
                 page_bytes_plain=len(plain),
                 page_bytes_gzip=len(wire),
+                exporter_rss_mb_all_in=rss_all_in,
                 exporter_rss_mb=rss_mb(exporter),
                 upstream_requests=sim_stats(sim)["total_requests"],
             )
+            if quiet is not None:
+                row["idle"] = quiet
             log(_row_line(size, "exporter-steady", row))
             return {"implementation": "exporter-steady", **row}
         finally:
             exporter.stop()
     finally:
         sim.stop()
+
+
+def idle_cpu(exporter: Child, sim: Child, args: argparse.Namespace) -> dict[str, Any]:
+    """The exporter's CPU over ``--idle`` seconds with every value in and nothing due: what remains is
+    the publisher's periodic render of its own metrics, and the scrapes (one every 15 s)."""
+    requests_before = sim_stats(sim)["total_requests"]
+    cpu_before, busy_before = exporter.cpu_seconds(), machine_busy_seconds()
+    started = time.monotonic()
+    end = started + args.idle
+    scrapes = 0
+    while True:
+        fetch_page(exporter.url)
+        scrapes += 1
+        if time.monotonic() + 15 > end:
+            break
+        time.sleep(15 - (time.monotonic() - started) % 15)
+    time.sleep(max(0.0, end - time.monotonic()))
+    seconds = time.monotonic() - started
+    cpu = exporter.cpu_seconds() - cpu_before
+    other = machine_busy_seconds() - busy_before - cpu
+    return {
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 2),
+        "percent_of_a_core": round(100 * cpu / seconds, 2),
+        "scrapes": scrapes,
+        "upstream_requests": sim_stats(sim)["total_requests"] - requests_before,
+        "other_cpu_cores": round(max(0.0, other) / seconds, 2),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def active_size(
+    size: int, args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The exporter while its refresher is busy, then nginx on the page it served, in the same run.
+
+    Every token is refreshed every ``--active-interval`` (with the daily budget that needs), the
+    simulator answers after ``--refresh-latency`` and a tenth of the tokens hang until the 60 s read
+    timeout: answers arrive all the time, so the page is rendered and compressed again every second
+    while wrk runs. The upstream requests answered during wrk are recorded to show it."""
+    prefix = f"a{size}"
+    sim = start_simulator(
+        workdir,
+        f"simulator-active-{size}",
+        "--daily-limit",
+        "0",
+        "--latency",
+        f"{args.refresh_latency}s",
+        "--hang-fraction",
+        str(args.hang_fraction),
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        config_path = workdir / f"active-{size}.yml"
+        write_exporter_config(
+            config_path,
+            sim.url,
+            size,
+            prefix,
+            refresh_interval=f"{args.active_interval:g}s",
+            daily_request_limit=daily_limit_for(1, args.active_interval),
+        )
+        exporter = start_exporter(workdir, f"exporter-active-{size}", config_path)
+        try:
+            healthy = {operation_of(i) for i in range(size)} - {
+                operation_of(i) for i in hanging_tokens(prefix, size, args.hang_fraction)
+            }
+
+            def healthy_up() -> bool:
+                ups = up_values(fetch_page(exporter.url)[1])
+                return all(ups.get(op) == 1.0 for op in healthy)
+
+            wait_for(healthy_up, 60, f"the {len(healthy)} healthy operations to be up", interval=0.5)
+            time.sleep(args.active_interval)  # into the steady refresh cycle
+            before = sim_stats(sim)["total_requests"]
+            row = measure(exporter, exporter.url, args.duration, args, timeout=max(10.0, args.duration))
+            during = sim_stats(sim)["total_requests"] - before
+            wire, saved, _ = fetch_page(exporter.url)
+            row.update(
+                page_bytes_plain=len(saved),
+                page_bytes_gzip=len(wire),
+                upstream_requests_during_wrk=during,
+                upstream_requests_per_second=round(during / row["duration_s"], 1),
+                refresh_interval_s=args.active_interval,
+                exporter_rss_mb=rss_mb(exporter),
+                loadavg=Path("/proc/loadavg").read_text().split()[:3],
+            )
+            rows.append({"implementation": "exporter-refreshing", **row})
+            log(_row_line(size, "exporter-refreshing", row) + f", {during} upstream requests meanwhile")
+        finally:
+            exporter.stop()
+    finally:
+        sim.stop()
+    nginx = start_nginx(workdir, saved)
+    try:
+        row = measure(nginx, nginx.url, args.duration, args, timeout=max(10.0, args.duration))
+        row["page_bytes_gzip"] = len(fetch_page(nginx.url)[0])
+        rows.append({"implementation": "nginx-refreshing", **row})
+        log(_row_line(size, "nginx-refreshing", row))
+    finally:
+        nginx.stop()
+    return rows
 
 
 def metrics_size(
@@ -476,16 +629,12 @@ def metrics_size(
             f"{sim.url}/-/faults", json={"mode": "hang", "token": "*"}, timeout=5
         ).raise_for_status()
         config_path = workdir / f"metrics-{size}.yml"
-        workers = 16
         write_exporter_config(
             config_path,
             sim.url,
             size,
             f"m{size}",
             refresh_interval="5m",
-            max_age="1h",
-            fetch_workers=workers,
-            connect_timeout="10s",
             read_timeout=args.hang_timeout,
         )
         started = time.monotonic()
@@ -497,13 +646,15 @@ def metrics_size(
                 return len(up_values(fetch_page(exporter.url)[1])) == size
 
             wait_for(complete, 60, f"/metrics to list all {size} operations", interval=0.2)
-            hanging = min(size, workers)
+            hanging = min(size, exporter_max_connections())
 
             def all_hanging() -> bool:
                 tokens = sim_stats(sim)["tokens"].values()
                 return sum(t["in_flight"] for t in tokens) >= hanging
 
-            wait_for(all_hanging, 30, f"{hanging} upstream requests to hang")
+            # The refresher starts MAX_YOUNG requests per YOUNG_SECONDS while earlier ones hang.
+            ramp = math.ceil(hanging / MAX_YOUNG) * YOUNG_SECONDS
+            wait_for(all_hanging, 30 + 2 * ramp, f"{hanging} upstream requests to hang")
             out["upstream_in_flight_during_load"] = hanging
             out["exporter_rss_mb_page_complete"] = rss_mb(exporter)
             wire, plain, headers = fetch_page(exporter.url)
@@ -596,64 +747,67 @@ def hanging_tokens(prefix: str, n: int, fraction: float) -> set[int]:
     return {i for i in range(n) if stable_unit("hang", token_of(prefix, i)) < fraction}
 
 
-def sized_workers(n: int, fraction: float, read_timeout: float, args: argparse.Namespace) -> int:
-    """Workers the current scheduler needs for the hanging run to fit in the window with 20 % to spare:
-    its first pass costs healthy x latency + hanging x read_timeout worker-seconds (a multiple of 8)."""
-    hang = len(hanging_tokens(f"r{n}h{fraction:g}", n, fraction))
-    work = (n - hang) * args.refresh_latency + hang * read_timeout
-    return max(args.fetch_workers, 8 * math.ceil(work / (0.8 * args.window) / 8))
-
-
 def refresh_run(
     label: str,
     n: int,
     hang_fraction: float,
-    workers: int,
-    read_timeout: float,
+    window: float,
+    apis: list[str] | None,
+    observe: float | None,
     args: argparse.Namespace,
     workdir: Path,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    window = args.window
+    """One refresh run with the exporter's default settings. ``observe`` None: until every healthy
+    operation is up or the window is over, with scrape bursts; else for ``observe`` seconds (pacing)."""
     prefix = f"r{n}h{hang_fraction:g}"  # the same hanging tokens in every run with this fraction
     hang = hanging_tokens(prefix, n, hang_fraction)
     healthy = {operation_of(i) for i in range(n) if i not in hang}
     healthy_tokens = {token_of(prefix, i) for i in range(n) if i not in hang}
-    sim_args = ["--latency", f"{args.refresh_latency}s", "--daily-limit", "0"]
+    reports_per_token = len(apis) if apis else 1
+    sim_args = [
+        "--latency",
+        f"{args.refresh_latency}s",
+        "--daily-limit",
+        "0",
+        "--report-interval",
+        f"{window}s",
+    ]
     if hang_fraction > 0:
         sim_args += ["--hang-fraction", str(hang_fraction)]
     sim = start_simulator(workdir, f"simulator-refresh-{label}", *sim_args)
     config_path = workdir / f"refresh-{label}.yml"
+    daily_limit = daily_limit_for(reports_per_token, window)
+    # Nothing else: fetch timeouts, max_age, connection caps are the exporter's defaults.
     write_exporter_config(
         config_path,
         sim.url,
         n,
         prefix,
-        refresh_interval=f"{window}s",
-        max_age="1h",
-        fetch_workers=workers,
-        connect_timeout="10s",
-        read_timeout=f"{read_timeout}s",
+        apis=apis,
+        refresh_interval=f"{window:g}s",
+        daily_request_limit=daily_limit,
     )
+    end = observe if observe is not None else window
     result: dict[str, Any] = {
         "label": label,
         "operations": n,
+        "reports_per_operation": reports_per_token,
         "hanging": len(hang),
         "healthy": len(healthy),
         "latency_s": args.refresh_latency,
-        "fetch_workers": workers,
-        "read_timeout_s": read_timeout,
+        "read_timeout_s": DEFAULT_READ_TIMEOUT,
         "window_s": window,
-        # The first pass: every lane is due at start and untried lanes are never "suspect", so each
-        # hanging token holds a worker for read_timeout once, whatever the suspect cap.
-        "model_first_pass_s": round(
-            (len(healthy) * args.refresh_latency + len(hang) * read_timeout) / workers, 1
-        ),
+        "observed_s": end,
+        "daily_request_limit": daily_limit
+        if daily_limit is not None
+        else f"default ({DEFAULT_DAILY_REQUEST_LIMIT})",
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
     }
     log(
-        f"refresh [{label}]: {n} operations ({len(hang)} hanging), {workers} workers, "
-        f"latency {args.refresh_latency}s, read_timeout {read_timeout:g}s, window {window:g}s; "
-        f"model first pass {result['model_first_pass_s']} s"
+        f"refresh [{label}]: {n} operations x {reports_per_token} reports ({len(hang)} hanging), "
+        f"latency {args.refresh_latency}s, window {window:g}s, observed {end:g}s, "
+        f"daily_request_limit {result['daily_request_limit']}"
     )
     started = time.monotonic()
     busy_before, own_before = machine_busy_seconds(), own_cpu_seconds()
@@ -669,17 +823,20 @@ def refresh_run(
             ups = up_values(page)
             refreshed = sum(1 for op in healthy if ups.get(op) == 1.0)
             timeline.append((round(elapsed, 1), refreshed))
-            if refreshed == len(healthy):
+            if refreshed == len(healthy) and done_at is None:
                 done_at = elapsed
+                time.sleep(2)  # the publisher coalesces results: let the last render land
+                result["exporter_rss_mb_all_in"] = rss_mb(exporter)
             if (
-                "burst_during_window" not in result
+                observe is None
+                and "burst_during_window" not in result
                 and (refreshed >= len(healthy) // 3 or elapsed > window / 3)
                 and elapsed + args.burst + 5 < window
             ):
                 result["burst_during_window"] = scrape_burst(exporter, sim, healthy_tokens, args, refreshed)
-            if done_at is not None or elapsed >= window:
+            if (observe is None and done_at is not None) or elapsed >= end:
                 break
-            time.sleep(max(0.0, min(args.poll, window - elapsed)))
+            time.sleep(max(0.0, min(args.poll, end - elapsed)))
         result["timeline"] = timeline
         result["all_healthy_refreshed_s"] = round(done_at, 1) if done_at is not None else None
         result["refreshed_within_window"] = max((c for t, c in timeline if t <= window), default=0)
@@ -695,11 +852,11 @@ def refresh_run(
             result["projected_all_refreshed_s"] = round(t2 + missing / rate, 0) if rate > 0 else None
         result["exporter_rss_mb"] = rss_mb(exporter)
         remaining = window - (time.monotonic() - t0)
-        if done_at is not None and remaining > args.burst + 5:
+        if observe is None and done_at is not None and remaining > args.burst + 5:
             result["burst_after_refresh"] = scrape_burst(exporter, sim, healthy_tokens, args, len(healthy))
         stats = sim_stats(sim)
         result["upstream"] = upstream_report(
-            stats, prefix, n, hang, healthy, time.monotonic() - t0, read_timeout
+            stats, prefix, n, hang, reports_per_token, time.monotonic() - t0, window
         )
         result["exporter_cpu_seconds"] = round(exporter.cpu_seconds(), 1)
         result["simulator_cpu_seconds"] = round(sim.cpu_seconds(), 1)
@@ -710,6 +867,7 @@ def refresh_run(
         result["other_cpu_cores"] = round(
             max(0.0, machine_busy_seconds() - busy_before - ours) / run_seconds, 2
         )
+        result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     finally:
         exporter.stop()
         sim.stop()
@@ -723,7 +881,10 @@ def refresh_run(
             f"(projected {result.get('projected_all_refreshed_s')} s)"
         )
         + f"; max_in_flight {up['max_in_flight']}, violations {up['total_violations']}, "
-        f"healthy tokens over budget {up['healthy_tokens_over_allowed']}, RSS {result['exporter_rss_mb']} MB"
+        f"healthy report violations {up['healthy_report_violations']}, requests per healthy report "
+        f"{up['healthy_requests_per_report']} (allowed {up['healthy_requests_allowed_per_report']}), "
+        f"RSS {result.get('exporter_rss_mb_all_in')} / {result['exporter_rss_mb']} MB, "
+        f"other processes {result['other_cpu_cores']} cores"
     )
     return result
 
@@ -762,28 +923,47 @@ def upstream_report(
     prefix: str,
     n: int,
     hang: set[int],
-    healthy: set[str],
+    reports_per_token: int,
     elapsed: float,
-    read_timeout: float,
+    window: float,
 ) -> dict[str, Any]:
+    """What the simulator saw, against the rules: one request at a time per token (max_in_flight,
+    violations) and each healthy report at most once per window (report_violations, requests)."""
     tokens = stats["tokens"]
     healthy_tokens = [token_of(prefix, i) for i in range(n) if i not in hang]
     hang_tokens = [token_of(prefix, i) for i in sorted(hang)]
-    per_healthy = [tokens.get(t, {}).get("requests", 0) for t in healthy_tokens]
+    reports = [r for t in healthy_tokens for r in tokens.get(t, {}).get("reports", {}).values()]
+    per_report = sorted(r["requests"] for r in reports)
+    gaps = [r["min_gap_seconds"] for r in reports if r["min_gap_seconds"] is not None]
     per_hang = [tokens.get(t, {}).get("requests", 0) for t in hang_tokens]
-    # After a success a token may be used again only refresh_interval later; the run ends within one
-    # window, so one request per healthy token is what is allowed.
-    # A hanging token: each attempt lasts read_timeout, then waits at least 0.75 * 30 s (backoff).
-    hang_allowed = 1 + int(elapsed // (read_timeout + 22.5))
+    # A report is due a full window after its success: 1 + elapsed // window requests at most.
+    allowed = 1 + int(elapsed // window)
+    # A hanging token: each attempt lasts read_timeout; the timeout then pauses the server for at least
+    # 0.75 x min(30 s, window) (the planner's backoff) before the token may send anything there again.
+    hang_allowed = 1 + int(elapsed // (DEFAULT_READ_TIMEOUT + 0.75 * min(30.0, window)))
     return {
         "total_requests": stats["total_requests"],
         "total_violations": stats["total_violations"],
         "max_in_flight": max((s["max_in_flight"] for s in tokens.values()), default=0),
         "tokens_seen": len(tokens),
-        "healthy_requests_max_per_token": max(per_healthy, default=0),
-        "healthy_requests_allowed_per_token": 1,
-        "healthy_tokens_over_allowed": sum(1 for r in per_healthy if r > 1),
-        "healthy_tokens_never_asked": sum(1 for r in per_healthy if r == 0),
+        "healthy_reports": len(healthy_tokens) * reports_per_token,
+        "healthy_reports_never_asked": len(healthy_tokens) * reports_per_token
+        - sum(1 for r in per_report if r >= 1),
+        "healthy_requests_per_report": {
+            "min": per_report[0] if per_report else 0,
+            "median": per_report[len(per_report) // 2] if per_report else 0,
+            "max": per_report[-1] if per_report else 0,
+        },
+        "healthy_requests_allowed_per_report": allowed,
+        "healthy_reports_over_allowed": sum(1 for r in per_report if r > allowed),
+        "healthy_min_gap_s": round(min(gaps), 2) if gaps else None,
+        "healthy_report_violations": sum(
+            tokens.get(t, {}).get("report_violations", 0) for t in healthy_tokens
+        ),
+        # Retries after a timeout come sooner than a window by design (backoff from 30 s).
+        "hanging_report_retries_within_window": sum(
+            tokens.get(t, {}).get("report_violations", 0) for t in hang_tokens
+        ),
         "hanging_requests_max_per_token": max(per_hang, default=0),
         "hanging_requests_allowed_per_token": hang_allowed if hang_tokens else 0,
         "hanging_tokens_over_allowed": sum(1 for r in per_hang if r > hang_allowed),
@@ -833,94 +1013,130 @@ def machine() -> dict[str, Any]:
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals against what this run measured (a goal is left out when its part did not run)."""
     found: list[dict[str, Any]] = []
+
+    def add(goal: str, target: str, measured: str, met: bool) -> None:
+        found.append({"goal": goal, "target": target, "measured": measured, "met": met})
+
     rows = {(r["size"], r["implementation"]): r for r in results["metrics"]}
-    if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
-        ex, ref, ngx = (rows[(1000, impl)] for impl in IMPLEMENTATIONS)
-        found.append(
-            {
-                "goal": "p99 of /metrics at 1,000 operations",
-                "target": "< 10 ms",
-                "measured": f"{ex.get('p99_ms')} ms",
-                "met": ex.get("p99_ms", math.inf) < 10,
-            }
-        )
-        vs_ref = (
-            ex["requests_per_second"] / ref["requests_per_second"] if ref["requests_per_second"] else math.inf
-        )
-        found.append(
-            {
-                "goal": "throughput vs prometheus_client at 1,000",
-                "target": ">= 100x",
-                "measured": f"{vs_ref:.0f}x",
-                "met": vs_ref >= 100,
-            }
-        )
-        vs_nginx = ex["requests_per_second"] / ngx["requests_per_second"] if ngx["requests_per_second"] else 0
-        found.append(
-            {
-                "goal": "throughput vs nginx at 1,000",
-                "target": ">= 0.25x",
-                "measured": f"{vs_nginx:.2f}x",
-                "met": vs_nginx >= 0.25,
-            }
-        )
-    rss = [
-        v
-        for s in results["sizes"]
-        if s["size"] == 10_000
-        for v in (s.get("exporter_rss_mb_page_complete"), s.get("exporter_rss_mb_after_load"))
-        if v
-    ]
-    rss += [r["exporter_rss_mb"] for r in results["refresh"] if r["operations"] == 10_000]
-    rss += [
-        r["exporter_rss_mb"] for r in results["metrics"] if r["size"] == 10_000 and "exporter_rss_mb" in r
-    ]
-    if rss:
-        found.append(
-            {
-                "goal": "resident memory at 10,000 operations",
-                "target": "< 100 MB",
-                "measured": f"{max(rss)} MB (max of {len(rss)} readings)",
-                "met": max(rss) < 100,
-            }
-        )
-    for run in results["refresh"]:
-        what = "all healthy operations refreshed within the window"
-        what += f" ({run['label']}: {run['operations']:,} ops, {run['hanging']:,} hanging)"
+    runs = {r["label"]: r for r in results["refresh"]}
+    for label, run in runs.items():
+        if run["observed_s"] != run["window_s"]:
+            continue  # the pacing run is judged by its requests, below
         measured = (
             f"{run['all_healthy_refreshed_s']} s"
             if run["all_healthy_refreshed_s"] is not None
             else f"{run['refreshed_within_window']:,}/{run['healthy']:,} at {run['window_s']:g} s, "
             f"projected {run.get('projected_all_refreshed_s')} s"
         )
-        found.append(
-            {"goal": what, "target": f"<= {run['window_s']:g} s", "measured": measured, "met": run["met"]}
+        add(
+            f"{run['healthy']:,} healthy of {run['operations']:,} operations ({run['hanging']:,} hanging) "
+            f"refreshed inside the window, default settings ({label})",
+            f"<= {run['window_s']:g} s",
+            measured,
+            bool(run["met"]),
         )
+    big = [s for s in results["sizes"] if s["size"] >= 10_000]
+    rss = [
+        (f"{r['label']} run, all in", r["exporter_rss_mb_all_in"])
+        for r in runs.values()
+        if r["operations"] >= 10_000 and r.get("exporter_rss_mb_all_in")
+    ]
+    rss += [
+        (f"{r['label']} run, end", r["exporter_rss_mb"]) for r in runs.values() if r["operations"] >= 10_000
+    ]
+    rss += [
+        (f"steady {size:,}", rows[(size, "exporter-steady")][key])
+        for size in {s["size"] for s in big}
+        if (size, "exporter-steady") in rows
+        for key in ("exporter_rss_mb_all_in", "exporter_rss_mb")
+    ]
+    if rss:
+        worst = max(rss, key=lambda item: item[1])
+        add(
+            "resident memory at 10,000 operations once every value is in",
+            "< 100 MB (stretch < 80 MB)",
+            f"{worst[1]} MB at worst ({worst[0]}; {len(rss)} readings, least {min(v for _, v in rss)} MB)",
+            worst[1] < 100,
+        )
+    for (size, impl), row in rows.items():
+        if impl != "exporter-refreshing" or (size, "nginx-refreshing") not in rows:
+            continue
+        ngx = rows[(size, "nginx-refreshing")]
+        add(
+            f"/metrics p99 at {size:,} operations, {results['settings']['connections']} clients, "
+            "refresher active",
+            "< 10 ms",
+            f"{row.get('p99_ms')} ms ({row['upstream_requests_per_second']} upstream answers/s meanwhile)",
+            row.get("p99_ms", math.inf) < 10,
+        )
+        ratio = row["requests_per_second"] / ngx["requests_per_second"] if ngx["requests_per_second"] else 0
+        add(
+            f"/metrics throughput vs nginx on the same bytes at {size:,}, refresher active",
+            ">= 0.5x",
+            f"{ratio:.2f}x ({row['requests_per_second']:,.0f} vs {ngx['requests_per_second']:,.0f} req/s)",
+            ratio >= 0.5,
+        )
+    for (size, impl), row in rows.items():
+        if impl == "exporter-steady" and "idle" in row:
+            idle = row["idle"]
+            add(
+                f"exporter CPU while nothing changes, {size:,} operations all fresh",
+                "near zero (< 1 % of a core)",
+                f"{idle['percent_of_a_core']} % of a core ({idle['cpu_seconds']} s over {idle['seconds']} s, "
+                f"{idle['scrapes']} scrapes, {idle['upstream_requests']} upstream requests)",
+                idle["percent_of_a_core"] < 1.0 and idle["upstream_requests"] == 0,
+            )
+    for label, run in runs.items():
         up = run["upstream"]
-        found.append(
-            {
-                "goal": f"one request at a time per token ({run['label']})",
-                "target": "max_in_flight 1, 0 violations",
-                "measured": f"max_in_flight {up['max_in_flight']}, {up['total_violations']} violations",
-                "met": up["max_in_flight"] <= 1 and up["total_violations"] == 0,
-            }
+        add(
+            f"one request at a time per token ({label})",
+            "max_in_flight 1, 0 violations",
+            f"max_in_flight {up['max_in_flight']}, {up['total_violations']} violations",
+            up["max_in_flight"] <= 1 and up["total_violations"] == 0,
         )
         bursts = [b for b in (run.get("burst_during_window"), run.get("burst_after_refresh")) if b]
         moved = sum(b["upstream_requests_of_those_tokens_during_burst"] for b in bursts)
         scrapes = sum(b["scrapes"] for b in bursts)
-        found.append(
-            {
-                "goal": f"upstream requests made vs allowed ({run['label']})",
-                "target": "<= 1 per token per refresh_interval after a success; scrapes add none",
-                "measured": f"healthy max {up['healthy_requests_max_per_token']}/token "
-                f"({up['healthy_tokens_over_allowed']} over); {scrapes:,} scrapes in bursts "
-                f"-> {moved} extra upstream requests",
-                "met": up["healthy_tokens_over_allowed"] == 0
-                and up["hanging_tokens_over_allowed"] == 0
-                and moved == 0,
-            }
+        per = up["healthy_requests_per_report"]
+        add(
+            f"each report at most once per window ({label}: {run['observed_s']:g} s observed, "
+            f"window {run['window_s']:g} s)",
+            "0 report violations on healthy tokens; scrapes add no request",
+            f"{up['healthy_report_violations']} violations, smallest gap {up['healthy_min_gap_s']} s; "
+            f"requests per healthy report {per['min']}-{per['max']} "
+            f"(allowed {up['healthy_requests_allowed_per_report']})"
+            + (f"; {scrapes:,} scrapes -> {moved} extra requests" if bursts else ""),
+            up["healthy_report_violations"] == 0
+            and up["healthy_reports_over_allowed"] == 0
+            and up["hanging_tokens_over_allowed"] == 0
+            and moved == 0,
         )
+    for label, run in runs.items():
+        if run["observed_s"] == run["window_s"]:
+            continue
+        windows = int(run["observed_s"] // run["window_s"])
+        per = run["upstream"]["healthy_requests_per_report"]
+        add(
+            f"each healthy report refreshed every window ({label}: {run['observed_s']:g} s observed, "
+            f"window {run['window_s']:g} s, {run['hanging']:,} of {run['operations']:,} tokens hanging)",
+            f">= {windows} requests per healthy report",
+            f"{per['min']}-{per['max']}, smallest gap {run['upstream']['healthy_min_gap_s']} s",
+            per["min"] >= windows,
+        )
+    if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
+        ex, ref, ngx = (rows[(1000, impl)] for impl in IMPLEMENTATIONS)
+        add(
+            "/metrics p99 at 1,000 operations, every upstream hanging",
+            "< 10 ms",
+            f"{ex.get('p99_ms')} ms",
+            ex.get("p99_ms", math.inf) < 10,
+        )
+        vs_ref = (
+            ex["requests_per_second"] / ref["requests_per_second"] if ref["requests_per_second"] else math.inf
+        )
+        add("throughput vs prometheus_client at 1,000", ">= 100x", f"{vs_ref:.0f}x", vs_ref >= 100)
     return found
 
 
@@ -946,18 +1162,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {s['size']:,} | {s['page_bytes_plain']:,} B / {s['page_bytes_gzip']:,} B | {s['series']:,} | "
             f"{s['exporter_rss_mb_page_complete']} MB / {s['exporter_rss_mb_after_load']} MB |"
         )
-    if results["ratios"]:
-        lines += ["", "| at 1,000 operations | ratio |", "|---|---:|"]
-        lines += [f"| {k} | {v} |" for k, v in results["ratios"].items()]
     if results["refresh"]:
         lines += [
             "",
-            "| refresh run | ops (hanging) | workers | read_timeout | model first pass | all healthy up at | "
-            "max_in_flight | violations | healthy req/token max | RSS |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| refresh run | ops x reports (hanging) | window (observed) | daily_request_limit | "
+            "all healthy up at | upstream requests | max_in_flight | violations | healthy report "
+            "violations | req per healthy report (allowed) | RSS all in / end |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["refresh"]:
             up = r["upstream"]
+            per = up["healthy_requests_per_report"]
             at = (
                 f"{r['all_healthy_refreshed_s']} s"
                 if r["all_healthy_refreshed_s"] is not None
@@ -965,10 +1180,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f"(projected {r.get('projected_all_refreshed_s')} s)"
             )
             lines.append(
-                f"| {r['label']} | {r['operations']:,} ({r['hanging']:,}) | {r['fetch_workers']} | "
-                f"{r['read_timeout_s']:g} s | {r['model_first_pass_s']} s | {at} | {up['max_in_flight']} | "
-                f"{up['total_violations']} | {up['healthy_requests_max_per_token']} | "
-                f"{r['exporter_rss_mb']} MB |"
+                f"| {r['label']} | {r['operations']:,} x {r['reports_per_operation']} ({r['hanging']:,}) | "
+                f"{r['window_s']:g} s ({r['observed_s']:g} s) | {r['daily_request_limit']} | {at} | "
+                f"{up['total_requests']:,} | {up['max_in_flight']} | {up['total_violations']} | "
+                f"{up['healthy_report_violations']} | {per['min']}-{per['max']} "
+                f"({up['healthy_requests_allowed_per_report']}) | "
+                f"{r.get('exporter_rss_mb_all_in', '-')} / {r['exporter_rss_mb']} MB |"
             )
     if results["goals"]:
         lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
@@ -1014,16 +1231,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--refresh-latency", default="250ms", help="simulated upstream latency of part 2")
     parser.add_argument("--window", default="5m", help="refresh_interval, the window of part 2 (default 5m)")
-    parser.add_argument("--fetch-workers", type=int, default=32, help="fetch_workers of part 2 (default 32)")
-    parser.add_argument("--read-timeout", default="60s", help="read_timeout of part 2 (default 60s)")
     parser.add_argument(
-        "--hang-fraction", type=float, default=0.1, help="hanging tokens of part 2's second run"
+        "--hang-fraction", type=float, default=0.1, help="hanging share of the tokens in part 2 (default 0.1)"
     )
     parser.add_argument(
         "--refresh-runs",
-        default="healthy,hang,sized",
+        default="healthy,hang,pace",
         help="runs of part 2 (default all three): healthy (no hanging token); hang (--hang-fraction of the "
-        "tokens hang, --fetch-workers); sized (the same, fetch_workers sized for the current scheduler)",
+        "tokens hang); pace (a quarter of the operations with 4 reports each, --pace-window)",
+    )
+    parser.add_argument("--pace-window", default="60s", help="refresh_interval of the pace run (default 60s)")
+    parser.add_argument("--pace-windows", type=int, default=3, help="windows the pace run lasts (default 3)")
+    parser.add_argument(
+        "--active-size",
+        type=int,
+        default=1000,
+        help="operations of the refreshing /metrics row (default 1000)",
+    )
+    parser.add_argument(
+        "--active-interval", default="10s", help="refresh_interval of the refreshing row (default 10s)"
+    )
+    parser.add_argument(
+        "--idle", default="60s", help="idle CPU window at the largest --steady size (default 60s; 0 = skip)"
     )
     parser.add_argument("--hang-timeout", default="60s", help="exporter read_timeout of part 1 (default 60s)")
     parser.add_argument("--burst", default="3s", help="scrape bursts of part 2 (default 3s)")
@@ -1047,8 +1276,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "refresh_ops": 20,
             "refresh_latency": "50ms",
             "window": "20s",
-            "fetch_workers": 4,
-            "read_timeout": "2s",
+            "pace_window": "5s",
+            "pace_windows": 3,
+            "active_size": 10,
+            "active_interval": "2s",
+            "idle": "3s",
             "burst": "1s",
             "poll": "0.5s",
             "reference_max_seconds": "5s",
@@ -1059,14 +1291,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 setattr(args, key, value)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     args.refresh_runs = {r.strip() for r in args.refresh_runs.split(",") if r.strip()}
-    unknown = args.refresh_runs - {"healthy", "hang", "sized"}
+    unknown = args.refresh_runs - {"healthy", "hang", "pace"}
     if unknown:
         parser.error(f"--refresh-runs: unknown run(s) {', '.join(sorted(unknown))}")
     for key in (
         "duration",
         "refresh_latency",
         "window",
-        "read_timeout",
+        "pace_window",
+        "active_interval",
+        "idle",
         "hang_timeout",
         "burst",
         "poll",
@@ -1114,14 +1348,16 @@ def main(argv: list[str] | None = None) -> int:
             "refresh_ops": args.refresh_ops,
             "refresh_latency_s": args.refresh_latency,
             "window_s": args.window,
-            "fetch_workers": args.fetch_workers,
-            "read_timeout_s": args.read_timeout,
             "hang_fraction": args.hang_fraction,
+            "pace_window_s": args.pace_window,
+            "pace_windows": args.pace_windows,
+            "active_size": args.active_size,
+            "active_interval_s": args.active_interval,
+            "idle_s": args.idle,
             "exporter_root": str(EXPORTER_ROOT),
         },
         "metrics": [],
         "sizes": [],
-        "ratios": {},
         "refresh": [],
         "goals": [],
     }
@@ -1137,34 +1373,31 @@ def main(argv: list[str] | None = None) -> int:
                     check_deadline(f"size {size}")
                     part = metrics_size(size, args, workdir, log)
                     if args.steady:
-                        part["rows"].append(steady_size(size, args, workdir, log))
+                        idle = args.idle > 0 and size == max(args.sizes)
+                        part["rows"].append(steady_size(size, args, workdir, log, idle))
+                    if size == args.active_size:
+                        part["rows"] += active_size(size, args, workdir, log)
                     for row in part.pop("rows"):
                         row.pop("wrk_output", None)
                         results["metrics"].append({"size": size, **row})
                     results["sizes"].append(part)
-                rows = {(r["size"], r["implementation"]): r for r in results["metrics"]}
-                if all((1000, impl) in rows for impl in IMPLEMENTATIONS):
-                    ex, ref, ngx = (rows[(1000, impl)]["requests_per_second"] for impl in IMPLEMENTATIONS)
-                    results["ratios"] = {
-                        "exporter / prometheus_client (req/s)": round(ex / ref, 1) if ref else None,
-                        "exporter / nginx (req/s)": round(ex / ngx, 3) if ngx else None,
-                    }
             if not args.skip_refresh:
-                n, fraction, timeout = args.refresh_ops, args.hang_fraction, args.read_timeout
-                runs = []
+                n, fraction, window = args.refresh_ops, args.hang_fraction, args.window
+                runs: list[tuple[str, int, float, float, list[str] | None, float | None]] = []
                 if "healthy" in args.refresh_runs:
-                    runs.append(("healthy", 0.0, args.fetch_workers))
+                    runs.append(("healthy", n, 0.0, window, None, None))
                 if "hang" in args.refresh_runs and fraction > 0:
-                    runs.append((f"hang-{fraction:g}", fraction, args.fetch_workers))
-                if "sized" in args.refresh_runs and fraction > 0:
+                    runs.append((f"hang-{fraction:g}", n, fraction, window, None, None))
+                if "pace" in args.refresh_runs:
+                    observe = args.pace_windows * args.pace_window
                     runs.append(
-                        (f"hang-{fraction:g}-sized", fraction, sized_workers(n, fraction, timeout, args))
+                        ("pace", max(1, n // 4), fraction, args.pace_window, list(PACE_APIS), observe)
                     )
-                log(f"part 2: refresh capacity at {n} operations")
-                for label, hang_fraction, workers in runs:
+                log(f"part 2: refresh capacity and pacing at {n} operations")
+                for label, ops, hang_fraction, run_window, apis, observe in runs:
                     check_deadline(f"the {label} refresh run")
                     results["refresh"].append(
-                        refresh_run(label, n, hang_fraction, workers, timeout, args, workdir, log)
+                        refresh_run(label, ops, hang_fraction, run_window, apis, observe, args, workdir, log)
                     )
             results["goals"] = goals(results)
             results["background_after"] = background_load()

@@ -41,7 +41,7 @@ SERVER_WIDE = frozenset({"timeout", "connection"})
 @dataclass(frozen=True, slots=True)
 class Job:
     """One request to plan: a report (operation, api) or a token_info read; ``server`` is where it goes
-    (the operation's base URL), the scope of timeouts and refused connections."""
+    (the operation's base URL and wolkvox server), the scope of timeouts and refused connections."""
 
     operation: str
     api: str

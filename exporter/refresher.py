@@ -2,8 +2,16 @@
 
 A lane asks the planner for its next job, sends it with the asynchronous client, hands the outcome to
 ``on_result`` (the store) and asks again. A hanging upstream costs its lane a socket and a timer, never a
-thread, so no pool has to be sized. The loop runs in a background thread so that bursts of upstream
-answers (10,000 at start-up) never sit between a scrape and its answer on the serving loop.
+thread, so no pool has to be sized.
+
+At most ``MAX_YOUNG`` requests that started less than ``YOUNG_SECONDS`` ago are in flight at once: at
+start-up every report of every token is due, and 10,000 requests in flight together cost ~50 MB of
+request objects whose freed memory the allocator keeps for good. A request that has waited that long
+for its answer gives its place up (it is likely hanging until its read timeout), so hanging upstreams
+never hold back healthy ones, and no pool has to be sized either.
+
+The loop runs in a background thread so that bursts of upstream answers (10,000 at start-up) never sit
+between a scrape and its answer on the serving loop.
 
 Knows nothing of HTTP serving or metrics: results go to ``on_result``, pacing to ``on_pace``.
 """
@@ -29,6 +37,9 @@ from exporter.secret import Secret
 
 log = logging.getLogger(__name__)
 
+MAX_YOUNG = 256  # requests started less than YOUNG_SECONDS ago, in flight at once
+YOUNG_SECONDS = 2.0  # a healthy answer takes well under this (250 ms is slow for the API)
+
 OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
 
 
@@ -37,10 +48,17 @@ def token_key(token: Secret) -> str:
     return hashlib.sha256(token.reveal().encode()).hexdigest()[:16]
 
 
+def server_of(op: OperationConfig) -> str:
+    """The scope of a timeout or refused connection: the wolkvox server behind the base URL. Operations
+    behind one proxy (or one simulator) share a base URL but not a server: one hanging server must not
+    pause the others (at 10,000 operations with a tenth hanging, it halved every healthy report's pace)."""
+    return f"{op.base_url} {op.server}"
+
+
 def plan_jobs(config: Config) -> dict[str, list[Job]]:
     """The jobs of every token (by token key) that ``config`` asks for."""
     return jobs_for(
-        ((token_key(op.token), op.name, op.base_url, op.apis) for op in config.operations),
+        ((token_key(op.token), op.name, server_of(op), op.apis) for op in config.operations),
         config.refresh_interval,
         config.token_info_interval,
         TOKEN_INFO,
@@ -61,8 +79,13 @@ class Refresher:
         client: WolkvoxClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        max_young: int = MAX_YOUNG,
+        young_seconds: float = YOUNG_SECONDS,
     ) -> None:
         self._config = config
+        self._max_young = max_young
+        self._young_seconds = young_seconds
+        self._young: asyncio.Semaphore | None = None
         self._on_result = on_result
         self._on_pace = on_pace
         self._clock = clock
@@ -148,6 +171,7 @@ class Refresher:
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._stopping = asyncio.Event()
+        self._young = asyncio.Semaphore(self._max_young)
         self._apply(self._config)
         self._ready.set()
         try:
@@ -211,7 +235,7 @@ class Refresher:
                 continue
             self._busy.add(key)
             try:
-                result = await self._request(job)
+                result = await self._young_request(job)
             finally:
                 self._busy.discard(key)
             self._planner.finished(key, job, result.reason)
@@ -223,6 +247,27 @@ class Refresher:
                 status = self._planner.status_of(key, job.operation, job.api)
                 if status is not None:
                     self._on_pace({(job.operation, job.api): status})
+
+    async def _young_request(self, job: Job) -> FetchResult:
+        """``_request`` once a young place is free; the place is given back at the answer, or after
+        ``young_seconds`` if the answer is not in by then."""
+        young = self._young
+        assert young is not None  # set by _main before any lane runs
+        await young.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                young.release()
+
+        timer = asyncio.get_running_loop().call_later(self._young_seconds, release)
+        try:
+            return await self._request(job)
+        finally:
+            timer.cancel()
+            release()
 
     async def _request(self, job: Job) -> FetchResult:
         operation = self._operations.get(job.operation)

@@ -38,7 +38,7 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _which(binary: str) -> str | None:
+def which(binary: str) -> str | None:
     # The interpreter's own bin directory first: tools from the test extras (hadolint) live in the
     # virtual environment, which the README's test command does not put on PATH.
     venv_bin = os.path.dirname(sys.executable)
@@ -49,7 +49,7 @@ def _which(binary: str) -> str | None:
 def require(binary: str, debian_package: str | None) -> str:
     """Path of ``binary``, else skip (fail under CI) naming the package that provides it. Tests never
     install anything: `.ci/run` does, with apt-get."""
-    found = _which(binary)
+    found = which(binary)
     if found:
         return found
     if debian_package is None:
@@ -72,7 +72,7 @@ def amtool() -> str:
 
 def alertmanager() -> str:
     """The Alertmanager server: ``alertmanager`` upstream, ``prometheus-alertmanager`` in Debian."""
-    return _which("alertmanager") or require("prometheus-alertmanager", "prometheus-alertmanager")
+    return which("alertmanager") or require("prometheus-alertmanager", "prometheus-alertmanager")
 
 
 def free_port() -> int:

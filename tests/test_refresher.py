@@ -1,0 +1,111 @@
+"""The refresher's cap on young requests: a start-up burst is spread out, hanging upstreams never hold
+back healthy ones. A fake client in the refresher's own loop; no network."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tools import wait_until
+
+from exporter.config import Config, load_config
+from exporter.model import FetchResult, Reading
+from exporter.refresher import Refresher, plan_jobs
+
+ANSWER_SECONDS = 0.05
+
+
+class FakeClient:
+    """Tokens starting with ``hang`` never answer; the others answer after ANSWER_SECONDS."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started: list[tuple[float, str]] = []  # (monotonic time, token) of every request
+
+    async def fetch(self, *, token: Any, **_: Any) -> Reading:
+        secret = token.reveal()
+        with self.lock:
+            self.started.append((time.monotonic(), secret))
+        if secret.startswith("hang"):
+            await asyncio.Event().wait()
+        await asyncio.sleep(ANSWER_SECONDS)
+        return Reading(value=1.0, rows=1)
+
+    async def fetch_token_info(self, **_: Any) -> None:
+        raise AssertionError("token_info is not configured in these tests")
+
+    async def close(self) -> None:
+        pass
+
+
+def config(tmp_path: Path, tokens: list[str]) -> Config:
+    lines = ["refresh_interval: 1h", "operations:"]
+    for i, token in enumerate(tokens):
+        lines += [f"  - server: op{i}", f"    token: {token}", "    base_url: http://127.0.0.1:9"]
+    path = tmp_path / "config.yml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return load_config(path)
+
+
+def run(
+    tmp_path: Path, tokens: list[str], max_young: int, young_seconds: float
+) -> tuple[FakeClient, list[FetchResult], Refresher]:
+    """A started refresher over ``tokens`` (one operation each) with the fake client; stop() it."""
+    client = FakeClient()
+    results: list[FetchResult] = []
+    refresher = Refresher(
+        config(tmp_path, tokens),
+        results.append,
+        client=client,  # type: ignore[arg-type]  (duck-typed stand-in for WolkvoxClient)
+        max_young=max_young,
+        young_seconds=young_seconds,
+    )
+    refresher.start()
+    return client, results, refresher
+
+
+def test_no_more_than_max_young_requests_start_within_young_seconds(tmp_path: Path) -> None:
+    tokens = [f"hang-{i}" for i in range(12)]
+    client, _, refresher = run(tmp_path, tokens, max_young=3, young_seconds=0.3)
+    try:
+        # Every hanging request gives its place up after young_seconds: all 12 end up in flight.
+        wait_until(lambda: len(client.started) == 12, timeout=10, what="12 hanging requests in flight")
+        with client.lock:
+            starts = sorted(t for t, _ in client.started)
+        # ...but never more than 3 of them started inside any 0.3 s.
+        for first, fourth in zip(starts, starts[3:], strict=False):
+            assert fourth - first >= 0.3 * 0.9, starts
+    finally:
+        refresher.stop(timeout=0.5)
+
+
+def test_hanging_upstreams_do_not_hold_back_healthy_ones(tmp_path: Path) -> None:
+    tokens = [f"hang-{i}" for i in range(6)] + [f"ok-{i}" for i in range(6)]
+    _, results, refresher = run(tmp_path, tokens, max_young=2, young_seconds=0.2)
+    try:
+        # Two places for six hanging and six healthy tokens: the healthy ones are all answered anyway.
+        wait_until(lambda: len(results) == 6, timeout=10, what="the six healthy answers")
+        assert {r.operation for r in results} == {f"op{i}" for i in range(6, 12)}
+        assert all(r.ok for r in results)
+    finally:
+        refresher.stop(timeout=0.5)
+
+
+def test_timeouts_are_scoped_to_the_wolkvox_server_not_to_a_shared_base_url(tmp_path: Path) -> None:
+    # Three operations behind one base URL (a proxy, the simulator): op0 and op1 are different wolkvox
+    # servers, op2 is op0's server again with another token.
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "operations:\n"
+        + "".join(
+            f"  - name: op{i}\n    server: {server}\n    token: t{i}\n    base_url: http://proxy:8080\n"
+            for i, server in enumerate(["wv1", "wv2", "wv1"])
+        ),
+        encoding="utf-8",
+    )
+    servers = {job.operation: job.server for jobs in plan_jobs(load_config(path)).values() for job in jobs}
+    assert servers["op0"] != servers["op1"]  # a hanging wv1 does not pause wv2
+    assert servers["op0"] == servers["op2"]  # but pauses every operation on wv1
