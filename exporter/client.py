@@ -37,6 +37,8 @@ import os
 import re
 import ssl
 import time
+import urllib.parse
+import urllib.request
 
 import aiohttp
 from aiohttp import http_exceptions
@@ -196,6 +198,7 @@ class WolkvoxClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         # ca_file -> ((mtime_ns, size), context): a rotated CA file is loaded again.
         self._contexts: dict[str, tuple[tuple[int, int], ssl.SSLContext]] = {}
+        self._proxies: dict[tuple[str, str], str | None] = {}  # (scheme, host) -> proxy URL
 
     # -- public
 
@@ -243,7 +246,10 @@ class WolkvoxClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # a session serves many tokens: no cookies at all
-                trust_env=True,
+                # Proxies from the environment are looked up here once per host (_proxy_for), not by
+                # aiohttp per request in a worker thread (with a ~/.netrc read each time): at thousands of
+                # requests those threads take the GIL from the scrapes.
+                trust_env=False,
                 headers={
                     "User-Agent": self.user_agent,
                     "Accept": "application/json",
@@ -260,6 +266,19 @@ class WolkvoxClient:
             self._slots = asyncio.Semaphore(self.max_connections)
             self._loop = loop
         return self._session, self._slots
+
+    def _proxy_for(self, url: str) -> str | None:
+        """The proxy of ``url`` from HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, read once per scheme and host."""
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.hostname or "")
+        if key not in self._proxies:
+            proxies = urllib.request.getproxies_environment()
+            proxy = proxies.get(parts.scheme) or proxies.get("all")
+            # proxy_bypass_environment is public in the standard library, though not in its type stubs.
+            if proxy and urllib.request.proxy_bypass_environment(parts.netloc, proxies):  # type: ignore[attr-defined]
+                proxy = None
+            self._proxies[key] = proxy or None
+        return self._proxies[key]
 
     def _ssl_for(self, ca_file: str | None) -> ssl.SSLContext | bool:
         """True (aiohttp's verified default) or a verified context that trusts only ``ca_file``."""
@@ -341,6 +360,7 @@ class WolkvoxClient:
             headers={"wolkvox-token": token.reveal(), "wolkvox_server": server},
             allow_redirects=False,
             ssl=context,
+            proxy=self._proxy_for(url),
         ) as response:
             status = response.status
             if 300 <= status < 400:

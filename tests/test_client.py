@@ -318,6 +318,16 @@ def test_https_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatc
     run(with_upstream(scenario))
 
 
+def test_no_proxy_sends_the_request_straight_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario(upstream: Upstream, client: WolkvoxClient) -> None:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert (await fetch(client, f"{upstream.url}/ok")).value == 12.5
+        assert not upstream.seen[0].target.startswith("http://")  # a path, not a proxy's full URL
+
+    run(with_upstream(scenario))
+
+
 @pytest.mark.parametrize("bad", ["", f"{CANARY}\n", f" {CANARY}", f"{CANARY}\r\nX-Evil: 1", "tök"])
 def test_token_that_cannot_be_sent_is_auth_without_a_request(bad: str) -> None:
     async def scenario(upstream: Upstream, client: WolkvoxClient) -> None:
