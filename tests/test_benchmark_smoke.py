@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from harness import REPO
 
 TIMEOUT_SECONDS = 150  # the quick run takes about 40 s; this only bounds a hang
 IMPLEMENTATIONS = ("exporter", "prometheus_client", "nginx", "exporter-steady")

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Simulator, value, wait_until
+from harness import Simulator, value, wait_until
 
 from exporter.config import ConfigError, load_config
 from exporter.model import REASONS

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tools import free_port
+from harness import free_port
 
 from exporter import __version__
 from exporter.client import WolkvoxClient, default_max_connections

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from conftest import REPO, Exporter, Simulator, free_port, parse_samples, value, wait_until
+from harness import REPO, Exporter, Simulator, free_port, parse_samples, value, wait_until
 
 from exporter.model import REASONS
 

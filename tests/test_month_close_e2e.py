@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import Exporter, Samples, Simulator, value, wait_until
+from harness import Exporter, Samples, Simulator, value, wait_until
 
 from exporter.simulator import usage_value
 

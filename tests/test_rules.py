@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from tools import REPO, RULES_FILE, Child, alertmanager, amtool, free_port, promtool, wait_until
+from harness import REPO, alertmanager, amtool, free_port, promtool, start_program, wait_until
+from tools import RULES_FILE
 
 RULE_TESTS_DIR = REPO / "prometheus" / "tests"
 RULE_TEST_FILES = sorted(RULE_TESTS_DIR.glob("*.yml"))
@@ -493,8 +494,8 @@ def running_alertmanager(tmp_path: Path) -> Iterator[tuple[str, _Webhooks]]:
             hook["url"] = f"http://127.0.0.1:{hooks.port}/{receiver['name']}"
     (tmp_path / "am.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
-    child = Child(
-        "alertmanager",
+    url = f"http://127.0.0.1:{port}"
+    child = start_program(
         [
             binary,
             f"--config.file={tmp_path / 'am.yml'}",
@@ -503,15 +504,10 @@ def running_alertmanager(tmp_path: Path) -> Iterator[tuple[str, _Webhooks]]:
             "--cluster.listen-address=",
         ],
         tmp_path / "alertmanager.log",
+        ready=f"{url}/-/ready",
+        timeout=30,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            child.check_alive()
-            return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
-
-        wait_until(ready, timeout=30, what="alertmanager /-/ready")
         yield url, hooks
     finally:
         child.stop()

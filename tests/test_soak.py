@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Exporter, Simulator, value, wait_until
+from harness import Exporter, Simulator, value, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 SOAK_SECONDS = float(os.environ.get("WOLKVOX_SOAK_SECONDS", "60"))

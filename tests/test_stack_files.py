@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from tools import REPO, RULES_FILE, Child, dashboard_files, free_port, promtool, require, wait_until
+from harness import REPO, free_port, promtool, require, spawn, wait_until
+from tools import RULES_FILE, dashboard_files
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -133,7 +134,7 @@ def test_healthcheck_one_liner_tells_a_healthy_exporter_from_a_dead_one(tmp_path
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     args = [sys.executable, "-m", "exporter.cli", "--config.file", str(tmp_path / "config.yml")]
-    child = Child("exporter", [*args, "--web.listen-address", f"127.0.0.1:{port}"], tmp_path / "exp.log")
+    child = spawn([*args, "--web.listen-address", f"127.0.0.1:{port}"], tmp_path / "exp.log", name="exporter")
     try:
 
         def healthy() -> bool:

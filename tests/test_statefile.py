@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Exporter, Simulator, value, wait_until
+from harness import Exporter, Simulator, value, wait_until
 
 from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing

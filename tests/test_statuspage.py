@@ -7,8 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import Exporter, Simulator, value
-from tools import require
+from harness import Exporter, Simulator, require, value
 
 from exporter.model import ReportStatus
 from exporter.monthclose import Seen

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 
-from conftest import parse_samples, value
+from harness import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import REASONS, FetchResult, Reading
