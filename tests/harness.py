@@ -118,6 +118,18 @@ def wait_until(
         time.sleep(interval)
 
 
+def holds(predicate: Callable[[], Any], seconds: float, what: str = "", interval: float = 0.05) -> None:
+    """Fail as soon as ``predicate`` is false during the next ``seconds`` (something must NOT happen in a
+    window: the window is the test's claim, not a guess at how long something takes)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not predicate():
+            pytest.fail(f"no longer true: {what or predicate}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 async def wait_until_async(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
     """``wait_until`` for a test running in an event loop: polls without blocking the loop."""
     deadline = time.monotonic() + timeout
@@ -138,8 +150,10 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
 # --------------------------------------------------------------------------- child processes
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0, group: bool = False) -> int:
-    """SIGTERM (to its whole process group with ``group``), wait up to ``timeout``, then SIGKILL;
+def stop_process(
+    proc: subprocess.Popen[Any], timeout: float = 10.0, group: bool = False, sig: int = signal.SIGTERM
+) -> int:
+    """``sig`` (to its whole process group with ``group``), wait up to ``timeout``, then SIGKILL;
     returns the exit status."""
 
     def send(sig: int) -> None:
@@ -152,7 +166,7 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0, group: bool
             pass
 
     if proc.poll() is None:
-        send(signal.SIGTERM)
+        send(sig)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -200,8 +214,8 @@ class Process:
         if not self.alive():
             pytest.fail(f"{self.name} exited with {self.proc.returncode}; its log ends:\n{self.log(4000)}")
 
-    def stop(self, timeout: float = 10.0) -> int:
-        return stop_process(self.proc, timeout, group=self.group)
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        return stop_process(self.proc, timeout, group=self.group, sig=sig)
 
     @property
     def port(self) -> int:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import gzip
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
-from harness import REPO, Exporter, Simulator, free_port, parse_samples, value, wait_until
+from harness import Exporter, Simulator, free_port, parse_samples, run_cli, value, wait_until
 
 from exporter.model import REASONS
 
@@ -257,17 +255,6 @@ def test_sigterm_stops_quickly_while_upstream_hangs(simulator: Simulator, start_
     assert exporter.process.stop(timeout=15) == 0
     assert time.monotonic() - started < 10
     assert "stopped" in exporter.process.log()
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-        env=env,
-    )
 
 
 def test_config_check_and_one_line_errors(tmp_path) -> None:
