@@ -3,70 +3,30 @@
 Runs ``benchmarks/run.py --quick --steady``: sizes 1 and 10 with 1 s wrk runs against the exporter
 (with hanging upstreams, and with values), both references (prometheus_client, nginx), then the three
 refresh runs of 20 operations at 50 ms upstream latency: healthy, a tenth hanging, and the same with a
-larger pool. Needs Debian's ``wrk`` and ``nginx``: when they are missing and cannot
-be installed the test is skipped, except under CI=true, where it fails.
+larger pool. Needs Debian's ``wrk`` and ``nginx`` (`.ci/run` installs them): when they are missing the
+test is skipped, except under CI=true, where it fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from harness import REPO
+from harness import REPO, require
 
 TIMEOUT_SECONDS = 150  # the quick run takes about 40 s; this only bounds a hang
 IMPLEMENTATIONS = ("exporter", "prometheus_client", "nginx", "exporter-steady")
-PACKAGES = {"wrk": "wrk", "nginx": "nginx-light"}
-
-
-def _find(tool: str) -> str | None:
-    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
-
-
-def _missing() -> list[str]:
-    return [tool for tool in PACKAGES if _find(tool) is None]
-
-
-def _try_install(tools: list[str]) -> str:
-    """apt-get install the packages of ``tools`` (root on Debian only); returns why it failed, or ''."""
-    if shutil.which("apt-get") is None:
-        return "apt-get is not available"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    packages = [PACKAGES[tool] for tool in tools]
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-            env=env,
-            capture_output=True,
-            timeout=300,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"apt-get install {' '.join(packages)} failed: {error}"
-    return ""
 
 
 @pytest.fixture(scope="module")
 def tools() -> None:
-    missing = _missing()
-    if not missing:
-        return
-    why = _try_install(missing)
-    still = _missing()
-    if not still:
-        return
-    message = f"benchmark smoke run needs {', '.join(still)} (apt-get install -y wrk nginx-light): {why}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    """wrk and nginx, which the benchmark runs; missing: skipped (failed under CI), never installed."""
+    require("wrk", "wrk")
+    require("nginx", "nginx-light")
 
 
 @pytest.mark.slow

@@ -195,6 +195,11 @@ def recorder() -> Upstream:
 # ===== 1. --web.config.file ============================================================================
 
 
+def server_tls(pki: Path, **settings: str) -> dict[str, str]:
+    """A tls_server_config with the test PKI's server certificate, and ``settings``."""
+    return {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"), **settings}
+
+
 def start_with_web_config(
     run_exporter: Callable[..., Exporter], sim: Simulator, tmp_path: Path, web: dict[str, Any]
 ) -> Exporter:
@@ -210,13 +215,7 @@ def test_tls_serves_https_only_to_clients_that_trust_it(
         run_exporter,
         simulator,
         tmp_path,
-        {
-            "tls_server_config": {
-                "cert_file": str(pki / "server.crt"),
-                "key_file": str(pki / "server.key"),
-                "min_version": "TLS13",
-            }
-        },
+        {"tls_server_config": server_tls(pki, min_version="TLS13")},
     )
     assert exporter.url.startswith("https://127.0.0.1:")
     ca = str(pki / "ca.crt")
@@ -251,12 +250,9 @@ def test_client_certificates_are_required_and_verified(
         simulator,
         tmp_path,
         {
-            "tls_server_config": {
-                "cert_file": str(pki / "server.crt"),
-                "key_file": str(pki / "server.key"),
-                "client_auth_type": "RequireAndVerifyClientCert",
-                "client_ca_file": str(pki / "ca.crt"),
-            }
+            "tls_server_config": server_tls(
+                pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki / "ca.crt")
+            )
         },
     )
     ca = str(pki / "ca.crt")
@@ -286,7 +282,7 @@ def auth_exporter(
         simulator,
         tmp_path,
         {
-            "tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")},
+            "tls_server_config": server_tls(pki),
             "basic_auth_users": {"alice": alice, "bob": "$2y$" + bob[4:]},
             "http_server_config": {"headers": {"X-Frame-Options": "deny"}},
         },
@@ -421,7 +417,7 @@ BAD_PASSWORD = "Plain-Passw0rd-CANARY-5d1e"
 def test_a_bad_web_config_is_a_one_line_error_at_start_up(
     pki: Path, tmp_path: Path, problem: str, key: str
 ) -> None:
-    tls = {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}
+    tls = server_tls(pki)
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     web: dict[str, Any] = {
@@ -466,7 +462,7 @@ def test_config_check_validates_the_web_config_too(pki: Path, tmp_path: Path) ->
     )
     good = write_yaml(
         tmp_path / "web-good.yml",
-        {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}},
+        {"tls_server_config": server_tls(pki)},
     )
     bad = write_yaml(tmp_path / "web-bad.yml", {"http_server_config": {"headers": {"Set-Cookie": "a=b"}}})
 
@@ -554,7 +550,7 @@ def test_malformed_requests_cost_one_debug_line_each(
             assert answer.split(b"\r\n", 1)[0].split()[1] == b"400", (what, answer[:80])
         assert b"wolkvox_" not in answer, what
 
-    web = {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}}
+    web = {"tls_server_config": server_tls(pki)}
     web_path = write_yaml(tmp_path / "web-config.yml", web)
     tls = start_exporter(exporter_config(simulator.url), "--web.config.file", str(web_path))
     plain_on_tls = send_malformed(tls.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
