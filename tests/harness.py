@@ -360,6 +360,23 @@ def start_simulator(log_path: Path, *flags: str) -> Simulator:
 # --------------------------------------------------------------------------- the exporter
 
 
+class LoopThread:
+    """An event loop on a thread of its own, for an exporter running inside the test process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-exporter-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Awaitable[Any], timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
 @dataclass
 class Exporter:
     """An exporter under test, in its own process (``process``) or in this one (``app``)."""
@@ -369,6 +386,17 @@ class Exporter:
     config: dict[str, Any] = field(default_factory=dict)
     app: Any = None  # exporter.app.App when in-process
     app_url: str = ""
+    loop: LoopThread | None = None  # the in-process app's event loop
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """Stop it as SIGTERM would (the in-process one: App.stop, saving its state); the exit status."""
+        if self.process is not None:
+            return self.process.stop(timeout)
+        if self.loop is not None:
+            self.loop.run(self.app.stop(), timeout)
+            self.loop.close()
+            self.loop = None
+        return 0
 
     @property
     def url(self) -> str:
@@ -464,29 +492,12 @@ def run_cli(
     )
 
 
-class LoopThread:
-    """An event loop on a thread of its own, for an exporter running inside the test process."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-exporter-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Awaitable[Any], timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @dataclass
 class InProcess:
     """Exporters run inside the test process; ``stop_all`` ends them (the run_exporter fixture does)."""
 
     directory: Path
-    running: list[tuple[LoopThread, Any]] = field(default_factory=list)
+    running: list[Exporter] = field(default_factory=list)
 
     def start(self, config: dict[str, Any], **web: Any) -> Exporter:
         """Run the exporter with ``config``; ``web`` are WebSettings fields (web_config_file=...,
@@ -503,12 +514,12 @@ class InProcess:
             load_config=lambda: load_config(config_path),
         )
         loop = LoopThread()
-        self.running.append((loop, app))
-        url = loop.run(app.start())
-        return Exporter(None, config_path, config, app=app, app_url=url)
+        exporter = Exporter(None, config_path, config, app=app, loop=loop)
+        self.running.append(exporter)
+        exporter.app_url = loop.run(app.start())
+        return exporter
 
     def stop_all(self) -> None:
-        for loop, app in self.running:
-            loop.run(app.stop())
-            loop.close()
+        for exporter in self.running:
+            exporter.stop()
         self.running.clear()
