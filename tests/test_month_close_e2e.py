@@ -75,6 +75,12 @@ def assert_november_closed(samples: Samples, november: dict[tuple[str, str], flo
         assert minutes == november[op, "stereo_rec"]
 
 
+def saved(state: Path, part: str) -> int:
+    """How many (operation, api) entries the state file holds in its month_close ``part``."""
+    doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
+    return sum(len(apis) for apis in doc.get("month_close", {}).get(part, {}).values())
+
+
 def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_restart(
     simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
@@ -108,12 +114,11 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
     simulator.clear_faults()
 
     # Restart on the 3rd with the state file: November is on the very first page, and stays.
-    def saved_closed() -> bool:
-        doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
-        closed = doc.get("month_close", {}).get("closed", {})
-        return sum(len(apis) for apis in closed.values()) == len(november)
-
-    wait_until(saved_closed, timeout=5, what="the state file to hold every closed month")
+    wait_until(
+        lambda: saved(state, "closed") == len(november),
+        timeout=5,
+        what="the state file to hold every closed month",
+    )
     assert first.stop() == 0
     simulator.set_clock(DEC_THIRD)
     second = run_exporter(config(simulator, state))
@@ -133,12 +138,11 @@ def test_a_restart_between_the_last_answer_of_a_month_and_the_first_of_the_next_
     first = run_exporter(config(simulator, state))
     first.wait_for(lambda s: usage(s) == november, what="November's values")
 
-    def saved_seen() -> bool:
-        doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
-        seen = doc.get("month_close", {}).get("seen", {})
-        return sum(len(apis) for apis in seen.values()) == len(november)
-
-    wait_until(saved_seen, timeout=5, what="the state file to hold every last reading")
+    wait_until(
+        lambda: saved(state, "seen") == len(november),
+        timeout=5,
+        what="the state file to hold every last reading",
+    )
     assert first.stop() == 0
     simulator.set_clock(DEC_FIRST)
     second = run_exporter(config(simulator, state))

@@ -200,21 +200,23 @@ def server_tls(pki: Path, **settings: str) -> dict[str, str]:
     return {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"), **settings}
 
 
-def start_with_web_config(
-    run_exporter: Callable[..., Exporter], sim: Simulator, tmp_path: Path, web: dict[str, Any]
-) -> Exporter:
-    """An exporter in this process serving with the web configuration ``web``."""
-    path = write_yaml(tmp_path / "web-config.yml", web)
-    return run_exporter(exporter_config(sim.url), web_config_file=str(path))
+@pytest.fixture
+def web_exporter(
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
+) -> Callable[[dict[str, Any]], Exporter]:
+    """Factory: an exporter in this process serving with the web configuration given."""
+
+    def start(web: dict[str, Any]) -> Exporter:
+        path = write_yaml(tmp_path / "web-config.yml", web)
+        return run_exporter(exporter_config(simulator.url), web_config_file=str(path))
+
+    return start
 
 
 def test_tls_serves_https_only_to_clients_that_trust_it(
-    pki: Path, simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
+    pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]
 ) -> None:
-    exporter = start_with_web_config(
-        run_exporter,
-        simulator,
-        tmp_path,
+    exporter = web_exporter(
         {"tls_server_config": server_tls(pki, min_version="TLS13")},
     )
     assert exporter.url.startswith("https://127.0.0.1:")
@@ -243,12 +245,9 @@ def test_tls_serves_https_only_to_clients_that_trust_it(
 
 
 def test_client_certificates_are_required_and_verified(
-    pki: Path, simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
+    pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]
 ) -> None:
-    exporter = start_with_web_config(
-        run_exporter,
-        simulator,
-        tmp_path,
+    exporter = web_exporter(
         {
             "tls_server_config": server_tls(
                 pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki / "ca.crt")
@@ -270,17 +269,12 @@ def test_client_certificates_are_required_and_verified(
 
 
 @pytest.fixture
-def auth_exporter(
-    pki: Path, simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
-) -> Exporter:
+def auth_exporter(pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]) -> Exporter:
     """TLS + basic auth + an extra header: alice has a python-bcrypt ($2b$) hash, bob an htpasswd ($2y$)."""
     alice = bcrypt.hashpw(ALICE_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     bob = bcrypt.hashpw(BOB_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     assert alice.startswith("$2b$") and bob.startswith("$2b$")
-    return start_with_web_config(
-        run_exporter,
-        simulator,
-        tmp_path,
+    return web_exporter(
         {
             "tls_server_config": server_tls(pki),
             "basic_auth_users": {"alice": alice, "bob": "$2y$" + bob[4:]},
