@@ -243,14 +243,6 @@ class Process:
 
         wait_until(answering, timeout=timeout, what=f"{self.name} to answer {url}")
 
-    def wait_exit(self, timeout: float = 30.0) -> int:
-        """Wait for it to exit by itself (kill it and fail if it does not); returns the exit status."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"{self.name} did not exit within {timeout:g}s; its log ends:\n{self.log(4000)}")
-
 
 def spawn(
     args: list[str],

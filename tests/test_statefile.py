@@ -404,7 +404,6 @@ def test_restart_after_kill_9_serves_saved_values_and_waits_for_the_interval(
     simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     def brutal(exporter: Exporter) -> None:
-        exporter.process.proc.send_signal(signal.SIGKILL)
-        assert exporter.process.proc.wait(timeout=10) == -signal.SIGKILL
+        assert exporter.process.stop(sig=signal.SIGKILL) == -signal.SIGKILL
 
     restart_scenario(simulator, start_exporter, tmp_path, brutal)
