@@ -1,4 +1,5 @@
-"""Fixtures over tests/harness.py: a simulator, exporters (real processes or in-process), a test PKI."""
+"""Fixtures over tests/harness.py: a simulator, exporters (real processes or in-process), a test PKI; and
+the hook that lets a test module start slow background work once the tests are collected."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 
 import pytest
 from harness import REPO, Exporter, InProcess, Simulator, start_exporter_process, start_simulator
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A module with a ``start_in_background()`` (test_rules: the promtool runs) gets it called when its
+    tests are selected; what it returns is called at the end of the session."""
+    modules = {item.module for item in session.items if isinstance(item, pytest.Function)}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        start = getattr(module, "start_in_background", None)
+        if start is not None:
+            session.config.add_cleanup(start())
 
 
 @pytest.fixture(scope="session")
