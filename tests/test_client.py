@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tools import free_port
+from harness import free_port, wait_until_async
 
 from exporter import __version__
 from exporter.client import WolkvoxClient, default_max_connections
@@ -48,14 +48,6 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, TEST_TIMEOUT))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait, without blocking the loop, until ``condition()`` holds; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def body_of(items: str = "12,5", date: str = "2024-05-14 10:00:00") -> bytes:
@@ -392,7 +384,7 @@ def test_failures(path: str, reason: str, expected: str, seconds: tuple[float, f
         assert (err.reason, expected in err.detail) == (reason, True), err.detail
         assert seconds[0] <= elapsed < seconds[1]
         if path == "endless":  # the client hung up near the cap instead of reading on
-            await until(lambda: upstream.hung_up)
+            await wait_until_async(lambda: upstream.hung_up)
             assert upstream.written < ENDLESS_BYTES
 
     run(with_upstream(scenario, connect_timeout=0.5, read_timeout=0.5))
@@ -467,7 +459,8 @@ def test_hanging_requests_do_not_block_a_healthy_one() -> None:
             for n in range(150)
         ]
         try:
-            await until(lambda: len(upstream.seen) == 150)  # every hanging request reached the upstream
+            # every hanging request reached the upstream
+            await wait_until_async(lambda: len(upstream.seen) == 150)
             started = time.monotonic()
             reading = await fetch(client, f"{upstream.url}/ok", token=Secret("tok-7"))
             assert reading.value == 7.0
@@ -498,7 +491,7 @@ def test_a_request_waiting_for_a_connection_slot_is_not_timed_out_by_the_wait() 
 
     async def scenario(upstream: Upstream, client: WolkvoxClient) -> None:
         first = asyncio.create_task(fetch(client, f"{upstream.url}/drip"))
-        await until(lambda: bool(upstream.seen))
+        await wait_until_async(lambda: bool(upstream.seen))
         second = await fetch(client, f"{upstream.url}/ok")
         assert second.value == 12.5
         with pytest.raises(FetchError):

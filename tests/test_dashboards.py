@@ -27,17 +27,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tools import (
-    DASHBOARD_DIR,
-    REPO,
-    RULES_FILE,
-    dashboard_files,
-    expand_grafana_vars,
-    iter_panels,
-    missing,
-    panel_targets,
-    promtool,
-)
+from harness import REPO, missing, promtool
+from tools import DASHBOARD_DIR, RULES_FILE, dashboard_files, expand_grafana_vars, iter_panels, panel_targets
 
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 DATASOURCES_YML = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tools import REPO, RULES_FILE, require
+from harness import REPO, require
+from tools import RULES_FILE
 
 KUSTOMIZATION = REPO / "deploy" / "kubernetes"
 TOKEN_DIR = "/run/secrets/wolkvox"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from tools import REPO
+from harness import REPO
 
 CHECKS = {
     "ruff check": [sys.executable, "-m", "ruff", "check", "."],

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import Exporter, Samples, Simulator, value, wait_until
+from harness import Exporter, Samples, Simulator, value, wait_until
 
 from exporter.simulator import usage_value
 
@@ -75,14 +75,20 @@ def assert_november_closed(samples: Samples, november: dict[tuple[str, str], flo
         assert minutes == november[op, "stereo_rec"]
 
 
+def saved(state: Path, part: str) -> int:
+    """How many (operation, api) entries the state file holds in its month_close ``part``."""
+    doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
+    return sum(len(apis) for apis in doc.get("month_close", {}).get(part, {}).values())
+
+
 def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_restart(
-    simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     state = tmp_path / "state.json"
     simulator.set_clock(NOV_END)
     november, december = served(NOV_END), served(DEC_FIRST)
     assert all(december[key] < november[key] for key in november if key[1] != "chat_licenses")
-    first = start_exporter(config(simulator, state))
+    first = run_exporter(config(simulator, state))
     samples = first.wait_for(lambda s: usage(s) == november, what="November's values of every api")
     assert previous(samples) == {}
 
@@ -108,15 +114,14 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
     simulator.clear_faults()
 
     # Restart on the 3rd with the state file: November is on the very first page, and stays.
-    def saved_closed() -> bool:
-        doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
-        closed = doc.get("month_close", {}).get("closed", {})
-        return sum(len(apis) for apis in closed.values()) == len(november)
-
-    wait_until(saved_closed, timeout=5, what="the state file to hold every closed month")
-    assert first.process.stop(timeout=15) == 0
+    wait_until(
+        lambda: saved(state, "closed") == len(november),
+        timeout=5,
+        what="the state file to hold every closed month",
+    )
+    assert first.stop() == 0
     simulator.set_clock(DEC_THIRD)
-    second = start_exporter(config(simulator, state))
+    second = run_exporter(config(simulator, state))
     first_page = second.samples()
     assert value(first_page, "wolkvox_scrape_requests_total", operation="bogota") == 0
     assert_november_closed(first_page, november)
@@ -125,33 +130,32 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
 
 
 def test_a_restart_between_the_last_answer_of_a_month_and_the_first_of_the_next_still_closes_it(
-    simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     state = tmp_path / "state.json"
     simulator.set_clock(NOV_END)
     november = served(NOV_END)
-    first = start_exporter(config(simulator, state))
+    first = run_exporter(config(simulator, state))
     first.wait_for(lambda s: usage(s) == november, what="November's values")
 
-    def saved_seen() -> bool:
-        doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
-        seen = doc.get("month_close", {}).get("seen", {})
-        return sum(len(apis) for apis in seen.values()) == len(november)
-
-    wait_until(saved_seen, timeout=5, what="the state file to hold every last reading")
-    assert first.process.stop(timeout=15) == 0
+    wait_until(
+        lambda: saved(state, "seen") == len(november),
+        timeout=5,
+        what="the state file to hold every last reading",
+    )
+    assert first.stop() == 0
     simulator.set_clock(DEC_FIRST)
-    second = start_exporter(config(simulator, state))
+    second = run_exporter(config(simulator, state))
     samples = second.wait_for(lambda s: len(previous(s)) == len(november), what="November closed")
     assert_november_closed(samples, november)
 
 
 def test_without_a_month_change_nothing_closes(
-    simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     """Mid-month, with a correction: values drop, but no previous-month series appears."""
     simulator.set_clock("2026-11-15T12:00:00Z")
-    exporter = start_exporter(config(simulator, tmp_path / "state.json"))
+    exporter = run_exporter(config(simulator, tmp_path / "state.json"))
     exporter.wait_for(lambda s: usage(s) == served("2026-11-15T12:00:00Z"), what="mid-November values")
     simulator.fault("correction")
     samples = exporter.wait_for(

@@ -42,16 +42,8 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from tools import (
-    RULES_FILE,
-    Child,
-    dashboard_files,
-    expand_grafana_vars,
-    free_port,
-    panel_targets,
-    prometheus,
-    wait_until,
-)
+from harness import Process, free_port, prometheus, start_program, wait_until
+from tools import RULES_FILE, dashboard_files, expand_grafana_vars, panel_targets
 
 from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
@@ -62,7 +54,6 @@ pytestmark = pytest.mark.slow
 SHORT_FOR = "1s"
 STARTUP_TIMEOUT = 60.0
 ALERT_TIMEOUT = 60.0
-LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 
 
 DAILY_LIMIT = 2000  # the simulator's requests per token per day: the exporter makes ~1 a second
@@ -125,20 +116,10 @@ OPERATIONS = (
 OPERATION_REGEX = "|".join(op.name for op in OPERATIONS)
 
 
-def _start_child(name: str, args: list[str], log: Path) -> tuple[Child, str]:
+def _start_child(name: str, args: list[str], log: Path) -> tuple[Process, str]:
     """Start a process that announces 'listening on http://127.0.0.1:PORT'; return it and its URL."""
-    child = Child(name, args, log)
-    try:
-
-        def url() -> str | None:
-            child.check_alive()
-            match = LISTENING.search(child.log(tail=100_000))
-            return match.group(1) if match else None
-
-        return child, wait_until(url, timeout=STARTUP_TIMEOUT, what=f"{name} to listen")
-    except BaseException:
-        child.stop()
-        raise
+    child = start_program(args, log, name=name, timeout=STARTUP_TIMEOUT)
+    return child, child.url
 
 
 @dataclass
@@ -154,7 +135,7 @@ class Stack:
     usage: dict[tuple[str, str], float] = field(default_factory=dict)  # (operation, api) -> value
     cost: dict[str, float] = field(default_factory=dict)  # operation -> month-to-date cost
     cost_budgets: dict[str, float] = field(default_factory=dict)
-    children: dict[str, Child] = field(default_factory=dict)
+    children: dict[str, Process] = field(default_factory=dict)
 
     # ------------------------------------------------------------ processes
     def start_simulator(self) -> None:
@@ -313,15 +294,14 @@ class Stack:
             f"--storage.tsdb.path={self.tmp / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ]
-        child = Child("prometheus", args, self.tmp / "prometheus.log")
-        self.children["prometheus"] = child
         self.prometheus_url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            child.check_alive()
-            return requests.get(f"{self.prometheus_url}/-/ready", timeout=2).status_code == 200
-
-        wait_until(ready, timeout=STARTUP_TIMEOUT, what="prometheus /-/ready")
+        self.children["prometheus"] = start_program(
+            args,
+            self.tmp / "prometheus.log",
+            ready=f"{self.prometheus_url}/-/ready",
+            name="prometheus",
+            timeout=STARTUP_TIMEOUT,
+        )
 
     def stop_all(self) -> None:
         for name in ("prometheus", "exporter", "simulator"):
@@ -375,11 +355,6 @@ class Stack:
 
 
 def _running(stack: Stack) -> Iterator[Stack]:
-    try:
-        import exporter.cli
-        import exporter.simulator  # noqa: F401
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while the exporter is being written
-        pytest.skip(f"the exporter is not importable yet: {exc}")
     try:
         stack.start_simulator()
         stack.remember_november()

@@ -16,13 +16,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import start_process
-from tools import REPO, free_port, missing, wait_until
+from harness import REPO, free_port, missing, run_cli, spawn, start_python, wait_until
 
 README = REPO / "README.md"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -78,17 +76,6 @@ def _repo_copy(dest: Path) -> None:
             shutil.copy2(source, dest / name)
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C to the whole session (shell, demo, simulator), then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-
 @pytest.mark.slow
 def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
     command = quick_start_block("run")
@@ -109,22 +96,14 @@ def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
     checkout = tmp_path / "wolkvox-exporter"
     _repo_copy(checkout)
     log_path = tmp_path / "quick-start.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["bash", "-c", command],
-            cwd=checkout,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so Ctrl-C reaches the demo and simulator
-        )
-    output = ""
+    # Its own session, so Ctrl-C (SIGINT to the group) reaches the shell, the demo and the simulator.
+    quick_start = spawn(
+        ["bash", "-c", command], log_path, name="the quick start", cwd=checkout, env=env, group=True
+    )
     try:
 
         def metrics() -> str | None:
-            if proc.poll() is not None:
-                pytest.fail(f"the quick start exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            quick_start.check_alive()
             page = requests.get(f"http://127.0.0.1:{DEMO_PORTS[0]}/metrics", timeout=5).text
             return page if re.search(r"^wolkvox_stereo_rec_minutes\{", page, re.MULTILINE) else None
 
@@ -133,8 +112,9 @@ def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
         )
         assert 'wolkvox_stereo_rec_minutes{operation="bogota"}' in page
     finally:
-        _stop_group(proc)
-        output = log_path.read_text(encoding="utf-8", errors="replace")
+        quick_start.stop(timeout=15, sig=signal.SIGINT)
+    output = quick_start.log()
+    proc = quick_start.proc
     assert proc.returncode in (0, -signal.SIGINT, 130), output[-4000:]
     assert (checkout / ".venv" / "bin" / "python").exists()
     demo_lines = output[output.index("wolkvox-exporter demo:") :].splitlines()
@@ -143,7 +123,7 @@ def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
 
 def test_demo_starts_clean(tmp_path: Path) -> None:
     listen, simulator = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    demo = start_process(
+    demo = start_python(
         ["-m", "exporter.demo", "--web.listen-address", listen, "--simulator.listen-address", simulator],
         tmp_path / "demo.log",
     )
@@ -175,8 +155,7 @@ def test_example_config_checks_with_only_the_readme_variables() -> None:
     env = {"PATH": os.environ["PATH"], **{name: "any-token-value" for name in variables}}
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    args = [sys.executable, "-m", "exporter.cli", "--config.file", str(example), "--config.check"]
-    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = run_cli("--config.file", str(example), "--config.check", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK" in done.stdout + done.stderr
     assert not WARNING_LINE.search(done.stdout + done.stderr), done.stderr

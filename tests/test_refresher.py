@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools import wait_until
+from harness import wait_until
 
 from exporter.config import Config, load_config
 from exporter.model import FetchResult, Reading

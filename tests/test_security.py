@@ -21,7 +21,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,7 +33,18 @@ import bcrypt
 import pytest
 import requests
 import yaml
-from conftest import REPO, Exporter, Process, Simulator, free_port, start_process, value, wait_until
+from harness import (
+    Exporter,
+    Process,
+    Simulator,
+    exporter_exit,
+    free_port,
+    run_cli,
+    start_simulator,
+    value,
+    wait_until,
+    write_yaml,
+)
 
 from exporter.answers import parse_body
 from exporter.model import REASONS, FetchError
@@ -54,11 +64,6 @@ def exporter_config(sim_url: str, **extra: Any) -> dict[str, Any]:
         "operations": [{"name": "a", "server": "wv0001", "token": "tok-security-a", "base_url": sim_url}],
         **extra,
     }
-
-
-def write_yaml(path: Path, document: object) -> Path:
-    path.write_text(yaml.safe_dump(document), encoding="utf-8")
-    return path
 
 
 def fd_count(pid: int) -> int:
@@ -190,27 +195,29 @@ def recorder() -> Upstream:
 # ===== 1. --web.config.file ============================================================================
 
 
-def start_with_web_config(
-    start_exporter: Callable[..., Exporter], sim: Simulator, tmp_path: Path, web: dict[str, Any]
-) -> Exporter:
-    path = write_yaml(tmp_path / "web-config.yml", web)
-    return start_exporter(exporter_config(sim.url), "--web.config.file", str(path))
+def server_tls(pki: Path, **settings: str) -> dict[str, str]:
+    """A tls_server_config with the test PKI's server certificate, and ``settings``."""
+    return {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"), **settings}
+
+
+@pytest.fixture
+def web_exporter(
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
+) -> Callable[[dict[str, Any]], Exporter]:
+    """Factory: an exporter in this process serving with the web configuration given."""
+
+    def start(web: dict[str, Any]) -> Exporter:
+        path = write_yaml(tmp_path / "web-config.yml", web)
+        return run_exporter(exporter_config(simulator.url), web_config_file=str(path))
+
+    return start
 
 
 def test_tls_serves_https_only_to_clients_that_trust_it(
-    pki: Path, simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+    pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]
 ) -> None:
-    exporter = start_with_web_config(
-        start_exporter,
-        simulator,
-        tmp_path,
-        {
-            "tls_server_config": {
-                "cert_file": str(pki / "server.crt"),
-                "key_file": str(pki / "server.key"),
-                "min_version": "TLS13",
-            }
-        },
+    exporter = web_exporter(
+        {"tls_server_config": server_tls(pki, min_version="TLS13")},
     )
     assert exporter.url.startswith("https://127.0.0.1:")
     ca = str(pki / "ca.crt")
@@ -226,32 +233,25 @@ def test_tls_serves_https_only_to_clients_that_trust_it(
     # min_version TLS13: a client that stops at TLS 1.2 cannot connect; one that allows 1.3 does.
     old = ssl.create_default_context(cafile=ca)
     old.maximum_version = ssl.TLSVersion.TLSv1_2
-    with socket.create_connection(("127.0.0.1", exporter.process.port), timeout=5) as raw:
+    with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as raw:
         with pytest.raises(ssl.SSLError):
             old.wrap_socket(raw, server_hostname="127.0.0.1")
     current = ssl.create_default_context(cafile=ca)
-    with socket.create_connection(("127.0.0.1", exporter.process.port), timeout=5) as raw:
+    with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as raw:
         with current.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.version() == "TLSv1.3"
     # None of that broke the server.
     assert exporter.get("/-/healthy", verify=ca).status_code == 200
-    assert exporter.process.proc.poll() is None
 
 
 def test_client_certificates_are_required_and_verified(
-    pki: Path, simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
+    pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]
 ) -> None:
-    exporter = start_with_web_config(
-        start_exporter,
-        simulator,
-        tmp_path,
+    exporter = web_exporter(
         {
-            "tls_server_config": {
-                "cert_file": str(pki / "server.crt"),
-                "key_file": str(pki / "server.key"),
-                "client_auth_type": "RequireAndVerifyClientCert",
-                "client_ca_file": str(pki / "ca.crt"),
-            }
+            "tls_server_config": server_tls(
+                pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki / "ca.crt")
+            )
         },
     )
     ca = str(pki / "ca.crt")
@@ -266,23 +266,17 @@ def test_client_certificates_are_required_and_verified(
         exporter.get("/-/healthy", verify=ca)
     good = exporter.get("/metrics", verify=ca, cert=(str(pki / "client.crt"), str(pki / "client.key")))
     assert good.status_code == 200 and "wolkvox_up" in good.text
-    assert exporter.process.proc.poll() is None
 
 
 @pytest.fixture
-def auth_exporter(
-    pki: Path, simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
-) -> Exporter:
+def auth_exporter(pki: Path, web_exporter: Callable[[dict[str, Any]], Exporter]) -> Exporter:
     """TLS + basic auth + an extra header: alice has a python-bcrypt ($2b$) hash, bob an htpasswd ($2y$)."""
     alice = bcrypt.hashpw(ALICE_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     bob = bcrypt.hashpw(BOB_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     assert alice.startswith("$2b$") and bob.startswith("$2b$")
-    return start_with_web_config(
-        start_exporter,
-        simulator,
-        tmp_path,
+    return web_exporter(
         {
-            "tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")},
+            "tls_server_config": server_tls(pki),
             "basic_auth_users": {"alice": alice, "bob": "$2y$" + bob[4:]},
             "http_server_config": {"headers": {"X-Frame-Options": "deny"}},
         },
@@ -342,7 +336,7 @@ def test_health_endpoints_answer_without_credentials(pki: Path, auth_exporter: E
 
 
 def test_a_password_longer_than_72_bytes_is_a_401_not_a_server_error(
-    pki: Path, auth_exporter: Exporter
+    pki: Path, auth_exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     """bcrypt >= 5 raises ValueError for passwords over 72 bytes; that must stay a plain 401."""
     ca = str(pki / "ca.crt")
@@ -351,7 +345,7 @@ def test_a_password_longer_than_72_bytes_is_a_401_not_a_server_error(
             auth_exporter.url + "/metrics", headers=basic(user, "x" * 100), verify=ca, timeout=10
         )
         assert response.status_code == 401, (user, response.status_code)
-    assert "Traceback" not in auth_exporter.process.log()
+    assert not [r for r in caplog.records if r.exc_info], "a handler raised"
 
 
 def raw_http(port: int, request: bytes, context: ssl.SSLContext | None = None) -> bytes:
@@ -386,37 +380,13 @@ def test_no_path_trick_reaches_a_protected_page_without_credentials(
 ) -> None:
     context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     answer = raw_http(
-        auth_exporter.process.port,
+        auth_exporter.port,
         f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode(),
         context,
     )
     status_line = answer.split(b"\r\n", 1)[0]
     assert b"wolkvox_" not in answer and b"Operations configured" not in answer, status_line
     assert status_line.split()[1] in (b"400", b"401", b"404"), status_line
-
-
-def run_exporter_expecting_exit(log_path: Path, *args: str) -> tuple[int, str]:
-    """Run the exporter; it must exit by itself. One that starts serving instead fails the test at once."""
-    with log_path.open("wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter.cli", "--web.listen-address", "127.0.0.1:0", *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or "listening on" in log_path.read_text(errors="replace"),
-            timeout=30,
-            what="the exporter to exit",
-        )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-    output = log_path.read_text(errors="replace")
-    assert "listening on" not in output, f"the exporter started instead of refusing the file:\n{output}"
-    return proc.returncode, output
 
 
 BAD_PASSWORD = "Plain-Passw0rd-CANARY-5d1e"
@@ -441,7 +411,7 @@ BAD_PASSWORD = "Plain-Passw0rd-CANARY-5d1e"
 def test_a_bad_web_config_is_a_one_line_error_at_start_up(
     pki: Path, tmp_path: Path, problem: str, key: str
 ) -> None:
-    tls = {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}
+    tls = server_tls(pki)
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     web: dict[str, Any] = {
@@ -467,7 +437,7 @@ def test_a_bad_web_config_is_a_one_line_error_at_start_up(
         tmp_path / "config.yml",
         {"operations": [{"server": "wv1", "token": "tok-x", "base_url": f"http://127.0.0.1:{free_port()}"}]},
     )
-    returncode, output = run_exporter_expecting_exit(
+    returncode, output = exporter_exit(
         tmp_path / "exporter.log", "--config.file", str(config), "--web.config.file", str(web_path)
     )
     lines = [line for line in output.splitlines() if line.strip()]
@@ -486,18 +456,12 @@ def test_config_check_validates_the_web_config_too(pki: Path, tmp_path: Path) ->
     )
     good = write_yaml(
         tmp_path / "web-good.yml",
-        {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}},
+        {"tls_server_config": server_tls(pki)},
     )
     bad = write_yaml(tmp_path / "web-bad.yml", {"http_server_config": {"headers": {"Set-Cookie": "a=b"}}})
 
     def check(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "exporter.cli", "--config.file", str(config), "--config.check", *flags],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
+        return run_cli("--config.file", str(config), "--config.check", *flags)
 
     ok = check("--web.config.file", str(good))
     assert ok.returncode == 0 and f"{good}: OK" in ok.stdout, ok.stdout + ok.stderr
@@ -573,20 +537,17 @@ def test_malformed_requests_cost_one_debug_line_each(
     pki: Path, simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     exporter = start_exporter(exporter_config(simulator.url), log_level="debug")
-    port = exporter.process.port
+    port = exporter.port
     for what, request in MALFORMED.items():
         answer = send_malformed(port, request)
         if request is not None:
             assert answer.split(b"\r\n", 1)[0].split()[1] == b"400", (what, answer[:80])
         assert b"wolkvox_" not in answer, what
 
-    tls = start_with_web_config(
-        start_exporter,
-        simulator,
-        tmp_path,
-        {"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}},
-    )
-    plain_on_tls = send_malformed(tls.process.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    web = {"tls_server_config": server_tls(pki)}
+    web_path = write_yaml(tmp_path / "web-config.yml", web)
+    tls = start_exporter(exporter_config(simulator.url), "--web.config.file", str(web_path))
+    plain_on_tls = send_malformed(tls.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"wolkvox_" not in plain_on_tls
     # Both still serve.
     assert exporter.get("/-/healthy").status_code == 200
@@ -828,15 +789,12 @@ ECHO_KINDS = (
 def canary_upstreams(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Simulator, Upstream, Upstream]]:
-    directory = tmp_path_factory.mktemp("canary")
-    process = start_process(
-        ["-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0"], directory / "simulator.log"
-    )
+    sim = start_simulator(tmp_path_factory.mktemp("canary") / "simulator.log")
     try:
         with recorder() as trap, Upstream(echo_answer(free_port())) as echo:
-            yield Simulator(process), echo, trap
+            yield sim, echo, trap
     finally:
-        process.stop()
+        sim.stop()
 
 
 def bad_reload_documents(good: dict[str, Any], token: str) -> dict[str, str]:
@@ -860,57 +818,14 @@ def bad_reload_documents(good: dict[str, Any], token: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def start_quiet_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
-    """Like conftest's start_exporter, for log levels that do not print the "listening on" line: the
-    port is chosen here and readiness is /-/healthy answering."""
-    started: list[Process] = []
-
-    def start(config: dict[str, Any], *flags: str) -> Exporter:
-        config_path = write_yaml(tmp_path / f"quiet-{len(started)}.yml", config)
-        log_path = tmp_path / f"quiet-{len(started)}.log"
-        port = free_port()
-        with log_path.open("wb") as handle:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "exporter.cli",
-                    "--config.file",
-                    str(config_path),
-                    "--web.listen-address",
-                    f"127.0.0.1:{port}",
-                    *flags,
-                ],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        process = Process(proc, log_path, f"http://127.0.0.1:{port}")
-        started.append(process)
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"the exporter exited with {proc.returncode}:\n{process.log()}")
-            try:
-                return requests.get(f"{process.url}/-/healthy", timeout=1).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(healthy, timeout=20, what="the exporter to answer /-/healthy")
-        return Exporter(process, config_path, config)
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-@pytest.mark.parametrize("log_format", ["logfmt", "json"])
-@pytest.mark.parametrize("log_level", ["debug", "info", "warn", "error"])
+# Every line the exporter can print is printed at debug, in each format; the level only drops lines (it
+# does not change them), and error (its highest) shows that it does.
+@pytest.mark.parametrize(
+    ("log_format", "log_level"), [("logfmt", "debug"), ("json", "debug"), ("logfmt", "error")]
+)
 def test_no_token_is_ever_printed_or_served(
     canary_upstreams: tuple[Simulator, Upstream, Upstream],
-    start_quiet_exporter: Callable[..., Exporter],
+    start_exporter: Callable[..., Exporter],
     log_level: str,
     log_format: str,
 ) -> None:
@@ -943,7 +858,7 @@ def test_no_token_is_ever_printed_or_served(
         "daily_request_limit": 10_000_000,  # every report each second
         "operations": ops,
     }
-    exporter = start_quiet_exporter(good, "--log.format", log_format, "--log.level", log_level)
+    exporter = start_exporter(good, "--log.format", log_format, log_level=log_level)
 
     # Every operation tried twice (token_limit backs off 12 intervals after its first answer).
     def tried(samples: Any) -> bool:
@@ -1000,7 +915,7 @@ def test_no_token_is_ever_printed_or_served(
         else:
             assert line.startswith("ts=") and " level=" in line, line
     assert "reload failed" in output
-    if log_level in ("debug", "info", "warn"):
+    if log_level == "debug":
         assert "fetch failed" in output and "<redacted>" in output
     else:
         assert "fetch failed" not in output
@@ -1076,12 +991,12 @@ def timed_scrape(url: str, timeout: float = 2.0) -> float:
 
 
 def test_slow_and_stuck_clients_cannot_stall_scrapes(
-    simulator: Simulator, start_exporter: Callable[..., Exporter]
+    simulator: Simulator, run_exporter: Callable[..., Exporter]
 ) -> None:
-    exporter = start_exporter(exporter_config(simulator.url), "--web.max-connections", "200")
+    exporter = run_exporter(exporter_config(simulator.url), max_connections=200)
     exporter.wait_for(lambda s: value(s, "wolkvox_up", operation="a") == 1)
     page = len(exporter.get("/metrics").content)
-    port = exporter.process.port
+    port = exporter.port
     slow = slowloris(port, 50)
     stuck = non_readers(port, 5)
     try:
@@ -1097,7 +1012,6 @@ def test_slow_and_stuck_clients_cannot_stall_scrapes(
                 sock.recv(1)
     finally:
         close_all(slow + stuck)
-    assert exporter.process.proc.poll() is None
     assert timed_scrape(exporter.url) < 2.0
 
 

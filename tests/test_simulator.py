@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import queue
 import re
 import signal
 import socket
@@ -21,13 +19,12 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
+from harness import REPO, Simulator, start_simulator, timed, wait_until
 
 from exporter import simulator
 from exporter.simulator import cli as simulator_cli
 from exporter.simulator.api import format_items
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LISTEN_LINE = re.compile(r"^simulator listening on (http://\S+)$")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 HTTP_TIMEOUT = 5.0
@@ -36,86 +33,6 @@ INFORMATION = "/api/v2/information.php"
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------- reusable helpers
-
-_STDERR: dict[int, list[str]] = {}
-
-
-def start_simulator(*args: str, timeout: float = START_TIMEOUT) -> tuple[subprocess.Popen[str], str]:
-    """Starts ``python -m exporter.simulator`` on 127.0.0.1, port 0, plus ``args``.
-
-    Waits (bounded) for its ``simulator listening on URL`` line and returns (process, base URL).
-    Its stderr is drained all the time (so a chatty simulator never blocks on a full pipe) and
-    kept: see :func:`simulator_stderr`. Stop it with :func:`stop_simulator`.
-    """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
-    lines: list[str] = []
-    _STDERR[proc.pid] = lines
-    urls: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            match = LISTEN_LINE.match(line)
-            if match:
-                urls.put(match.group(1))
-        urls.put(None)  # end of stream: the process is gone
-
-    threading.Thread(target=pump, name=f"simulator-stderr-{proc.pid}", daemon=True).start()
-    try:
-        url = urls.get(timeout=timeout)
-    except queue.Empty:
-        url = None
-    if url is None:
-        stop_simulator(proc)
-        raise RuntimeError("simulator did not start; stderr:\n" + "\n".join(lines))
-    return proc, url
-
-
-def stop_simulator(
-    proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
-) -> int:
-    """Signals the simulator and waits (bounded) for it to exit; kills it and fails if it does not."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-            raise AssertionError(f"simulator did not stop within {timeout}s of signal {sig}") from None
-    return proc.returncode
-
-
-def simulator_stderr(proc: subprocess.Popen[str]) -> list[str]:
-    """The stderr lines read so far from a simulator started by :func:`start_simulator`."""
-    return _STDERR.get(proc.pid, [])
-
-
-def wait_for(condition: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    """Polls ``condition`` until it returns something truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def api_get(
@@ -185,18 +102,31 @@ class Background:
 
 
 @pytest.fixture(scope="module")
-def sim_proc() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc, base = start_simulator("--log.level", "debug")
-    try:
-        yield proc, base
-    finally:
-        assert stop_simulator(proc) == 0
+def sim_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """One simulator for the module's tests, at debug level."""
+    shared = start_simulator(tmp_path_factory.mktemp("simulator") / "simulator.log", "--log.level", "debug")
+    yield shared
+    assert shared.stop(STOP_TIMEOUT) == 0
 
 
 @pytest.fixture
-def sim(sim_proc: tuple[subprocess.Popen[str], str]) -> str:
+def simulators(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
+    """Factory: a simulator of the test's own with these flags; each must stop cleanly."""
+    started: list[Simulator] = []
+
+    def start(*flags: str) -> Simulator:
+        started.append(start_simulator(tmp_path / f"simulator-{len(started)}.log", *flags))
+        return started[-1]
+
+    yield start
+    for each in started:
+        assert each.stop(STOP_TIMEOUT) == 0, each.process.log(2000)
+
+
+@pytest.fixture
+def sim(sim_proc: Simulator) -> str:
     """Base URL of the shared simulator, with no faults and zeroed stats."""
-    base = sim_proc[1]
+    base = sim_proc.url
     requests.delete(base + "/-/faults", timeout=HTTP_TIMEOUT).raise_for_status()
     requests.delete(base + "/-/clock", timeout=HTTP_TIMEOUT).raise_for_status()
     requests.post(base + "/-/stats/reset", timeout=HTTP_TIMEOUT).raise_for_status()
@@ -211,9 +141,9 @@ def token(request: pytest.FixtureRequest) -> str:
 # --------------------------------------------------------------------------- startup and the happy path
 
 
-def test_listen_line_is_exact_and_has_the_real_port(sim_proc: tuple[subprocess.Popen[str], str]) -> None:
-    proc, base = sim_proc
-    announced = [line for line in simulator_stderr(proc) if "listening" in line]
+def test_listen_line_is_exact_and_has_the_real_port(sim_proc: Simulator) -> None:
+    base = sim_proc.url
+    announced = [line for line in sim_proc.process.log().splitlines() if "listening" in line]
     assert len(announced) == 1
     match = re.fullmatch(r"simulator listening on http://127\.0\.0\.1:(\d+)", announced[0])
     assert match is not None
@@ -280,23 +210,20 @@ def test_sequential_requests_are_never_violations(sim: str, token: str) -> None:
     assert stats["violations"] == 0
 
 
-def test_values_grow_and_use_the_items_format() -> None:
-    proc, base = start_simulator("--minutes-per-hour", "3600000", "--items-format", "comma")
-    try:
-        seen: list[float] = []
+def test_values_grow_and_use_the_items_format(simulators: Callable[..., Simulator]) -> None:
+    base = simulators("--minutes-per-hour", "3600000", "--items-format", "comma").url
+    seen: list[float] = []
 
-        def read() -> float:
-            response = api_get(base, "growth-token")
-            items = response.json()["data"][0]["items"]
-            assert re.fullmatch(r"\d+,\d\d", items), items
-            seen.append(float(items.replace(",", ".")))
-            return seen[-1]
+    def read() -> float:
+        response = api_get(base, "growth-token")
+        items = response.json()["data"][0]["items"]
+        assert re.fullmatch(r"\d+,\d\d", items), items
+        seen.append(float(items.replace(",", ".")))
+        return seen[-1]
 
-        first = read()
-        wait_for(lambda: read() > first, what="the value to grow")
-        assert seen == sorted(seen)
-    finally:
-        assert stop_simulator(proc) == 0
+    first = read()
+    wait_until(lambda: read() > first, what="the value to grow")
+    assert seen == sorted(seen)
 
 
 # --------------------------------------------------------------------------- documented errors
@@ -332,7 +259,7 @@ def test_unknown_api_is_400(sim: str, token: str, path: str, api: str) -> None:
 def test_concurrent_requests_on_one_token_are_a_violation(sim: str, token: str) -> None:
     set_fault(sim, mode="slow", token=token, seconds=1.5)
     first = Background(lambda: api_get(sim, token))
-    wait_for(lambda: token_stats(sim, token).get("in_flight") == 1, what="the first request in flight")
+    wait_until(lambda: token_stats(sim, token).get("in_flight") == 1, what="the first request in flight")
     second = api_get(sim, token)
     assert_error(second, 403, "FORBIDDEN", "EXCEEDS THE LIMIT OF SIMULTANEOUS REQUESTS PER TOKEN (2)")
     assert first.result().status_code == 200
@@ -344,57 +271,48 @@ def test_concurrent_requests_on_one_token_are_a_violation(sim: str, token: str) 
     assert doc["total_violations"] == 1
 
 
-def test_daily_limit() -> None:
-    proc, base = start_simulator("--daily-limit", "3")
-    try:
-        for _ in range(3):
-            assert api_get(base, "limited").status_code == 200
-        assert_error(api_get(base, "limited"), 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")
-        limited_info = api_get(base, "limited", api="token_info", path=INFORMATION)
-        assert_error(limited_info, 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")
-        assert api_get(base, "other").status_code == 200
-        info = api_get(base, "other", api="token_info", path=INFORMATION).json()["data"][0]
-        assert info == {"token_limit": "3", "token_use_today": "2", "all_token_today": "7"}
-        assert token_stats(base, "limited")["requests_today"] == 5
-    finally:
-        assert stop_simulator(proc) == 0
+def test_daily_limit(simulators: Callable[..., Simulator]) -> None:
+    base = simulators("--daily-limit", "3").url
+    for _ in range(3):
+        assert api_get(base, "limited").status_code == 200
+    assert_error(api_get(base, "limited"), 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")
+    limited_info = api_get(base, "limited", api="token_info", path=INFORMATION)
+    assert_error(limited_info, 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")
+    assert api_get(base, "other").status_code == 200
+    info = api_get(base, "other", api="token_info", path=INFORMATION).json()["data"][0]
+    assert info == {"token_limit": "3", "token_use_today": "2", "all_token_today": "7"}
+    assert token_stats(base, "limited")["requests_today"] == 5
 
 
-def test_daily_limit_counts_over_a_rolling_day_length() -> None:
-    proc, base = start_simulator("--daily-limit", "2", "--day-length", "1s")
-    try:
-        assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
-        started = time.monotonic()
-        # /-/stats is not a request: watch the window empty without adding to it
-        wait_for(lambda: token_stats(base, "t")["requests_today"] == 0, timeout=5, what="the window to pass")
-        assert time.monotonic() - started > 0.5  # the newest request left the window, not the first
-        assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
-        assert token_stats(base, "t")["requests"] == 6
-    finally:
-        assert stop_simulator(proc) == 0
+def test_daily_limit_counts_over_a_rolling_day_length(simulators: Callable[..., Simulator]) -> None:
+    base = simulators("--daily-limit", "2", "--day-length", "1s").url
+    assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
+    started = time.monotonic()
+    # /-/stats is not a request: watch the window empty without adding to it
+    wait_until(lambda: token_stats(base, "t")["requests_today"] == 0, timeout=5, what="the window to pass")
+    assert time.monotonic() - started > 0.5  # the newest request left the window, not the first
+    assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
+    assert token_stats(base, "t")["requests"] == 6
 
 
-def test_reports_count_requests_and_the_smallest_gap() -> None:
-    proc, base = start_simulator("--report-interval", "1h")
-    try:
-        for server, api in [
-            ("wv1", "stereo_rec"),
-            ("wv1", "stereo_rec"),
-            ("wv1", "ivr_calls"),
-            ("wv2", "stereo_rec"),
-        ]:
-            assert api_get(base, "t", api=api, headers={"wolkvox_server": server}).status_code == 200
-        assert api_get(base, "t", api="token_info", path=INFORMATION, headers={"wolkvox_server": "wv1"}).ok
-        stats = token_stats(base, "t")
-        reports = stats["reports"]
-        assert set(reports) == {"wv1/stereo_rec", "wv1/ivr_calls", "wv2/stereo_rec", "wv1/token_info"}
-        assert reports["wv1/stereo_rec"]["requests"] == 2
-        assert 0 <= reports["wv1/stereo_rec"]["min_gap_seconds"] < 5
-        assert reports["wv1/ivr_calls"] == {"requests": 1, "min_gap_seconds": None}
-        assert stats["report_violations"] == 1  # only the second stereo_rec of wv1 came too soon
-        assert requests.get(base + "/-/stats", timeout=HTTP_TIMEOUT).json()["total_report_violations"] == 1
-    finally:
-        assert stop_simulator(proc) == 0
+def test_reports_count_requests_and_the_smallest_gap(simulators: Callable[..., Simulator]) -> None:
+    base = simulators("--report-interval", "1h").url
+    for server, api in [
+        ("wv1", "stereo_rec"),
+        ("wv1", "stereo_rec"),
+        ("wv1", "ivr_calls"),
+        ("wv2", "stereo_rec"),
+    ]:
+        assert api_get(base, "t", api=api, headers={"wolkvox_server": server}).status_code == 200
+    assert api_get(base, "t", api="token_info", path=INFORMATION, headers={"wolkvox_server": "wv1"}).ok
+    stats = token_stats(base, "t")
+    reports = stats["reports"]
+    assert set(reports) == {"wv1/stereo_rec", "wv1/ivr_calls", "wv2/stereo_rec", "wv1/token_info"}
+    assert reports["wv1/stereo_rec"]["requests"] == 2
+    assert 0 <= reports["wv1/stereo_rec"]["min_gap_seconds"] < 5
+    assert reports["wv1/ivr_calls"] == {"requests": 1, "min_gap_seconds": None}
+    assert stats["report_violations"] == 1  # only the second stereo_rec of wv1 came too soon
+    assert requests.get(base + "/-/stats", timeout=HTTP_TIMEOUT).json()["total_report_violations"] == 1
 
 
 def test_token_info_counts_requests(sim: str, token: str) -> None:
@@ -563,7 +481,7 @@ def test_hang_fault_never_answers_until_the_client_gives_up(sim: str, token: str
     set_fault(sim, mode="hang", token=token)
     with pytest.raises(requests.exceptions.ReadTimeout):
         api_get(sim, token, timeout=0.3)
-    wait_for(lambda: token_stats(sim, token)["in_flight"] == 0, what="the hung request to be released")
+    wait_until(lambda: token_stats(sim, token)["in_flight"] == 0, what="the hung request to be released")
 
 
 def test_hang_fault_with_seconds_closes_without_answering(sim: str, token: str) -> None:
@@ -576,14 +494,14 @@ def test_hang_does_not_block_other_tokens_and_releases_on_client_timeout(sim: st
     other = token + "-other"
     set_fault(sim, mode="hang", token=token)
     hung = Background(lambda: api_get(sim, token, timeout=2.0))
-    wait_for(lambda: token_stats(sim, token).get("in_flight") == 1, what="the hanging request in flight")
+    wait_until(lambda: token_stats(sim, token).get("in_flight") == 1, what="the hanging request in flight")
     started = time.monotonic()
     assert api_get(sim, other).status_code == 200
     assert time.monotonic() - started < 1.0
     assert token_stats(sim, token)["in_flight"] == 1  # still hanging while the other token was served
     with pytest.raises(requests.exceptions.ReadTimeout):
         hung.result()
-    wait_for(lambda: token_stats(sim, token)["in_flight"] == 0, what="the hung request to be released")
+    wait_until(lambda: token_stats(sim, token)["in_flight"] == 0, what="the hung request to be released")
     requests.delete(sim + "/-/faults", timeout=HTTP_TIMEOUT).raise_for_status()
     assert api_get(sim, token).status_code == 200
     assert token_stats(sim, token)["violations"] == 0
@@ -759,39 +677,37 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
     }
 
 
-def test_debug_log_names_a_hash_never_the_token(
-    sim_proc: tuple[subprocess.Popen[str], str], sim: str
-) -> None:
-    proc = sim_proc[0]
+def test_debug_log_names_a_hash_never_the_token(sim_proc: Simulator, sim: str) -> None:
+    log = sim_proc.process.log
     secret = "s3cr3t-token-value-0123456789"
     short = hashlib.sha256(secret.encode()).hexdigest()[:8]
     set_fault(sim, mode="none", token=secret)
     assert api_get(sim, secret).status_code == 200
-    wait_for(
-        lambda: any(f"token={short}" in line and "status=200" in line for line in simulator_stderr(proc)),
+    wait_until(
+        lambda: any(f"token={short}" in line and "status=200" in line for line in log().splitlines()),
         what="the debug line of the request",
     )
-    assert not any(secret in line for line in simulator_stderr(proc))
+    assert not any(secret in line for line in log().splitlines())
 
 
-def test_latency_is_added_to_api_answers() -> None:
-    proc, base = start_simulator("--latency", "300ms")
-    try:
-        started = time.monotonic()
-        response = api_get(base, "latency-token")
-        assert time.monotonic() - started >= 0.3
-        assert response.status_code == 200
-    finally:
-        assert stop_simulator(proc) == 0
+def test_latency_is_added_to_api_answers(simulators: Callable[..., Simulator]) -> None:
+    base = simulators("--latency", "300ms").url
+    started = time.monotonic()
+    response = api_get(base, "latency-token")
+    assert time.monotonic() - started >= 0.3
+    assert response.status_code == 200
 
 
-def test_port_in_use_exits_non_zero(sim_proc: tuple[subprocess.Popen[str], str]) -> None:
-    port = sim_proc[1].rsplit(":", 1)[1]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+def test_port_in_use_exits_non_zero(sim_proc: Simulator) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "exporter.simulator", "--web.listen-address", f"127.0.0.1:{port}"],
-        cwd=REPO_ROOT,
-        env=env,
+        [
+            sys.executable,
+            "-m",
+            "exporter.simulator",
+            "--web.listen-address",
+            f"127.0.0.1:{sim_proc.process.port}",
+        ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
@@ -806,24 +722,20 @@ def test_port_in_use_exits_non_zero(sim_proc: tuple[subprocess.Popen[str], str])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_quickly_while_a_request_hangs(sig: int) -> None:
-    proc, base = start_simulator("--hang-fraction", "1")  # every token hangs, no fault needed
+def test_signal_stops_quickly_while_a_request_hangs(sig: int, simulators: Callable[..., Simulator]) -> None:
+    hanging = simulators("--hang-fraction", "1")  # every token hangs, no fault needed
+    hung = Background(lambda: api_get(hanging.url, "hanging-token", timeout=30.0))
+    wait_until(
+        lambda: token_stats(hanging.url, "hanging-token").get("in_flight") == 1, what="the hanging request"
+    )
+    status, took = timed(lambda: hanging.process.stop(STOP_TIMEOUT, sig=sig))
+    assert status == 0 and took < 4.0, (status, took)
     try:
-        hung = Background(lambda: api_get(base, "hanging-token", timeout=30.0))
-        wait_for(lambda: token_stats(base, "hanging-token").get("in_flight") == 1, what="the hanging request")
-        started = time.monotonic()
-        assert stop_simulator(proc, sig=sig, timeout=STOP_TIMEOUT) == 0
-        assert time.monotonic() - started < 4.0
-        try:
-            answer = hung.result(timeout=STOP_TIMEOUT)
-        except requests.exceptions.ConnectionError:
-            pass  # dropped: acceptable, it was not left hanging
-        else:
-            assert answer.status_code == 503
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        answer = hung.result(timeout=STOP_TIMEOUT)
+    except requests.exceptions.ConnectionError:
+        pass  # dropped: acceptable, it was not left hanging
+    else:
+        assert answer.status_code == 503
 
 
 # --------------------------------------------------------------------------- in-process pieces

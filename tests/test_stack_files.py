@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -27,7 +26,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from tools import REPO, RULES_FILE, Child, dashboard_files, free_port, promtool, require, wait_until
+from harness import REPO, free_port, promtool, require, spawn, wait_until
+from tools import RULES_FILE, dashboard_files
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -116,10 +116,6 @@ def _healthcheck_command(port: int) -> list[str]:
 
 def test_healthcheck_one_liner_tells_a_healthy_exporter_from_a_dead_one(tmp_path: Path) -> None:
     """The image's HEALTHCHECK command, run as is (port aside) against the real exporter."""
-    try:
-        import exporter.cli  # noqa: F401
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"exporter.cli is not there yet ({exc})")
     config = {
         "operations": [
             {
@@ -133,7 +129,7 @@ def test_healthcheck_one_liner_tells_a_healthy_exporter_from_a_dead_one(tmp_path
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     args = [sys.executable, "-m", "exporter.cli", "--config.file", str(tmp_path / "config.yml")]
-    child = Child("exporter", [*args, "--web.listen-address", f"127.0.0.1:{port}"], tmp_path / "exp.log")
+    child = spawn([*args, "--web.listen-address", f"127.0.0.1:{port}"], tmp_path / "exp.log", name="exporter")
     try:
 
         def healthy() -> bool:
@@ -220,7 +216,7 @@ def test_every_mounted_host_path_exists() -> None:
             assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
             assert REPO in source.parents, f"{name}: {source} is outside the repository"
             checked += 1
-    assert checked >= 6
+    assert checked, "no bind mount from the repository"
 
 
 def test_exporter_reads_the_mounted_config() -> None:
@@ -294,17 +290,14 @@ def test_compose_exporter_config_points_at_the_simulator_service() -> None:
     assert any("budget_minutes" not in op for op in config["operations"])
 
 
-def test_compose_exporter_config_loads() -> None:
-    try:
-        from exporter.config import load_config
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"exporter.config is not there yet ({exc}); cannot load {EXPORTER_CONFIG.name}")
+def test_compose_exporter_config_loads_without_warnings() -> None:
+    """As the exporter (and --config.check) reads it; a demo inside the vendor's daily request budget
+    (no interval stretching) and with nothing else to warn about."""
+    from exporter.config import load_config
+
     config = load_config(str(EXPORTER_CONFIG))
-    names = [op.name for op in config.operations]
-    assert names == ["bogota", "lima", "medellin"]
-    assert all(op.base_url == "http://simulator:19727" for op in config.operations)
-    # The demo must stay inside the vendor's daily request budget (no interval stretching).
-    assert not [w for w in config.warnings if "daily_request_limit" in w], config.warnings
+    assert config.operations
+    assert not config.warnings, config.warnings
 
 
 def test_compose_exporter_config_shows_the_whole_bill_inside_the_daily_budget() -> None:
@@ -335,17 +328,7 @@ def test_compose_exporter_config_shows_the_whole_bill_inside_the_daily_budget() 
         assert pace.demand_per_day + pace.burst <= min(config.daily_request_limit, simulator_limit)
 
 
-def test_exporter_cli_accepts_the_compose_config() -> None:
-    try:
-        import exporter.cli  # noqa: F401
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"exporter.cli is not there yet ({exc})")
-    args = [sys.executable, "-m", "exporter.cli", "--config.file", str(EXPORTER_CONFIG), "--config.check"]
-    done = run(args, timeout=60)
-    assert done.returncode == 0, f"{shlex.join(args)}:\n{done.stdout}{done.stderr}"
-
-
-# --------------------------------------------------------------------------- tests/tools.py itself
+# --------------------------------------------------------------------------- tests/harness.py itself
 
 
 def test_require_skips_locally_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:

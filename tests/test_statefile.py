@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Exporter, Simulator, value, wait_until
+from harness import Exporter, Simulator, holds, value, wait_until
 
 from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
@@ -135,7 +135,8 @@ def test_an_unchanged_state_is_not_rewritten(tmp_path: Path) -> None:
 
 
 def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
-    """A writer replacing a large state 300 times while a reader loads it: every load is whole."""
+    """A writer replacing a large state (up to 300 times) while a reader loads it: every load is whole.
+    The writer stops once the reader has loaded each version many times."""
     path = tmp_path / "state.json"
     big = {f"operation-{i:04d}": {"stereo_rec": (float(i), 1_700_000_000.0 + i)} for i in range(2000)}
     small = {"only": {"stereo_rec": (1.0, 1_700_000_000.0)}}
@@ -159,6 +160,8 @@ def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
     try:
         for i in range(300):
             writer.save(big if i % 2 == 0 else small, pacing(float(i)))
+            if min(seen.count(len(big)), seen.count(len(small)), 25) == 25:
+                break
     finally:
         done.set()
         thread.join(timeout=30)
@@ -372,11 +375,16 @@ def restart_scenario(
 
     # For the first few seconds (and until the control token has been used again), no request on the
     # main token: it was used less than refresh_interval ago.
-    deadline = started + 3.0
-    while time.monotonic() < deadline or requests_of(sim, CONTROL) <= control_requests:
-        assert requests_of(sim, MAIN) == main_requests, "the main token was used again too early"
-        assert time.monotonic() < started + 15, "the control token was never fetched"
-        time.sleep(0.1)
+    def main_unused() -> bool:
+        return requests_of(sim, MAIN) == main_requests
+
+    what = "the main token not used again too early"
+    holds(main_unused, started + 3.0 - time.monotonic(), what=what)
+    wait_until(
+        lambda: (main_unused() or pytest.fail(what)) and requests_of(sim, CONTROL) > control_requests,
+        timeout=15,
+        what="the control token fetched again",
+    )
     samples = second.samples()
     assert value(samples, "wolkvox_stereo_rec_minutes", operation="main") == minutes
     assert value(samples, "wolkvox_up", operation="control") == 1
@@ -396,7 +404,6 @@ def test_restart_after_kill_9_serves_saved_values_and_waits_for_the_interval(
     simulator: Simulator, start_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
     def brutal(exporter: Exporter) -> None:
-        exporter.process.proc.send_signal(signal.SIGKILL)
-        assert exporter.process.proc.wait(timeout=10) == -signal.SIGKILL
+        assert exporter.process.stop(sig=signal.SIGKILL) == -signal.SIGKILL
 
     restart_scenario(simulator, start_exporter, tmp_path, brutal)

@@ -7,8 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import Exporter, Simulator, value
-from tools import require
+from harness import Exporter, Simulator, require, value
 
 from exporter.model import ReportStatus
 from exporter.monthclose import Seen
@@ -92,7 +91,7 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_person_sees_the_failing_and_the_healthy_operation_in_a_browser(
-    simulator: Simulator, start_exporter, tmp_path: Path
+    simulator: Simulator, run_exporter, tmp_path: Path
 ) -> None:
     simulator.fault("invalid_token", token=CANARY)
     config = {
@@ -102,7 +101,7 @@ def test_a_person_sees_the_failing_and_the_healthy_operation_in_a_browser(
             {"name": "lima", "server": "wv0042", "token": CANARY, "base_url": simulator.url},
         ],
     }
-    exporter: Exporter = start_exporter(config)
+    exporter: Exporter = run_exporter(config)
     exporter.wait_for(
         lambda s: (
             value(s, "wolkvox_up", operation="bogota") == 1

@@ -6,7 +6,7 @@ import gzip
 from typing import Any
 
 import pytest
-from conftest import parse_samples, value
+from harness import parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import REASONS, FetchResult, Reading

@@ -27,6 +27,7 @@ import pytest
 import requests
 import yaml
 from aiohttp import web
+from harness import LoopThread, wait_until_async
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -562,14 +563,12 @@ class Served:
     def __init__(
         self, config_path: Path | None, reload: Callable[[], Awaitable[tuple[bool, str]]] | None = None
     ):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="served", daemon=True)
-        self.thread.start()
+        self.loop = LoopThread()
         self.reload = reload
         self.port = self.call(self._start(config_path))
 
     def call(self, coroutine: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)  # type: ignore[arg-type]
+        return self.loop.run(coroutine)
 
     async def _start(self, config_path: Path | None) -> int:
         config = load_web_config(config_path)
@@ -585,8 +584,6 @@ class Served:
 
     def close(self) -> None:
         self.call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
         self.loop.close()
 
 
@@ -847,13 +844,10 @@ def test_a_burst_of_reload_requests_runs_one_reload(serve: Callable[..., Served]
 
 
 async def _until_requests(served: Served, count: int) -> bool:
-    """True once ``count`` requests are being handled by the served app (bounded wait, ~10 s)."""
+    """True once ``count`` requests are being handled by the served app (bounded wait)."""
     server = served.runner.server
     assert server is not None
-    for _ in range(1000):
-        if server.requests_count >= count:
-            for _ in range(3):  # let the last request's task run up to its wait for the reload
-                await asyncio.sleep(0)
-            return True
-        await asyncio.sleep(0.01)
-    return False
+    await wait_until_async(lambda: server.requests_count >= count, timeout=10, what=f"{count} requests")
+    for _ in range(3):  # let the last request's task run up to its wait for the reload
+        await asyncio.sleep(0)
+    return True
