@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import gzip
 import json
@@ -57,13 +56,11 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +69,21 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/harness.py: children, ports and waits, as the tests use
 
-# Needs the path above (E402): the exporter's own defaults, so the benchmark sets only what it must.
+# Needs the paths above (E402). The harness reports a timeout or a dead child as a failed test
+# (pytest.fail); main() turns that into the benchmark's own error, like BenchmarkError.
+import pytest  # noqa: E402
+from harness import (  # noqa: E402
+    Process,
+    exporter_args,
+    free_port,
+    simulator_args,
+    start_program,
+    wait_until,
+)
+
+# The exporter's own defaults, so the benchmark sets only what it must.
 from exporter.client import default_max_connections  # noqa: E402
 from exporter.config import (  # noqa: E402
     DEFAULT_DAILY_REQUEST_LIMIT,
@@ -90,7 +100,6 @@ IMPLEMENTATIONS = ("exporter", "prometheus_client", "nginx")
 PACE_APIS = ("stereo_rec", "ivr_minutes", "amd_ai", "ivr_calls")  # the issue's one token, four services
 EXPORTER_ROOT = REPO  # where `python -m exporter.cli` runs from (--exporter-root)
 MB = 1_000_000  # memory is reported in MB of 10^6 bytes (stricter than MiB for the 100 MB goal)
-_LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 _UP_LINE = re.compile(rb'^wolkvox_up\{operation="([^"]*)"\} (\S+)$', re.M)
 
 
@@ -100,129 +109,50 @@ class BenchmarkError(Exception):
 
 # ----------------------------------------------------------------------------------- child processes
 
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise BenchmarkError(f"{self.name}: no VmRSS")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        _CHILDREN.discard(self)
-
-    __hash__ = object.__hash__
+# Every child comes from tests/harness.py (spawn, PR_SET_PDEATHSIG, a log per child, stop); here they are
+# only remembered, so that stop_all() ends whichever are still running when the script ends.
+_CHILDREN: list[Process] = []
 
 
-_CHILDREN: set[Child] = set()
-
-
-def spawn(
-    name: str, argv: list[str], workdir: Path, *, listening: bool = True, timeout: float = 60.0
-) -> Child:
-    """Starts a child with its output in ``workdir/name.log``; waits for its 'listening on' line."""
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as handle:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=EXPORTER_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=_die_with_parent,
-        )
-    child = Child(name, proc, log_path)
-    _CHILDREN.add(child)
-    if not listening:
-        return child
-    deadline = time.monotonic() + timeout
-    while True:
-        match = _LISTENING.search(child.log())
-        if match:
-            child.url = match.group(1)
-            return child
-        if proc.poll() is not None:
-            raise BenchmarkError(f"{name} exited with {proc.returncode}:\n{child.log()[-2000:]}")
-        if time.monotonic() > deadline:
-            child.stop()
-            raise BenchmarkError(f"{name} did not listen within {timeout:g}s:\n{child.log()[-2000:]}")
-        time.sleep(0.05)
+def start(
+    name: str, argv: list[str], workdir: Path, *, ready: str | None = None, timeout: float = 60.0
+) -> Process:
+    """``argv`` run from the exporter's checkout, its output in ``workdir/name.log``; returns once it
+    logs 'listening on' (or ``ready``, a URL, answers 200)."""
+    process = start_program(
+        argv, workdir / f"{name}.log", ready=ready, name=name, timeout=timeout, cwd=EXPORTER_ROOT
+    )
+    _CHILDREN.append(process)
+    return process
 
 
 def stop_all() -> None:
-    for child in list(_CHILDREN):
+    for process in _CHILDREN:
         with contextlib.suppress(Exception):
-            child.stop(timeout=5)
+            process.stop(timeout=5)
+    _CHILDREN.clear()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rss_bytes(process: Process) -> int:
+    with open(f"/proc/{process.proc.pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchmarkError(f"{process.name}: no VmRSS")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(requests.RequestException):
-            result = predicate()
-            if result:
-                return result
-        if time.monotonic() > deadline:
-            raise BenchmarkError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+def cpu_seconds(process: Process) -> float:
+    """User + system CPU time of the process so far (all its threads)."""
+    with open(f"/proc/{process.proc.pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------------- the pieces
 
 
-def start_simulator(workdir: Path, name: str, *extra: str) -> Child:
-    return spawn(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "exporter.simulator",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--log.level",
-            "warning",
-            *extra,
-        ],
-        workdir,
-    )
+def start_simulator(workdir: Path, name: str, *extra: str) -> Process:
+    return start(name, [sys.executable, *simulator_args("--log.level", "warning", *extra)], workdir)
 
 
 def token_of(prefix: str, i: int) -> str:
@@ -266,23 +196,9 @@ def exporter_max_connections() -> int:
     return default_max_connections(-1 if hard == resource.RLIM_INFINITY else hard)
 
 
-def start_exporter(workdir: Path, name: str, config_path: Path) -> Child:
-    return spawn(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "exporter.cli",
-            "--config.file",
-            str(config_path),
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--log.level",
-            "info",
-        ],
-        workdir,
-        timeout=120.0,
-    )
+def start_exporter(workdir: Path, name: str, config_path: Path) -> Process:
+    argv = [sys.executable, *exporter_args(config_path, "--log.level", "info")]
+    return start(name, argv, workdir, timeout=120.0)
 
 
 def fetch_page(url: str, gzip_wanted: bool = True) -> tuple[bytes, bytes, dict[str, str]]:
@@ -300,14 +216,14 @@ def up_values(page: bytes) -> dict[str, float]:
     return {op.decode(): float(v) for op, v in _UP_LINE.findall(page)}
 
 
-def sim_stats(sim: Child) -> dict[str, Any]:
+def sim_stats(sim: Process) -> dict[str, Any]:
     response = requests.get(f"{sim.url}/-/stats", timeout=30)
     response.raise_for_status()
     return response.json()
 
 
-def rss_mb(child: Child) -> float:
-    return round(child.rss_bytes() / MB, 1)
+def rss_mb(child: Process) -> float:
+    return round(rss_bytes(child) / MB, 1)
 
 
 # ----------------------------------------------------------------------------------- wrk
@@ -389,11 +305,11 @@ def background_load(seconds: float = 3.0) -> dict[str, Any]:
 
 
 def measure(
-    server: Child, url: str, seconds: float, args: argparse.Namespace, timeout: float
+    server: Process, url: str, seconds: float, args: argparse.Namespace, timeout: float
 ) -> dict[str, Any]:
-    cpu_before, busy_before, wrk_before = server.cpu_seconds(), machine_busy_seconds(), children_cpu_seconds()
+    cpu_before, busy_before, wrk_before = cpu_seconds(server), machine_busy_seconds(), children_cpu_seconds()
     result = run_wrk(url, seconds, args.connections, args.threads, timeout)
-    cpu = server.cpu_seconds() - cpu_before
+    cpu = cpu_seconds(server) - cpu_before
     wrk_cpu = children_cpu_seconds() - wrk_before
     result["server_cpu_seconds"] = round(cpu, 2)
     result["wrk_cpu_seconds"] = round(wrk_cpu, 2)
@@ -439,7 +355,7 @@ http {{
 """
 
 
-def start_nginx(workdir: Path, plain: bytes) -> Child:
+def start_nginx(workdir: Path, plain: bytes) -> Process:
     prefix = workdir / "nginx"
     for sub in ("www", "tmp"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
@@ -449,21 +365,13 @@ def start_nginx(workdir: Path, plain: bytes) -> Child:
     port = free_port()
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=prefix, port=port), encoding="utf-8")
-    child = spawn(
+    return start(
         "nginx",
         [NGINX or "nginx", "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf)],
         workdir,
-        listening=False,
+        ready=f"http://127.0.0.1:{port}/metrics",
+        timeout=20.0,
     )
-    child.url = f"http://127.0.0.1:{port}"
-
-    def serving() -> bool:
-        if child.proc.poll() is not None:
-            raise BenchmarkError(f"nginx exited with {child.proc.returncode}: {child.log()[-2000:]}")
-        return requests.get(f"{child.url}/metrics", timeout=5).status_code == 200
-
-    wait_for(serving, 20, "nginx to serve")
-    return child
 
 
 # ----------------------------------------------------------------------------------- part 1: /metrics
@@ -487,7 +395,7 @@ def steady_size(
                 ups = up_values(fetch_page(exporter.url)[1])
                 return len(ups) == size and all(v == 1.0 for v in ups.values())
 
-            wait_for(all_up, 120, f"all {size} operations to be up", interval=1.0)
+            wait_until(all_up, timeout=120, what=f"all {size} operations to be up", interval=1.0)
             time.sleep(2)  # the publisher coalesces results: let the last render land
             rss_all_in = rss_mb(exporter)
             quiet = idle_cpu(exporter, sim, args) if idle else None
@@ -516,11 +424,11 @@ def steady_size(
         sim.stop()
 
 
-def idle_cpu(exporter: Child, sim: Child, args: argparse.Namespace) -> dict[str, Any]:
+def idle_cpu(exporter: Process, sim: Process, args: argparse.Namespace) -> dict[str, Any]:
     """The exporter's CPU over ``--idle`` seconds with every value in and nothing due: what remains is
     the publisher's periodic render of its own metrics, and the scrapes (one every 15 s)."""
     requests_before = sim_stats(sim)["total_requests"]
-    cpu_before, busy_before = exporter.cpu_seconds(), machine_busy_seconds()
+    cpu_before, busy_before = cpu_seconds(exporter), machine_busy_seconds()
     started = time.monotonic()
     end = started + args.idle
     scrapes = 0
@@ -532,7 +440,7 @@ def idle_cpu(exporter: Child, sim: Child, args: argparse.Namespace) -> dict[str,
         time.sleep(15 - (time.monotonic() - started) % 15)
     time.sleep(max(0.0, end - time.monotonic()))
     seconds = time.monotonic() - started
-    cpu = exporter.cpu_seconds() - cpu_before
+    cpu = cpu_seconds(exporter) - cpu_before
     other = machine_busy_seconds() - busy_before - cpu
     return {
         "seconds": round(seconds, 1),
@@ -586,7 +494,9 @@ def active_size(
                 ups = up_values(fetch_page(exporter.url)[1])
                 return all(ups.get(op) == 1.0 for op in healthy)
 
-            wait_for(healthy_up, 60, f"the {len(healthy)} healthy operations to be up", interval=0.5)
+            wait_until(
+                healthy_up, timeout=60, what=f"the {len(healthy)} healthy operations to be up", interval=0.5
+            )
             time.sleep(args.active_interval)  # into the steady refresh cycle
             before = sim_stats(sim)["total_requests"]
             row = measure(exporter, exporter.url, args.duration, args, timeout=max(10.0, args.duration))
@@ -645,7 +555,7 @@ def metrics_size(
             def complete() -> bool:
                 return len(up_values(fetch_page(exporter.url)[1])) == size
 
-            wait_for(complete, 60, f"/metrics to list all {size} operations", interval=0.2)
+            wait_until(complete, timeout=60, what=f"/metrics to list all {size} operations", interval=0.2)
             hanging = min(size, exporter_max_connections())
 
             def all_hanging() -> bool:
@@ -654,7 +564,9 @@ def metrics_size(
 
             # The refresher starts MAX_YOUNG requests per YOUNG_SECONDS while earlier ones hang.
             ramp = math.ceil(hanging / MAX_YOUNG) * YOUNG_SECONDS
-            wait_for(all_hanging, 30 + 2 * ramp, f"{hanging} upstream requests to hang")
+            wait_until(
+                all_hanging, timeout=30 + 2 * ramp, what=f"{hanging} upstream requests to hang", interval=0.1
+            )
             out["upstream_in_flight_during_load"] = hanging
             out["exporter_rss_mb_page_complete"] = rss_mb(exporter)
             wire, plain, headers = fetch_page(exporter.url)
@@ -680,7 +592,7 @@ def metrics_size(
     page_path.write_bytes(saved)
 
     # Reference 1: plain prometheus_client Gauges behind start_http_server.
-    reference = spawn(
+    reference = start(
         f"reference-{size}",
         [
             sys.executable,
@@ -858,8 +770,8 @@ def refresh_run(
         result["upstream"] = upstream_report(
             stats, prefix, n, hang, reports_per_token, time.monotonic() - t0, window
         )
-        result["exporter_cpu_seconds"] = round(exporter.cpu_seconds(), 1)
-        result["simulator_cpu_seconds"] = round(sim.cpu_seconds(), 1)
+        result["exporter_cpu_seconds"] = round(cpu_seconds(exporter), 1)
+        result["simulator_cpu_seconds"] = round(cpu_seconds(sim), 1)
         ours = (
             result["exporter_cpu_seconds"] + result["simulator_cpu_seconds"] + own_cpu_seconds() - own_before
         )
@@ -890,7 +802,7 @@ def refresh_run(
 
 
 def scrape_burst(
-    exporter: Child, sim: Child, healthy_tokens: set[str], args: argparse.Namespace, refreshed: int
+    exporter: Process, sim: Process, healthy_tokens: set[str], args: argparse.Namespace, refreshed: int
 ) -> dict[str, Any]:
     """wrk against /metrics for ``--burst`` seconds; upstream requests of the healthy tokens already
     answered, before and after: they must not move (a scrape never reaches upstream, and a success is
@@ -1401,7 +1313,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
             results["goals"] = goals(results)
             results["background_after"] = background_load()
-    except (BenchmarkError, requests.RequestException, subprocess.TimeoutExpired, OSError) as error:
+    except (
+        BenchmarkError,
+        pytest.fail.Exception,
+        requests.RequestException,
+        subprocess.TimeoutExpired,
+        OSError,
+    ) as error:
         log(f"FAILED: {error}")
         results["error"] = str(error)
         status = 1

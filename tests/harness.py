@@ -269,11 +269,18 @@ def spawn(
 
 
 def start_program(
-    args: list[str], log_path: Path, *, ready: str | None = None, name: str = "", timeout: float = 20.0
+    args: list[str],
+    log_path: Path,
+    *,
+    ready: str | None = None,
+    name: str = "",
+    timeout: float = 20.0,
+    cwd: Path | None = None,
 ) -> Process:
-    """Start ``args`` and wait until it is ready: ``ready`` (a URL) answers 200, or, without one, it logs
-    'listening on URL'. One that never gets ready is stopped and fails the test."""
-    process = spawn(args, log_path, name=name)
+    """Start ``args`` (in ``cwd``, default the repository) and wait until it is ready: ``ready`` (a URL)
+    answers 200, or, without one, it logs 'listening on URL'. One that never gets ready is stopped and
+    fails the test."""
+    process = spawn(args, log_path, name=name, cwd=cwd)
     try:
         if ready is None:
             process.wait_listening(timeout)
@@ -342,11 +349,14 @@ class Simulator:
         return self.process.stop(timeout)
 
 
+def simulator_args(*flags: str) -> list[str]:
+    """Arguments of ``python`` for the simulator on a free loopback port."""
+    return ["-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0", *flags]
+
+
 def start_simulator(log_path: Path, *flags: str) -> Simulator:
     """``python -m exporter.simulator`` on a free loopback port."""
-    return Simulator(
-        start_python(["-m", "exporter.simulator", "--web.listen-address", "127.0.0.1:0", *flags], log_path)
-    )
+    return Simulator(start_python(simulator_args(*flags), log_path))
 
 
 # --------------------------------------------------------------------------- the exporter
