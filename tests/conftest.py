@@ -3,6 +3,7 @@ the hook that lets a test module start slow background work once the tests are c
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from harness import REPO, Exporter, InProcess, Simulator, start_exporter_process
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A module with a ``start_in_background()`` (test_rules: the promtool runs) gets it called when its
     tests are selected; what it returns is called at the end of the session."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # every worker collects every test: the module's own fixture starts them where they run
     modules = {item.module for item in session.items if isinstance(item, pytest.Function)}
     for module in sorted(modules, key=lambda m: m.__name__):
         start = getattr(module, "start_in_background", None)
