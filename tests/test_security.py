@@ -1048,10 +1048,16 @@ def test_a_connection_flood_is_bounded_and_recovers(
         assert held <= baseline + limit + 5, (baseline, held)
 
         # The trade-off: while the limit is saturated by idle connections, a legitimate scrape is refused
-        # at once (the connection is accepted and closed) rather than queued; it does not hang.
+        # at once (the connection is accepted and closed) rather than queued; it does not hang. (The
+        # check above allows the server to have dropped up to two of the held ones, as a loaded machine
+        # sometimes shows; then a slot is free and the scrape must be served at once instead.)
+        saturated = flood - closed_by_server() >= limit
         started = time.monotonic()
-        with pytest.raises(requests.exceptions.ConnectionError):
-            requests.get(f"{exporter.url}/metrics", timeout=5)
+        if saturated:
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.get(f"{exporter.url}/metrics", timeout=5)
+        else:
+            assert requests.get(f"{exporter.url}/metrics", timeout=5).status_code == 200
         assert time.monotonic() - started < 2.0
     finally:
         close_all(sockets)
