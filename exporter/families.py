@@ -181,8 +181,9 @@ def _unit_prices(state: OperationState) -> str:
     )
 
 
-def _token_info(index: int) -> Callable[[OperationState], float | None]:
-    return lambda state: state.token_info[index] if state.token_info is not None else None
+def _token_info(state: OperationState, index: int) -> float | None:
+    """The token's limit (0) or today's use (1), from its last token_info read."""
+    return state.token_info[index] if state.token_info is not None else None
 
 
 def _last_error(state: OperationState) -> str:
@@ -212,8 +213,8 @@ OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
     OperationFamily(
         COST_BUDGET, lambda s: _one(COST_BUDGET, s, s.info.cost_budget, currency=s.info.currency)
     ),
-    OperationFamily(TOKEN_LIMIT, lambda s: _one(TOKEN_LIMIT, s, _token_info(0)(s))),
-    OperationFamily(TOKEN_USED, lambda s: _one(TOKEN_USED, s, _token_info(1)(s))),
+    OperationFamily(TOKEN_LIMIT, lambda s: _one(TOKEN_LIMIT, s, _token_info(s, 0))),
+    OperationFamily(TOKEN_USED, lambda s: _one(TOKEN_USED, s, _token_info(s, 1))),
     OperationFamily(BUDGET, lambda s: _one(BUDGET, s, s.info.budget_minutes)),
     OperationFamily(UP, lambda s: _one(UP, s, 1 if s.up else 0)),
     OperationFamily(LAST_ERROR, _last_error),

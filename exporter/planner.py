@@ -58,10 +58,6 @@ class Pace:
     demand_per_day: float  # requests per day the configured intervals ask for
     stretch: float
 
-    @property
-    def requests_per_day(self) -> float:
-        return self.demand_per_day / self.stretch
-
 
 def plan_pace(intervals: Sequence[float], daily_limit: int) -> Pace:
     """The budget of one token serving jobs with these configured intervals."""
@@ -121,13 +117,11 @@ class Planner:
     def __init__(
         self,
         *,
-        daily_limit: int,
         clock: Callable[[], float],
         wall: Callable[[], float],
         rng: random.Random | None = None,
         gap: float = TOKEN_GAP,
     ) -> None:
-        self._daily_limit = daily_limit
         self._clock = clock
         self._wall = wall
         self._rng = rng or random.Random()
@@ -142,7 +136,6 @@ class Planner:
         """Take the jobs of every token (by token key). A token or report that stays keeps its state (a
         reload never re-fetches or refills); new ones are due now, or when the restored state says."""
         now = self._clock()
-        self._daily_limit = daily_limit
         tokens: dict[str, _Token] = {}
         paces: dict[str, Pace] = {}
         for key, jobs in jobs_by_token.items():

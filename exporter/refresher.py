@@ -66,7 +66,7 @@ def plan_jobs(config: Config) -> dict[str, list[Job]]:
 
 
 class Refresher:
-    """Background refresher. ``start``/``stop``/``reload``/``save``/``status`` may be called from any
+    """Background refresher. ``start``/``stop``/``reload``/``save`` may be called from any
     thread; everything else runs on the refresher's own event loop."""
 
     def __init__(
@@ -96,7 +96,7 @@ class Refresher:
             max_body_bytes=config.max_body_bytes,
             user_agent=f"wolkvox-exporter/{__version__}",
         )
-        self._planner = Planner(daily_limit=config.daily_request_limit, clock=clock, wall=wall)
+        self._planner = Planner(clock=clock, wall=wall)
         if saved is not None:
             self._planner.restore(saved)
         # What save() answers when the loop is not running: the restored state, or the final one.
@@ -110,7 +110,6 @@ class Refresher:
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="refresher", daemon=True)
-        self.paces: dict[str, Pace] = {}
 
     # ----- lifecycle (any thread) -------------------------------------------------------------------
 
@@ -141,9 +140,6 @@ class Refresher:
         """The planner's state for the state file (an empty one before start or after stop)."""
         saved = self._call(self._planner.save)
         return saved if saved is not None else self._last_saved
-
-    def status(self) -> dict[tuple[str, str], ReportStatus]:
-        return self._call(self._planner.status) or {}
 
     def _call(self, function: Callable[[], Any]) -> Any:
         """Run ``function`` on the refresher's loop and return its result (None if not running)."""
@@ -201,8 +197,7 @@ class Refresher:
         self._config = config
         self._operations = {op.name: op for op in config.operations}
         jobs = plan_jobs(config)
-        self.paces = self._planner.configure(jobs, config.daily_request_limit)
-        _log_stretch(config, jobs, self.paces)
+        _log_stretch(config, jobs, self._planner.configure(jobs, config.daily_request_limit))
         for key in list(self._lanes):
             if key not in jobs:
                 # A removed token: its lane ends (an in-flight answer is dropped by the store).

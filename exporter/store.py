@@ -159,7 +159,7 @@ class Store:
                         del months[api]
                 states[info.name] = state
             self._states = states
-            self._removed = self._removed or set(self._states) - set(states) != set()
+            self._removed = self._removed or bool(set(self._states) - set(states))
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()

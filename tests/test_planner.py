@@ -26,7 +26,7 @@ class FakeClock:
 def make(jobs: dict[str, list[Job]], limit: int = 1000, start: float = 1_000.0) -> tuple[Planner, FakeClock]:
     clock = FakeClock(start)
     # The wall clock is the fake clock shifted, so saved wall times differ from monotonic ones.
-    planner = Planner(daily_limit=limit, clock=clock, wall=lambda: clock.now + 1.7e9, rng=random.Random(7))
+    planner = Planner(clock=clock, wall=lambda: clock.now + 1.7e9, rng=random.Random(7))
     planner.configure(jobs, limit)
     return planner, clock
 
@@ -188,7 +188,7 @@ def test_a_restart_with_saved_pacing_neither_refetches_nor_refills():
     run(planner, clock, ["t"], clock.now + 10)
     saved = planner.save()
     clock.now += 60  # down for a minute
-    second = Planner(daily_limit=1000, clock=clock, wall=lambda: clock.now + 1.7e9)
+    second = Planner(clock=clock, wall=lambda: clock.now + 1.7e9)
     second.restore(saved)
     second.configure(jobs, 1000)
     job, wait = second.take("t")
