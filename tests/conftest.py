@@ -12,6 +12,13 @@ from typing import Any
 import pytest
 from harness import REPO, Exporter, InProcess, Simulator, start_exporter_process, start_simulator
 
+# Test processes start programs from several threads at once (the promtool pool, servers, the tests).
+# CPython's vfork() path once failed there in CI with "OSError: [Errno 14] Bad address" on exec of
+# /usr/bin/promtool; plain fork(), the documented fallback (Python docs, subprocess: "Disabling use of
+# vfork()"), has no such race. Tests only: the exporter starts one program at a time (the config
+# loader's child, exporter/configproc.py) and parses in-process if that start fails.
+subprocess._USE_VFORK = False  # type: ignore[attr-defined]
+
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A module with a ``start_in_background()`` (test_rules: the promtool runs) gets it called when its

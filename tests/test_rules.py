@@ -113,14 +113,10 @@ class PromtoolRuns:
             self.runs[name] = self.pool.submit(self._run, [binary, "test", "rules", str(unit_tests)])
 
     def _run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
-        niceness = self.niceness
+        # nice(1), not a preexec_fn: preexec_fn is not safe in a process with threads (this is a pool).
+        niceness = ["nice", "-n", str(self.niceness)] if self.niceness else []
         proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
+            niceness + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
         )
         self.live.add(proc)
         try:
