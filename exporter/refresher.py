@@ -1,8 +1,12 @@
-"""Carries out the planner: one asyncio task per token (a *lane*), in an event loop of its own thread.
+"""Carries out the planner in an event loop of its own thread: one scheduler task and one task per
+request in flight.
 
-A lane asks the planner for its next job, sends it with the asynchronous client, hands the outcome to
-``on_result`` (the store) and asks again. A hanging upstream costs its lane a socket and a timer, never a
-thread, so no pool has to be sized.
+The scheduler keeps a heap of the times at which tokens may have a job (the planner says how long to
+wait). When a token's time comes it asks the planner for the token's job and starts a task that sends
+it with the asynchronous client, hands the outcome to ``on_result`` (the store) and puts the token back
+on the heap. A token with nothing due costs a heap entry, not a task: at 10,000 tokens, a task, an event
+and a timer per idle token were ~20 MB. A hanging upstream costs a socket and a timer, never a thread,
+so no pool has to be sized.
 
 At most ``MAX_YOUNG`` requests that started less than ``YOUNG_SECONDS`` ago are in flight at once: at
 start-up every report of every token is due, and 10,000 requests in flight together cost ~50 MB of
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import math
 import threading
@@ -102,9 +107,13 @@ class Refresher:
         # What save() answers when the loop is not running: the restored state, or the final one.
         self._last_saved = saved or SavedPacing()
         self._operations: dict[str, OperationConfig] = {}
-        self._lanes: dict[str, asyncio.Task[None]] = {}
-        self._wakes: dict[str, asyncio.Event] = {}
-        self._busy: set[str] = set()  # lanes with a request in flight
+        # Tokens waiting for their time: a heap of (time, token key), and each token's one valid time
+        # (an entry whose time differs is stale and skipped).
+        self._heap: list[tuple[float, str]] = []
+        self._scheduled: dict[str, float] = {}
+        self._wake: asyncio.Event | None = None  # set when a token is scheduled earlier than the heap's head
+        self._scheduler: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, asyncio.Task[None]] = {}  # token key -> its request's task
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -168,24 +177,27 @@ class Refresher:
         self._loop = loop
         self._stopping = asyncio.Event()
         self._young = asyncio.Semaphore(self._max_young)
+        self._wake = asyncio.Event()
         self._apply(self._config)
+        self._scheduler = loop.create_task(self._schedule(), name="scheduler")
         self._ready.set()
         try:
             await self._stopping.wait()
         finally:
-            for task in self._lanes.values():
+            tasks = [self._scheduler, *self._in_flight.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._lanes.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._last_saved = self._planner.save()
             await self._client.close()
 
     async def _shutdown(self, timeout: float) -> bool:
-        """Idle lanes end now; busy ones end when their answer is in (or are cancelled at ``timeout``)."""
+        """No new request starts; those in flight end when their answer is in (or are cancelled at
+        ``timeout``)."""
         self._closing = True
-        for key, task in self._lanes.items():
-            if key not in self._busy:
-                task.cancel()
-        busy = [task for key, task in self._lanes.items() if key in self._busy]
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        busy = list(self._in_flight.values())
         if busy:
             _, pending = await asyncio.wait(busy, timeout=timeout)
             if pending:
@@ -198,18 +210,24 @@ class Refresher:
         self._operations = {op.name: op for op in config.operations}
         jobs = plan_jobs(config)
         _log_stretch(config, jobs, self._planner.configure(jobs, config.daily_request_limit))
-        for key in list(self._lanes):
-            if key not in jobs:
-                # A removed token: its lane ends (an in-flight answer is dropped by the store).
-                self._lanes.pop(key).cancel()
-                self._wakes.pop(key)
+        # Removed tokens drop out when their heap entry comes up (the planner has no job for them); an
+        # in-flight answer of theirs is dropped by the store.
+        self._scheduled = {key: when for key, when in self._scheduled.items() if key in jobs}
+        now = self._clock()
         for key in jobs:
-            if key in self._lanes:
-                self._wakes[key].set()
-            else:
-                self._wakes[key] = asyncio.Event()
-                self._lanes[key] = asyncio.get_running_loop().create_task(self._lane(key), name=f"lane-{key}")
+            self._schedule_at(key, now)
         self._publish_pace()
+
+    def _schedule_at(self, key: str, when: float) -> None:
+        """Ask the planner for ``key``'s job at ``when`` (or earlier, if it is scheduled earlier already)."""
+        current = self._scheduled.get(key)
+        if current is not None and current <= when:
+            return
+        self._scheduled[key] = when
+        if not self._heap or when < self._heap[0][0]:
+            assert self._wake is not None  # set by _main before anything is scheduled
+            self._wake.set()
+        heapq.heappush(self._heap, (when, key))
 
     def _publish_pace(self) -> None:
         if self._on_pace is not None:
@@ -218,37 +236,55 @@ class Refresher:
             except Exception:
                 log.exception("publishing the pace failed")
 
-    async def _lane(self, key: str) -> None:
-        wake = self._wakes[key]
+    async def _schedule(self) -> None:
+        """Start each token's job when the planner allows it; never more young requests than allowed."""
+        young, wake, loop = self._young, self._wake, asyncio.get_running_loop()
+        assert young is not None and wake is not None  # set by _main before the scheduler starts
         while not self._closing:
-            job, wait = self._planner.take(key)
-            if job is None:
+            now = self._clock()
+            if not self._heap or self._heap[0][0] > now:
+                wait = self._heap[0][0] - now if self._heap else None
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(None if math.isinf(wait) else wait):
+                    async with asyncio.timeout(wait):
                         await wake.wait()
                 continue
-            self._busy.add(key)
-            try:
-                result = await self._young_request(job)
-            finally:
-                self._busy.discard(key)
-            self._planner.finished(key, job, result.reason)
-            try:
-                self._on_result(result)
-            except Exception:
-                log.exception("recording a result failed")
-            if self._on_pace is not None:
-                status = self._planner.status_of(key, job.operation, job.api)
-                if status is not None:
-                    self._on_pace({(job.operation, job.api): status})
+            when, key = heapq.heappop(self._heap)
+            if self._scheduled.get(key) != when:
+                continue  # stale: the token was scheduled again, or removed
+            del self._scheduled[key]
+            await young.acquire()  # a young place first, so a start-up burst never piles up tasks
+            job, wait = self._planner.take(key)
+            if job is None:
+                young.release()
+                if not math.isinf(wait):
+                    self._schedule_at(key, self._clock() + wait)
+                continue  # infinite: busy or removed; ``finished`` or a reload schedules it again
+            self._in_flight[key] = loop.create_task(self._run_job(key, job), name=f"request-{key}")
+
+    async def _run_job(self, key: str, job: Job) -> None:
+        """Send one job (its young place is already taken), record the outcome, schedule the token again."""
+        try:
+            result = await self._young_request(job)
+        finally:
+            self._in_flight.pop(key, None)
+        self._planner.finished(key, job, result.reason)
+        try:
+            self._on_result(result)
+        except Exception:
+            log.exception("recording a result failed")
+        if self._on_pace is not None:
+            status = self._planner.status_of(key, job.operation, job.api)
+            if status is not None:
+                self._on_pace({(job.operation, job.api): status})
+        if not self._closing:
+            self._schedule_at(key, self._clock())  # the planner says when (after the token's gap)
 
     async def _young_request(self, job: Job) -> FetchResult:
-        """``_request`` once a young place is free; the place is given back at the answer, or after
-        ``young_seconds`` if the answer is not in by then."""
+        """``_request`` in the young place the scheduler took for it; the place is given back at the
+        answer, or after ``young_seconds`` if the answer is not in by then."""
         young = self._young
-        assert young is not None  # set by _main before any lane runs
-        await young.acquire()
+        assert young is not None  # set by _main; the scheduler took this request's place
         released = False
 
         def release() -> None:

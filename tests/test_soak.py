@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 SOAK_SECONDS = float(os.environ.get("WOLKVOX_SOAK_SECONDS", "24"))
 WARM_UP_SECONDS = min(6.0, SOAK_SECONDS / 4)
 FAULT_SECONDS = 0.5  # each fault of the rotation lasts about one refresh interval
-# token_limit sends a lane to sleep for 12 intervals: applied to 3 requests only, so the other lanes keep
+# token_limit pauses a token for 12 intervals: applied to 3 requests only, so the other tokens keep
 # meeting the rest of the rotation.
 ROTATION: tuple[tuple[str, dict[str, int]], ...] = (
     ("hang", {}),
@@ -43,7 +43,10 @@ ROTATION: tuple[tuple[str, dict[str, int]], ...] = (
 )
 OPERATIONS = 20
 THREAD_MARGIN = 2
-FD_MARGIN = 8
+# Files the exporter may open beyond its warm-up count: one upstream connection per token (in flight, or
+# kept alive by the client's pool for reuse; never two, a token makes one request at a time) and a few
+# more. A leak of a few percent of the ~900 requests of the soak is well above this.
+FD_MARGIN = OPERATIONS + 8
 RSS_GROWTH_KB = 15 * 1024
 
 
