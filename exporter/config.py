@@ -103,7 +103,7 @@ class ConfigError(Exception):
         return ConfigError(self.problem, self.key, file)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OperationConfig:
     """One wolkvox operation (one token). ``repr()`` shows the token as ``Secret('<redacted>')``."""
 

@@ -153,7 +153,8 @@ def _one(family: Family, state: OperationState, value: float | None, **labels: s
 
 
 def _stereo_rec_previous_month(state: OperationState) -> str:
-    closed = state.closed.get(STEREO_REC)
+    report = state.reports.get(STEREO_REC)
+    closed = report.closed if report is not None else None
     if closed is None or closed.month is None:
         return ""
     return _one(STEREO_REC_PREVIOUS_MONTH, state, closed.value, month=closed.month)
@@ -161,14 +162,15 @@ def _stereo_rec_previous_month(state: OperationState) -> str:
 
 def _billing_previous_month(state: OperationState) -> str:
     name = state.info.name
+    closed = {api: r.closed for api, r in state.reports.items() if r.closed is not None}
     return "".join(
         sample(
             BILLING_USAGE_PREVIOUS_MONTH.name,
-            {"operation": name, "api": api, "month": str(state.closed[api].month)},
-            state.closed[api].value,
+            {"operation": name, "api": api, "month": str(closed[api].month)},
+            closed[api].value,
         )
         for api in state.info.apis
-        if api in state.closed
+        if api in closed
     )
 
 
@@ -192,21 +194,22 @@ def _last_error(state: OperationState) -> str:
     return _one(LAST_ERROR, state, 1, reason=state.last_error)
 
 
+def _intervals(state: OperationState) -> dict[str, float]:
+    return {api: r.pace.interval for api, r in state.reports.items() if r.pace is not None}
+
+
 def _errors(state: OperationState) -> str:
-    name = state.info.name
+    name, counts = state.info.name, state.errors
+    # Every reason, 0 until it happens: a counter that appears late loses its first increase in rate().
     return "".join(
-        sample(ERRORS.name, {"operation": name, "reason": reason}, count)
-        for reason, count in state.errors.items()
+        sample(ERRORS.name, {"operation": name, "reason": reason}, counts.get(reason, 0))
+        for reason in (*REASONS, *(r for r in counts if r not in REASONS))
     )
 
 
-def _current(state: OperationState) -> dict[str, float]:
-    return {api: value for api, (value, _) in state.values.items()}
-
-
 OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
-    OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, _current(s).get(STEREO_REC))),
-    OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, _current(s))),
+    OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, s.current().get(STEREO_REC))),
+    OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, s.current())),
     OperationFamily(STEREO_REC_PREVIOUS_MONTH, _stereo_rec_previous_month),
     OperationFamily(BILLING_USAGE_PREVIOUS_MONTH, _billing_previous_month),
     OperationFamily(UNIT_PRICE, _unit_prices),
@@ -224,7 +227,9 @@ OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
     OperationFamily(DURATION, lambda s: _one(DURATION, s, s.last_duration)),
     OperationFamily(
         REFRESH_INTERVAL,
-        lambda s: _per_api(REFRESH_INTERVAL, s, {api: pace.interval for api, pace in s.pace.items()}),
+        lambda s: _per_api(
+            REFRESH_INTERVAL, s, {api: r.pace.interval for api, r in s.reports.items() if r.pace is not None}
+        ),
     ),
 )
 

@@ -108,7 +108,7 @@ class FetchError(Exception):
         return f"{self.reason}: {self.detail}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reading:
     """One successful billing answer: ``value`` is the sum of ``items`` over ``rows`` rows.
     ``month`` is the vendor's month of the rows (``"YYYY-MM"``) when their ``date`` is readable."""
@@ -118,7 +118,7 @@ class Reading:
     month: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenInfo:
     """``information.php?api=token_info``: the daily request budget of a token (None = not in the answer)."""
 
@@ -127,7 +127,7 @@ class TokenInfo:
     all_today: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FetchResult:
     """The outcome of one request for one (operation, api), passed from the refresher to the store.
 
@@ -149,7 +149,7 @@ class FetchResult:
         return self.reason is None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReportStatus:
     """The pace of one report, from the refresher to the store (for /metrics and the status page): the
     interval in use and when the report is next due (wall clock)."""

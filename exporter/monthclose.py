@@ -25,7 +25,7 @@ from exporter.model import BILLING_APIS, Kind
 MARGIN = 14 * 3600.0  # seconds either side of 00:00 UTC on the 1st within which a drop is a close
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seen:
     """A good reading of one report: its value, when it was fetched (Unix time, wall clock), and the
     vendor's month (``YYYY-MM``) of its rows when their ``date`` was readable. Also what is kept of a

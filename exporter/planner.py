@@ -49,7 +49,7 @@ class Job:
     interval: float  # the configured interval: refresh_interval, or token_info_interval
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pace:
     """What the budget allows one token: ``stretch`` >= 1 multiplies every configured interval."""
 
@@ -138,8 +138,10 @@ class Planner:
         now = self._clock()
         tokens: dict[str, _Token] = {}
         paces: dict[str, Pace] = {}
+        shared: dict[tuple[float, ...], Pace] = {}  # tokens with the same intervals share one Pace
         for key, jobs in jobs_by_token.items():
-            pace = plan_pace([job.interval for job in jobs], daily_limit)
+            intervals = tuple(job.interval for job in jobs)
+            pace = shared.get(intervals) or shared.setdefault(intervals, plan_pace(intervals, daily_limit))
             paces[key] = pace
             old = self._tokens.get(key)
             if old is None:

@@ -28,6 +28,7 @@ import hashlib
 import heapq
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +51,8 @@ OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
 
 def token_key(token: Secret) -> str:
     """A stable, non-reversible name for a token, for logs, the planner and the state file."""
-    return hashlib.sha256(token.reveal().encode()).hexdigest()[:16]
+    # Interned: the planner and the store hold one string per token, not one each.
+    return sys.intern(hashlib.sha256(token.reveal().encode()).hexdigest()[:16])
 
 
 def server_of(op: OperationConfig) -> str:
