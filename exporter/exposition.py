@@ -65,7 +65,7 @@ class GzipWithTail:
 
     _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
 
-    def __init__(self, head: bytes, level: int = 6) -> None:
+    def __init__(self, head: bytes | bytearray, level: int = 6) -> None:
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
         self._head = (
             self._HEADER + self._compressor.compress(head) + self._compressor.flush(zlib.Z_SYNC_FLUSH)

@@ -11,6 +11,8 @@ of the page. Sample output::
 
 from __future__ import annotations
 
+import itertools
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -242,9 +244,24 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
 )
 
 
-def render_operation(state: OperationState) -> list[bytes]:
-    """The operation's lines, one string per entry of OPERATION_FAMILIES (cached until it changes)."""
-    return [entry.render(state).encode() for entry in OPERATION_FAMILIES]
+# An operation's rendered lines are one bytes object: a table of where each entry's lines start and end
+# (little-endian uint32, 0 first), then the lines. One object per operation instead of a list of ten:
+# at 10,000 operations the cache held ~15 MB as lists of small bytes objects, ~9 MB this way.
+_ENDS = struct.Struct(f"<{len(OPERATION_FAMILIES) + 1}I")
+_SPAN = struct.Struct("<II")
+
+
+def render_operation(state: OperationState) -> bytes:
+    """The operation's lines of every entry of OPERATION_FAMILIES (cached by the page until it changes);
+    ``lines_of`` reads one entry's lines back."""
+    parts = [entry.render(state).encode() for entry in OPERATION_FAMILIES]
+    return _ENDS.pack(0, *itertools.accumulate(len(part) for part in parts)) + b"".join(parts)
+
+
+def lines_of(rendered: bytes, index: int) -> bytes:
+    """The lines of entry ``index`` of OPERATION_FAMILIES in what ``render_operation`` returned."""
+    start, end = _SPAN.unpack_from(rendered, 4 * index)
+    return rendered[_ENDS.size + start : _ENDS.size + end] if end > start else b""
 
 
 def render_global(facts: GlobalFacts) -> bytes:
