@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import signal
 import sys
@@ -16,12 +15,10 @@ from exporter.config import ConfigError
 from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
+from exporter.memory import tune_malloc
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
-M_ARENA_MAX = -8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,25 +86,8 @@ async def serve(app: App) -> int:
     return 0
 
 
-def _tune_malloc() -> None:
-    """Serve big buffers (the page before compression: ~7 MB at 10,000 operations) from mmap, so
-    freeing one gives the memory back to the OS. glibc otherwise raises its mmap threshold after the
-    first such free, and every later page grows the heap instead. And keep one malloc arena: glibc
-    gives each thread that allocates an arena of its own, and the serving, refresher and publisher
-    threads each kept a partly used one (measured at 10,000 operations: 4-6 MB more RSS). Python
-    allocates under the GIL, so the threads would take turns anyway. No-op where glibc is not the
-    allocator."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # 1 MiB: above asyncio's 256 KiB read buffer (allocated per socket read), below the page.
-        libc.mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
-        libc.mallopt(M_ARENA_MAX, 1)  # before any other thread starts
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _tune_malloc()
+    tune_malloc()
     raise_fd_limit()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -65,13 +66,17 @@ class GzipWithTail:
 
     _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
 
-    def __init__(self, head: bytes | bytearray, level: int = 6) -> None:
+    def __init__(self, head: Iterable[bytes | bytearray], level: int = 6) -> None:
+        """``head``: the large part, in pieces (compressed one after the other, never joined)."""
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
-        self._head = (
-            self._HEADER + self._compressor.compress(head) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
-        )
-        self._crc = zlib.crc32(head)
-        self._size = len(head)
+        compressed = [self._HEADER]
+        self._crc, self._size = 0, 0
+        for piece in head:
+            compressed.append(self._compressor.compress(piece))
+            self._crc = zlib.crc32(piece, self._crc)
+            self._size += len(piece)
+        compressed.append(self._compressor.flush(zlib.Z_SYNC_FLUSH))
+        self._head = b"".join(compressed)
 
     def with_tail(self, tail: bytes) -> bytes:
         compressor = self._compressor.copy()

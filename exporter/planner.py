@@ -229,11 +229,10 @@ class Planner:
         token.busy = False
         token.free_at = now + self._gap
         report = token.reports.get((job.operation, job.api))
-        server = self._servers.setdefault(job.server, _Server())
         interval = report.interval if report is not None else job.interval
         if reason is None:
             token.failures = 0
-            server.failures, server.paused_until = 0, 0.0
+            self._servers.pop(job.server, None)  # a success ends the server's failures and pause
             if report is not None:
                 report.failures = 0
                 report.due = now + report.interval
@@ -247,6 +246,7 @@ class Planner:
             token.paused_until = now + pause
             return  # the report stays due: it runs first when the pause ends
         if reason in SERVER_WIDE:
+            server = self._servers.setdefault(job.server, _Server())  # only servers that fail have one
             server.failures += 1
             server.paused_until = now + retry_delay(server.failures, interval, self._rng)
         if report is not None:

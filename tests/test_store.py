@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -363,8 +364,8 @@ def test_an_unchanged_state_is_not_compressed_again(monkeypatch: pytest.MonkeyPa
     heads: list[int] = []
 
     class Counting(exporter.page.GzipWithTail):
-        def __init__(self, head: bytes, level: int = 6) -> None:
-            heads.append(len(head))
+        def __init__(self, head: Iterable[bytes | bytearray], level: int = 6) -> None:
+            heads.append(1)
             super().__init__(head, level)
 
     monkeypatch.setattr(exporter.page, "GzipWithTail", Counting)
