@@ -382,3 +382,34 @@ def test_an_unchanged_state_is_not_compressed_again(monkeypatch: pytest.MonkeyPa
     store.record(ok("bogota", 2, clock.now))
     store.render()
     assert len(heads) == compressed + 1
+
+
+def test_each_operations_cached_lines_read_back_family_by_family() -> None:
+    """The page cache keeps an operation's lines deflated with a table of byte offsets: reading it back
+    gives every family's lines exactly, multi-byte names and a long error detail included."""
+    from exporter.families import OPERATION_FAMILIES, lines_by_family, render_operation
+    from exporter.store import OperationState
+
+    state = OperationState(
+        OperationInfo("São Paulo ñandú", apis=("stereo_rec", "ivr_minutes"), budget_minutes=9)
+    )
+    state.report("stereo_rec").value = (1234.5, 1_800_000_000.0)
+    state.report("ivr_minutes").tried = True
+    state.errors["timeout"] = 3
+    state.last_error = "timeout"
+    expected = [entry.render(state).encode() for entry in OPERATION_FAMILIES]
+    assert sum(1 for lines in expected if lines) >= 4  # the case exercises several families
+    assert lines_by_family(render_operation(state)) == expected
+
+
+def test_the_page_gives_memory_back_at_most_every_ten_seconds() -> None:
+    from exporter import memory
+
+    clock = Clock(0.0)
+    trimmer = memory.Trimmer(clock)
+    available = memory._LIBC is not None  # glibc: Debian, CI
+    assert trimmer.after_burst() is available
+    clock.now = 9.9
+    assert trimmer.after_burst() is False
+    clock.now = 10.0
+    assert trimmer.after_burst() is available
