@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -136,7 +137,7 @@ def month_of(raw: object) -> str | None:
         date(year, month, day)
     except ValueError:
         return None
-    return f"{year:04d}-{month:02d}"
+    return sys.intern(f"{year:04d}-{month:02d}")  # one string per month, not one per reading
 
 
 def _month_of_rows(rows: list[dict[str, Any]]) -> str | None:

@@ -86,7 +86,9 @@ class _Report:
 
 @dataclass(slots=True)
 class _Token:
-    reports: dict[tuple[str, str], _Report]
+    # A list, not a dict by (operation, api): most tokens have one or a few reports, ``take`` reads them
+    # all anyway, and a dict and a key tuple per token were ~2.5 MB at 10,000 tokens.
+    reports: list[_Report]
     pace: Pace
     level: float  # requests left in the bucket
     updated: float  # when ``level`` was last refilled
@@ -151,22 +153,23 @@ class Planner:
                 self._refill(token, now)
                 token.pace = pace
                 token.level = min(token.level, pace.burst)
-            reports: dict[tuple[str, str], _Report] = {}
+            reports: list[_Report] = []
+            kept = {(r.job.operation, r.job.api): r for r in token.reports}
             for job in jobs:
                 interval = job.interval * pace.stretch
-                previous = token.reports.get((job.operation, job.api))
+                previous = kept.get((job.operation, job.api))
                 if previous is not None:
                     previous.job = job
                     previous.due = min(previous.due, now + interval)  # a shorter interval applies now
                     previous.interval = interval
-                    reports[(job.operation, job.api)] = previous
+                    reports.append(previous)
                 else:
                     due = self._restored_due(key, job, now)
-                    reports[(job.operation, job.api)] = _Report(job, interval, due=min(due, now + interval))
+                    reports.append(_Report(job, interval, due=min(due, now + interval)))
             token.reports = reports
             tokens[key] = token
         self._tokens = tokens
-        servers = {job.server for token in tokens.values() for job in (r.job for r in token.reports.values())}
+        servers = {report.job.server for token in tokens.values() for report in token.reports}
         self._servers = {name: s for name, s in self._servers.items() if name in servers}
         return paces
 
@@ -175,7 +178,7 @@ class Planner:
         self._saved = saved
 
     def _new_token(self, key: str, pace: Pace, now: float) -> _Token:
-        token = _Token(reports={}, pace=pace, level=float(pace.burst), updated=now)
+        token = _Token(reports=[], pace=pace, level=float(pace.burst), updated=now)
         saved = self._saved.tokens.get(key)
         if saved is not None:
             elapsed = max(0.0, self._wall() - saved.get("at", 0.0))
@@ -206,7 +209,7 @@ class Planner:
             ready = max(ready, now + (1.0 - token.level) / token.pace.refill_per_second)
         best: _Report | None = None
         best_ready = math.inf
-        for report in token.reports.values():
+        for report in token.reports:
             server = self._servers.get(report.job.server)
             report_ready = max(report.due, server.paused_until if server else 0.0)
             if report_ready < best_ready:
@@ -228,7 +231,7 @@ class Planner:
             return  # the token was removed by a reload while its request was in flight
         token.busy = False
         token.free_at = now + self._gap
-        report = token.reports.get((job.operation, job.api))
+        report = _find(token, job.operation, job.api)
         interval = report.interval if report is not None else job.interval
         if reason is None:
             token.failures = 0
@@ -264,14 +267,14 @@ class Planner:
         """Per (operation, api): the interval in use and the next due time (wall clock)."""
         now, wall = self._clock(), self._wall()
         return {
-            pair: self._status(token, report, now, wall)
+            (report.job.operation, report.job.api): self._status(token, report, now, wall)
             for token in self._tokens.values()
-            for pair, report in token.reports.items()
+            for report in token.reports
         }
 
     def status_of(self, key: str, operation: str, api: str) -> ReportStatus | None:
         token = self._tokens.get(key)
-        report = token.reports.get((operation, api)) if token is not None else None
+        report = _find(token, operation, api) if token is not None else None
         if token is None or report is None:
             return None
         return self._status(token, report, self._clock(), self._wall())
@@ -294,10 +297,17 @@ class Planner:
                 "paused_until": wall + max(0.0, token.paused_until - now),
             }
             saved.reports[key] = {
-                f"{op}/{api}": wall + max(0.0, report.due - now)
-                for (op, api), report in token.reports.items()
+                f"{report.job.operation}/{report.job.api}": wall + max(0.0, report.due - now)
+                for report in token.reports
             }
         return saved
+
+
+def _find(token: _Token, operation: str, api: str) -> _Report | None:
+    for report in token.reports:
+        if report.job.api == api and report.job.operation == operation:
+            return report
+    return None
 
 
 def jobs_for(
