@@ -99,8 +99,12 @@ class WebApp:
             log.warning("%s", warning)
 
     def build(self) -> web.Application:
+        config = self._live.config
+        # Without a web config file (and none given in code) there is nothing to enforce, now or after
+        # a reload: no middleware on the request path (two coroutine layers less per scrape).
+        enforces = config.path is not None or bool(config.users or config.headers) or config.rate_limit
         app = web.Application(
-            middlewares=[self._web_config_middleware],
+            middlewares=[self._web_config_middleware] if enforces else [],
             client_max_size=64 * 1024,
         )
         app[LIVE_WEB_CONFIG] = self._live
