@@ -230,9 +230,7 @@ OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
     OperationFamily(DURATION, lambda s: _one(DURATION, s, s.last_duration)),
     OperationFamily(
         REFRESH_INTERVAL,
-        lambda s: _per_api(
-            REFRESH_INTERVAL, s, {api: r.pace.interval for api, r in s.reports.items() if r.pace is not None}
-        ),
+        lambda s: _per_api(REFRESH_INTERVAL, s, _intervals(s)),
     ),
 )
 

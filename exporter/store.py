@@ -318,8 +318,11 @@ class Store:
                 if state is None:
                     continue
                 for api, (value, fetched_at) in per_api.items():
-                    if api in state.info.apis and state.report(api).value is None:
-                        state.report(api).value = (value, fetched_at)
+                    if api not in state.info.apis:
+                        continue
+                    report = state.report(api)
+                    if report.value is None:
+                        report.value = (value, fetched_at)
                         state.last_success = max(state.last_success or 0.0, fetched_at)
                 self._dirty.add(name)
             self._next_expiry = 0.0
@@ -343,12 +346,13 @@ class Store:
         month that closed on the 1st, and one on the 31st still notices the close)."""
         with self._lock:
             for name, state in self._states.items():
-                for api, seen in saved.seen.get(name, {}).items():
-                    if api in state.info.apis and state.report(api).seen is None:
-                        state.report(api).seen = seen
-                for api, closed in saved.closed.get(name, {}).items():
-                    if api in state.info.apis and state.report(api).closed is None:
-                        state.report(api).closed = closed
+                for api in state.info.apis:
+                    seen, closed = saved.seen.get(name, {}).get(api), saved.closed.get(name, {}).get(api)
+                    if seen is None and closed is None:
+                        continue
+                    report = state.report(api)
+                    report.seen = report.seen or seen
+                    report.closed = report.closed or closed
                 self._dirty.add(name)
         self.changed.set()
 
