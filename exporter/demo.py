@@ -49,7 +49,7 @@ def banner(listen: str, simulator: str) -> str:
             f"  metrics:      http://{listen}/metrics",
             f"  landing page: http://{listen}/",
             f"  simulator:    http://{simulator}/-/stats (requests it answered; faults: POST /-/faults,"
-            " see exporter/simulator.py)",
+            " see exporter/simulator/faults.py)",
             f"Refreshing every {DEMO_INTERVAL} (against the real API: 5m). Ctrl-C stops the exporter and"
             " the simulator.",
         ]
