@@ -25,6 +25,13 @@ LOG_SECONDS = 60.0  # a step of more than this is logged (WARNING, one line per 
 SHIFT_SECONDS = 1.0  # a step of more than this moves the wall times held
 
 
+def about(seconds: float) -> str:
+    """A size of time for a log line: to the second under an hour, to the minute above (2d, not
+    1d23h59m55s)."""
+    unit = 60 if abs(seconds) >= 3600 else 1
+    return format_duration(round(seconds / unit) * unit)
+
+
 class WallSteps:
     """Reads both clocks; thread-safe."""
 
@@ -52,7 +59,7 @@ class WallSteps:
                 "the wall clock stepped %s by %s (%+.0f s against the monotonic clock): schedules, pauses "
                 "and the budget are unaffected; the times shown and exported move with it",
                 "forward" if step > 0 else "back",
-                format_duration(round(abs(step))),
+                about(abs(step)),
                 step,
             )
         return wall, step

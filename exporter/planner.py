@@ -45,7 +45,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from exporter.config import format_duration
+from exporter.clock import about
 from exporter.model import ReportStatus
 
 log = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ class _Capped:
             "level": "budget level(s) beyond the burst or the limit",
         }
         what = ", ".join(f"{count} {parts[name]}" for name, count in self.counts.items())
-        ahead = f", up to {format_duration(round(self.furthest))} too far ahead" if self.furthest >= 1 else ""
+        ahead = f", up to {about(self.furthest)} too far ahead" if self.furthest >= 1 else ""
         more = " and more" if len(self.operations) > 5 else ""
         log.warning(
             "restored pacing capped to what the rules allow: %s%s (operations %s%s); the wall clock was "

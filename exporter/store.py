@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from exporter.clock import WallSteps
-from exporter.config import format_duration
+from exporter.clock import WallSteps, about
 from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
@@ -471,5 +470,5 @@ def _log_ahead(what: str, ahead: list[float]) -> None:
             "behind now, or the state was edited): taken as of now",
             len(ahead),
             what,
-            format_duration(round(furthest)),
+            about(furthest),
         )
