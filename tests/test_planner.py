@@ -391,3 +391,18 @@ def test_a_reload_that_shrinks_the_burst_charges_the_bucket() -> None:
     more = run(planner, clock, ["t"], clock.now + 2 * DAY)
     every = [t for times in [*starts.values(), *more.values()] for t in times]
     assert 9 <= max_in_window(every) <= 10
+
+
+def test_no_24_hours_hold_more_than_the_limit_for_every_small_budget_and_number_of_reports() -> None:
+    # Exhaustive over small budgets: every limit up to 24 and every number of reports up to past it, two
+    # days each, every request answered at once (the fastest a token can spend) or failing and retried.
+    for limit in range(1, 25):
+        for count in range(1, limit + 3):
+            for reason in (None, "http_status"):
+                planner, clock = make({"t": reports("t", "op", [f"api{i}" for i in range(count)])}, limit)
+                starts = run(planner, clock, ["t"], clock.now + 2 * DAY, lambda job, now, r=reason: r)
+                every = [t for times in starts.values() for t in times]
+                assert max_in_window(every) <= limit, (limit, count, reason)
+                # The first full picture: every report at once while they are at most half the limit.
+                if count <= limit // 2:
+                    assert len(starts) == count and max(t[0] for t in starts.values()) < 1_000.0 + 60
