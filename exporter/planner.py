@@ -18,8 +18,8 @@ The rules, as the vendor states them (``docs/wolkvox-api.md``), and how they are
   instead of every 11 h with a burst of one).
 * **A change of pace keeps the guarantee:** when a reload changes a token's burst or limit (or a restart
   finds a different one saved), the bucket's level drops by what the burst or the limit shrank (it may go
-  below zero: a debt, paid by waiting), so a window of 24 hours that spans the change holds no more than
-  the smaller limit either.
+  below zero: a debt, paid by waiting, never longer than a day), so a window of 24 hours that spans the
+  change holds no more than the new limit either (or than the old requests it already held).
 * **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token; ``timeout``
   and ``connection`` pause every report sent to that server (``Job.server``); any other reason delays only
   the report that failed (an unknown api must not slow its token's other reports).
@@ -95,11 +95,14 @@ def plan_pace(intervals: Sequence[float], daily_limit: int) -> Pace:
     )
 
 
-def change_debt(old: Pace, new: Pace) -> float:
-    """What a token's bucket level loses when its pace changes from ``old`` to ``new`` (<= 0): a
-    smaller burst means a faster refill from now on, a smaller limit a smaller allowance, and either must
-    be paid for at once, or a window of 24 hours spanning the change could hold more than the limit."""
-    return float(min(0, new.burst - old.burst, new.limit - old.limit))
+def charged(level: float, old: Pace, new: Pace) -> float:
+    """A token's bucket level when its pace changes from ``old`` to ``new``. A smaller burst means a faster
+    refill from now on, a smaller limit a smaller allowance: either is paid for at once (the level drops
+    by the difference), or a window of 24 hours spanning the change could hold more than the limit. The
+    debt never asks for more than a day of waiting: after a day without a request, no window holds a
+    request of the old pace, and the new bucket alone keeps the guarantee."""
+    debt = min(0, new.burst - old.burst, new.limit - old.limit)
+    return max(min(level + debt, float(new.burst)), 1.0 - new.refill_per_second * DAY)
 
 
 def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
@@ -177,7 +180,7 @@ class Planner:
 
     def configure(self, jobs_by_token: Mapping[str, Sequence[Job]], daily_limit: int) -> dict[str, Pace]:
         """Take the jobs of every token (by token key). A token or report that stays keeps its state (a
-        reload never re-fetches or refills; a change of pace costs the bucket ``change_debt``); new ones
+        reload never re-fetches or refills; a change of pace is ``charged`` to the bucket); new ones
         are due now, or when the restored state says, capped to what the rules allow."""
         now = self._clock()
         capped = _Capped()
@@ -208,7 +211,7 @@ class Planner:
             else:
                 token = old
                 self._refill(token, now)
-                token.level = min(token.level + change_debt(token.pace, pace), pace.burst)
+                token.level = charged(token.level, token.pace, pace)
                 token.pace = pace
                 token.reports = reports
             tokens[key] = token
@@ -250,7 +253,7 @@ class Planner:
             capped.note("level", 0.0, reports)
             level = min(max(level, -limit), burst) if math.isfinite(level) else 0.0
         level = min(float(burst), level + max(0.0, wall - at) * old.refill_per_second)
-        token.level = min(level + change_debt(old, pace), float(pace.burst))
+        token.level = charged(level, old, pace)
         # A pause is at most its rule's longest: 12 intervals after token_limit, one after auth (backoff).
         until = saved.get("paused_until", 0.0)
         pause = max(0.0, until - base) if not math.isnan(until) else math.inf

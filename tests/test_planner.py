@@ -406,3 +406,14 @@ def test_no_24_hours_hold_more_than_the_limit_for_every_small_budget_and_number_
                 # The first full picture: every report at once while they are at most half the limit.
                 if count <= limit // 2:
                     assert len(starts) == count and max(t[0] for t in starts.values()) < 1_000.0 + 60
+
+
+def test_a_lower_limit_by_reload_waits_at_most_a_day_and_then_keeps_the_new_limit() -> None:
+    planner, clock = make({"t": reports("t", "op", [f"api{i}" for i in range(14)])}, limit=1000)
+    before = [t for times in run(planner, clock, ["t"], clock.now + 3_600).values() for t in times]
+    changed = clock.now
+    planner.configure({"t": reports("t", "op", [f"api{i}" for i in range(14)])}, 100)
+    after = [t for times in run(planner, clock, ["t"], clock.now + 3 * DAY).values() for t in times]
+    assert changed < min(after) <= changed + DAY  # charged for the smaller limit, but not forever
+    assert max_in_window(after) <= 100
+    assert max_in_window(before + after) <= max(100, max_in_window(before))
