@@ -139,10 +139,11 @@ def parse_options(argv: list[str] | None, description: str = "") -> Options:
     if unknown:
         parse.error(f"--refresh-runs: unknown run(s) {', '.join(sorted(unknown))}")
     seconds = {key: parse_duration(str(getattr(args, key))) for key in DURATIONS}
+    hang_timeout = f"{seconds.pop('hang_timeout'):g}s"
     sizes = tuple(int(s) for s in str(args.sizes).split(",") if s.strip())
     return Options(
         **seconds,
-        hang_timeout=f"{seconds['hang_timeout']:g}s",
+        hang_timeout=hang_timeout,
         sizes=sizes,
         connections=args.connections,
         threads=args.threads,
