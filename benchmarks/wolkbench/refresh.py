@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,23 @@ class RefreshPlan:
     window: float
     apis: list[str] | None = None
     observe: float | None = None
-    prefix: str = field(init=False)
-    hang: frozenset[int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        prefix = (
-            f"r{self.n}h{self.hang_fraction:g}"  # the same hanging tokens in every run with this fraction
-        )
-        object.__setattr__(self, "prefix", prefix)
-        object.__setattr__(self, "hang", frozenset(hanging_tokens(prefix, self.n, self.hang_fraction)))
+    @property
+    def prefix(self) -> str:
+        """Of the tokens: the same hanging tokens in every run with this number and fraction."""
+        return f"r{self.n}h{self.hang_fraction:g}"
+
+    @cached_property
+    def hang(self) -> frozenset[int]:
+        return frozenset(hanging_tokens(self.prefix, self.n, self.hang_fraction))
+
+    @cached_property
+    def healthy(self) -> frozenset[str]:
+        return frozenset(operation_of(i) for i in range(self.n) if i not in self.hang)
+
+    @cached_property
+    def healthy_tokens(self) -> frozenset[str]:
+        return frozenset(token_of(self.prefix, i) for i in range(self.n) if i not in self.hang)
 
     @property
     def reports_per_token(self) -> int:
@@ -70,14 +79,6 @@ class RefreshPlan:
     @property
     def end(self) -> float:
         return self.observe if self.observe is not None else self.window
-
-    @property
-    def healthy(self) -> set[str]:
-        return {operation_of(i) for i in range(self.n) if i not in self.hang}
-
-    @property
-    def healthy_tokens(self) -> set[str]:
-        return {token_of(self.prefix, i) for i in range(self.n) if i not in self.hang}
 
 
 def plan_runs(opts: Options) -> list[RefreshPlan]:
@@ -249,7 +250,7 @@ def _summary(run: RefreshResult) -> str:
 
 
 def scrape_burst(
-    bench: Bench, exporter: Process, sim: Process, healthy_tokens: set[str], refreshed: int
+    bench: Bench, exporter: Process, sim: Process, healthy_tokens: frozenset[str], refreshed: int
 ) -> Burst:
     """wrk against /metrics for ``--burst`` seconds; upstream requests of the healthy tokens already
     answered, before and after: they must not move (a scrape never reaches upstream, and a success is
