@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from exporter.logs import fields
 from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
@@ -224,12 +225,15 @@ class Store:
             return
         report.closed = Seen(last.value, last.at, month)
         log.info(
-            "month %s closed: operation=%s api=%s final value=%s (fetched at %s)",
+            "month %s closed",
             month,
-            state.info.name,
-            api,
-            last.value,
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.at)),
+            extra=fields(
+                operation=state.info.name,
+                api=api,
+                month=month,
+                final_value=last.value,
+                fetched_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
+            ),
         )
 
     def _record_token_info(self, state: OperationState, result: FetchResult) -> None:
@@ -382,7 +386,7 @@ class Store:
                 if expires <= now:
                     report.value = None
                     self._dirty.add(name)
-                    log.warning("dropping %s value of operation %s: older than max_age", api, name)
+                    log.warning("dropping a value older than max_age", extra=fields(operation=name, api=api))
                 else:
                     next_expiry = min(next_expiry, expires)
             if state.token_info is not None:
