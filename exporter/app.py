@@ -192,7 +192,8 @@ class App:
                 config = await loop.run_in_executor(None, self._load_config)
             except ConfigError as error:
                 self.store.set_reload_status(False)
-                log.error("reload failed, keeping the running configuration: %s", error)
+                for line in error.lines():
+                    log.error("reload failed, keeping the running configuration: %s", line)
                 return False, f"reload failed: {redact(str(error))}"
             use_config(config)
             self.store.reconfigure(

@@ -126,11 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config_isolated(args.config_file)
     except ConfigError as error:
-        log.error("%s", error)
+        for line in error.lines():  # every problem of the file, one line each
+            log.error("%s", line)
         return 1
     use_config(config)
     if args.config_check:
-        print(f"{args.config_file}: OK, {len(config.operations)} operation(s)")
+        warned = f", {len(config.warnings)} warning(s) above" if config.warnings else ""
+        print(f"{args.config_file}: OK, {len(config.operations)} operation(s){warned}")
         if args.web_config_file:  # empty: no web config, as in the exporter-toolkit
             try:
                 web_config = load_web_config(args.web_config_file)
