@@ -16,6 +16,7 @@ from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
+from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         help="open HTTP connections beyond this are closed at once",
+    )
+    parser.add_argument(
+        "--web.runbook-url",
+        dest="runbook_url",
+        metavar="URL",
+        default=DEFAULT_RUNBOOK_URL,
+        help="the runbook the landing page's hints link to (#reason-<reason>, #config-reload)",
     )
     parser.add_argument(
         "--log.level",
@@ -151,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         telemetry_path=args.telemetry_path,
         web_config_file=args.web_config_file,
         max_connections=args.max_connections,
+        runbook_url=args.runbook_url,
     )
     app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
     return asyncio.run(serve(app))

@@ -82,6 +82,17 @@ class ReportRow:
     next_due: float | None
     interval: float | None
     last_month: Seen | None = None  # the closing value of the report's last closed month
+    failing_since: float | None = None  # the first failure since its last success (None: not failing)
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    """The last configuration reload, for the status page: None ``at`` means none since the start."""
+
+    ok: bool
+    at: float | None  # when it was attempted
+    error: str  # its one-line error (empty on success); never a token (the caller redacts)
+    loaded_at: float  # when the configuration in force was loaded (start or last good reload)
 
 
 @dataclass(slots=True)
@@ -97,6 +108,7 @@ class ReportState:
     pace: ReportStatus | None = None  # interval in use, next due
     seen: Seen | None = None  # last good reading (never expires)
     closed: Seen | None = None  # closing value of its last closed month
+    failing_since: float | None = None  # first failure since the last success
 
 
 @dataclass(slots=True)
@@ -153,6 +165,7 @@ class Store:
         self._next_expiry = float("inf")
         self._reload_ok = 1
         self._reload_time = wall()
+        self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
@@ -203,12 +216,15 @@ class Store:
                     Seen(result.value.value, result.finished_at, result.value.month),
                 )
                 report.last_success = result.finished_at
+                report.failing_since = None
                 state.last_success = max(state.last_success or 0.0, result.finished_at)
                 self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
                 state.last_error = result.reason
                 report.last_failure = (result.reason, result.finished_at, result.detail)
+                if report.failing_since is None:
+                    report.failing_since = result.finished_at
             self._dirty.add(result.operation)
         self.changed.set()
 
@@ -266,12 +282,22 @@ class Store:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
         self.changed.set()
 
-    def set_reload_status(self, ok: bool) -> None:
+    def set_reload_status(self, ok: bool, error: str = "") -> None:
+        """The outcome of a reload; ``error`` is its one-line message, already free of tokens."""
         with self._lock:
+            now = self._wall()
             self._reload_ok = 1 if ok else 0
             if ok:
-                self._reload_time = self._wall()
+                self._reload_time = now
+            self._reload_last = (ok, now, "" if ok else error)
         self.changed.set()
+
+    def reload_status(self) -> ReloadStatus:
+        with self._lock:
+            if self._reload_last is None:
+                return ReloadStatus(ok=True, at=None, error="", loaded_at=self._reload_time)
+            ok, at, error = self._reload_last
+            return ReloadStatus(ok=ok, at=at, error=error, loaded_at=self._reload_time)
 
     # ----- reads ------------------------------------------------------------------------------
 
@@ -302,6 +328,9 @@ class Store:
                             next_due=pace.next_due if pace is not None else None,
                             interval=pace.interval if pace is not None else None,
                             last_month=report.closed,
+                            failing_since=report.failing_since
+                            if report.tried and report.last_reason is not None
+                            else None,
                         )
                     )
         return rows
