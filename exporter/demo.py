@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        _control("POST", f"http://{args.simulator}/-/clock", {"at": last_month_end(time.time())})
+        try:
+            _control("POST", f"http://{args.simulator}/-/clock", {"at": last_month_end(time.time())})
+        except OSError as error:
+            print(f"demo: cannot set the simulator's clock on {args.simulator}: {error}", file=sys.stderr)
+            return 1
         closer = threading.Thread(target=_close_the_month, args=(args.simulator, stop), daemon=True)
         closer.start()
         print(banner(args.listen, args.simulator), file=sys.stderr, flush=True)

@@ -121,6 +121,9 @@ class OperationState:
     last_duration: float | None = None
     last_error: str | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
+    # The last token_info read of this operation, when it failed: (reason, at, detail), and since when.
+    token_failure: tuple[str, float, str] | None = None
+    token_failing_since: float | None = None
 
     def report(self, api: str) -> ReportState:
         """The report's state, created on first use."""
@@ -261,7 +264,12 @@ class Store:
         if not result.ok:
             if result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
+                # Shown on the status page: a token refused on its token_info read pauses its reports too.
+                state.token_failure = (result.reason, result.finished_at, result.detail)
+                if state.token_failing_since is None:
+                    state.token_failing_since = result.finished_at
             return
+        state.token_failure = state.token_failing_since = None
         info = result.value
         for other in self._states.values():
             if other.info.token_key == state.info.token_key:
@@ -331,6 +339,20 @@ class Store:
                             failing_since=report.failing_since
                             if report.tried and report.last_reason is not None
                             else None,
+                        )
+                    )
+                if state.token_failure is not None:  # a failing token_info read: a row of its own
+                    rows.append(
+                        ReportRow(
+                            operation=name,
+                            api=TOKEN_INFO,
+                            value=None,
+                            last_success=state.token_info[2] if state.token_info is not None else None,
+                            failing=True,
+                            last_failure=state.token_failure,
+                            next_due=None,
+                            interval=None,
+                            failing_since=state.token_failing_since,
                         )
                     )
         return rows

@@ -15,7 +15,7 @@ import pytest
 import requests
 from harness import Exporter, Simulator, require, value
 
-from exporter.model import REASONS, FetchResult, Reading, ReportStatus
+from exporter.model import REASONS, FetchResult, Reading, ReportStatus, TokenInfo
 from exporter.monthclose import Seen
 from exporter.statuspage import DEFAULT_RUNBOOK_URL, HINTS, plain_duration, render
 from exporter.store import OperationInfo, ReloadStatus, ReportRow, Store
@@ -317,3 +317,24 @@ def test_the_last_month_column_shows_the_closing_value_its_month_and_when_it_was
     header = page[page.index("<thead>") : page.index("</thead>")]
     for row in page.split('<tr class="ok">')[1:]:
         assert row.split("</tr>", 1)[0].count("<td") == header.count("<th>")
+
+
+def test_a_token_refused_on_its_token_info_read_is_a_failing_row_of_its_own() -> None:
+    """A token refused on its token_info read pauses its reports, which keep their last good state: the
+    page must still say that the token fails, since when and what to do."""
+    store = Store([OperationInfo("lima")], max_age=3600, wall=lambda: NOW)
+    store.record(FetchResult("lima", "stereo_rec", NOW - 900, 0.1, value=Reading(5.0, 1)))
+    for at in (NOW - 600, NOW - 60):
+        store.record(
+            FetchResult("lima", "token_info", at, 0.1, reason="auth", detail="PLEASE VALIDATE TOKEN")
+        )
+    rows = store.report_rows()
+    assert [(r.api, r.failing, r.failing_since) for r in rows] == [
+        ("stereo_rec", False, None),
+        ("token_info", True, NOW - 600),
+    ]
+    page = render(rows, telemetry_path="/metrics", ready=True, now=NOW)
+    assert "1 failing report(s)" in page and "#reason-auth" in page
+    assert page.index("<td>token_info</td>") < page.index("<td>stereo_rec</td>")  # failing rows first
+    store.record(FetchResult("lima", "token_info", NOW, 0.1, value=TokenInfo(1000, 12, 40)))
+    assert [r.api for r in store.report_rows()] == ["stereo_rec"]
