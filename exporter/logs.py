@@ -59,8 +59,10 @@ _BASE_KEYS = ("ts", "level", "logger", "msg", "exc")
 
 def fields(**values: Any) -> dict[str, Any]:
     """Structured fields for a log call: ``log.info("...", extra=fields(operation=..., api=...))``. A
-    field named like a base key (``msg``, ``level``...) is renamed with a ``field_`` prefix."""
-    return {f"field_{key}" if key in _BASE_KEYS else key: value for key, value in values.items()}
+    field named like a base key (``msg``, ``level``...) or an attribute of the log record (``name``,
+    ``args``..., which ``logging`` refuses to overwrite) is renamed with a ``field_`` prefix."""
+    taken = _BASE_KEYS + tuple(_RECORD_ATTRIBUTES)
+    return {f"field_{key}" if key in taken else key: value for key, value in values.items()}
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:

@@ -75,13 +75,14 @@ def test_every_field_is_scrubbed_of_tokens(lines: Lines, formatter: logging.Form
     assert CANARY not in output and output.count("<redacted>") == 3, output
 
 
-def test_a_field_named_like_a_base_key_does_not_replace_it(lines: Lines) -> None:
+def test_a_field_named_like_a_base_key_or_a_record_attribute_does_not_replace_it(lines: Lines) -> None:
     logger, stream, handler = lines
     handler.setFormatter(JsonFormatter())
-    logger.info("the message", extra=fields(msg="other", level="x"))
+    logger.info("the message", extra=fields(msg="other", level="x", name="lima", args=1))
     line = json.loads(stream.getvalue())
-    assert line["msg"] == "the message" and line["level"] == "info"
+    assert line["msg"] == "the message" and line["level"] == "info" and line["logger"] == "test_logs"
     assert line["field_msg"] == "other" and line["field_level"] == "x"
+    assert line["field_name"] == "lima" and line["field_args"] == 1
 
 
 def test_a_failed_fetch_logs_operation_api_and_reason_as_fields(
