@@ -63,7 +63,7 @@ BILLING_USAGE = Family(
     "gauge",
     "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
     "drops at the start of each month). The unit depends on the api: "
-    + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
+    + "; ".join(f"{api.name}: {api.measures}" for api in BILLING_APIS.values())
     + ".",
 )
 _CLOSED = (

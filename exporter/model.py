@@ -37,30 +37,94 @@ Kind = Literal["usage", "level"]
 @dataclass(frozen=True)
 class BillingApi:
     """One wolkvox billing service. ``usage`` grows through the month and drops at its start;
-    ``level`` is a number of active licences or connectors right now (it does not drop)."""
+    ``level`` is a number of active licences or connectors right now (it does not drop).
+
+    ``measures`` is what the number counts (the HELP text of ``wolkvox_billing_usage`` lists it),
+    ``unit`` its short unit (the dashboards show it beside the api), ``description`` the row
+    description wolkvox sends (the simulator answers it) and ``simulated_rate`` how fast the simulator
+    grows a ``usage`` value, as a fraction of its ``--minutes-per-hour``."""
 
     name: str
+    measures: str
     unit: str
     kind: Kind
+    description: str
+    simulated_rate: float = 0.1
 
 
 BILLING_APIS: dict[str, BillingApi] = {
     api.name: api
     for api in (
-        BillingApi("stereo_rec", "minutes of stereo recording", "usage"),
-        BillingApi("ivr_minutes", "IVR minutes", "usage"),
-        BillingApi("ivr_calls", "IVR calls", "usage"),
-        BillingApi("amd_ai", "AI answering-machine detections", "usage"),
-        BillingApi("rec_screen", "screen-recording time, as the API reports it", "usage"),
-        BillingApi("rsync_s3_mp3", "audio files copied to storage", "usage"),
-        BillingApi("interactions", "omnichannel interactions", "usage"),
-        BillingApi("agent_script", "active Agent Script licences", "level"),
-        BillingApi("intelligent_dial", "active smart-dialling licences", "level"),
-        BillingApi("amazon_s3", "licences enabled for external storage", "level"),
-        BillingApi("chat_licenses", "chat licences", "level"),
-        BillingApi("interaction_licenses", "interaction licences", "level"),
-        BillingApi("wp_connectors", "WhatsApp connectors", "level"),
-        BillingApi("wp_connectors_official", "official WhatsApp connectors", "level"),
+        BillingApi(
+            "stereo_rec", "minutes of stereo recording", "minutes", "usage", "Stereo recording minutes", 1.0
+        ),
+        BillingApi("ivr_minutes", "IVR minutes", "minutes", "usage", "IVR minutes used", 0.4),
+        BillingApi("ivr_calls", "IVR calls", "calls", "usage", "IVR calls", 0.25),
+        BillingApi(
+            "amd_ai",
+            "AI answering-machine detections",
+            "detections",
+            "usage",
+            "AI answering machine detections",
+            0.125,
+        ),
+        BillingApi(
+            "rec_screen",
+            "screen-recording time, as the API reports it",
+            "screen-recording time",
+            "usage",
+            "Screen recording minutes",
+            0.15,
+        ),
+        BillingApi(
+            "rsync_s3_mp3",
+            "audio files copied to storage",
+            "audio files",
+            "usage",
+            "Audio files copied to external storage",
+            0.2,
+        ),
+        BillingApi(
+            "interactions",
+            "omnichannel interactions",
+            "interactions",
+            "usage",
+            "Omnichannel interactions (mail, social networks)",
+            0.1,
+        ),
+        BillingApi(
+            "agent_script",
+            "active Agent Script licences",
+            "licences",
+            "level",
+            "Active Agent Script licenses",
+        ),
+        BillingApi(
+            "intelligent_dial",
+            "active smart-dialling licences",
+            "licences",
+            "level",
+            "Active intelligent dialing licenses",
+        ),
+        BillingApi(
+            "amazon_s3",
+            "licences enabled for external storage",
+            "licences",
+            "level",
+            "Licenses enabled for external storage",
+        ),
+        BillingApi("chat_licenses", "chat licences", "licences", "level", "Chat licenses"),
+        BillingApi(
+            "interaction_licenses", "interaction licences", "licences", "level", "Interaction licenses"
+        ),
+        BillingApi("wp_connectors", "WhatsApp connectors", "connectors", "level", "WhatsApp connectors"),
+        BillingApi(
+            "wp_connectors_official",
+            "official WhatsApp connectors",
+            "connectors",
+            "level",
+            "Official WhatsApp connectors",
+        ),
     )
 }
 

@@ -59,9 +59,8 @@ The operation is the ``wolkvox_server`` header (or ``wolkvox-server``), else the
 Host header (the whole address when Host is an IP address). Values are month-to-date (UTC) and
 stable across restarts: ``stereo_rec`` is ``offset(token, server) + minutes_per_hour * hours since the
 start of the month``, with ``offset`` a hash-derived number in [0, 500); licence apis are a stable
-small integer; the other counters grow at a stable per-api rate. Known apis: agent_script,
-intelligent_dial, ivr_minutes, amazon_s3, rsync_s3_mp3, rec_screen, interactions, chat_licenses,
-interaction_licenses, ivr_calls, amd_ai, stereo_rec, wp_connectors, wp_connectors_official.
+small integer; the other counters grow at their ``simulated_rate``. The known apis, their kinds,
+row descriptions and rates are the exporter's table of billing services, ``exporter.model.BILLING_APIS``.
 
 ``GET /api/v2/information.php?api=token_info``: same rules (and it counts as a request); answers
 ``data: [{"token_limit", "token_use_today", "all_token_today"}]`` (``token_limit`` is ``"0"`` when

@@ -19,35 +19,11 @@ SWEEP_INTERVAL_SECONDS = 0.5
 MAX_OFFSET = 500.0
 ITEMS_FORMATS = ("int", "dot", "comma")
 
-DESCRIPTIONS: dict[str, str] = {
-    "agent_script": "Active Agent Script licenses",
-    "intelligent_dial": "Active intelligent dialing licenses",
-    "ivr_minutes": "IVR minutes used",
-    "amazon_s3": "Licenses enabled for external storage",
-    "rsync_s3_mp3": "Audio files copied to external storage",
-    "rec_screen": "Screen recording minutes",
-    "interactions": "Omnichannel interactions (mail, social networks)",
-    "chat_licenses": "Chat licenses",
-    "interaction_licenses": "Interaction licenses",
-    "ivr_calls": "IVR calls",
-    "amd_ai": "AI answering machine detections",
-    "stereo_rec": "Stereo recording minutes",
-    "wp_connectors": "WhatsApp connectors",
-    "wp_connectors_official": "Official WhatsApp connectors",
-}
-# The exporter's table of billing services: one list of apis and kinds for both sides.
+# The exporter's table of billing services (model.BILLING_APIS) is the simulator's too: its apis, kinds,
+# row descriptions and growth rates.
 KNOWN_APIS = tuple(BILLING_APIS)
 LICENCE_APIS = frozenset(name for name, api in BILLING_APIS.items() if api.kind == "level")
-# Growth of the other counters, as a fraction of --minutes-per-hour.
-COUNTER_RATES: dict[str, float] = {
-    "stereo_rec": 1.0,
-    "ivr_minutes": 0.4,
-    "ivr_calls": 0.25,
-    "rsync_s3_mp3": 0.2,
-    "rec_screen": 0.15,
-    "amd_ai": 0.125,
-    "interactions": 0.1,
-}
+DEFAULT_RATE = 0.1  # of an api the table does not know (a fault answers any api)
 
 # (status, error, msg) of the documented error answers.
 ERR_NO_TOKEN = (401, "UNAUTHORIZED", "PLEASE ENTER THE WOLKVOX-TOKEN")
@@ -95,7 +71,8 @@ def usage_value(api: str, token: str, server: str, now_unix: float, minutes_per_
         offset = MAX_OFFSET * stable_unit("offset", token, server)
     else:
         offset = MAX_OFFSET * stable_unit("offset", api, token, server)
-    rate = minutes_per_hour * COUNTER_RATES.get(api, 0.1)
+    known = BILLING_APIS.get(api)
+    rate = minutes_per_hour * (known.simulated_rate if known is not None else DEFAULT_RATE)
     return offset + rate * hours_into_month(now_unix)
 
 
@@ -105,6 +82,12 @@ def format_items(value: float, items_format: str) -> str:
         return str(math.floor(value))
     text = f"{value:.2f}"
     return text.replace(".", ",") if items_format == "comma" else text
+
+
+def description(api: str) -> str:
+    """The row description wolkvox sends for ``api`` (the api's name for one it does not know)."""
+    known = BILLING_APIS.get(api)
+    return known.description if known is not None else api
 
 
 def utc_stamp(now_unix: float) -> str:

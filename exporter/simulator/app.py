@@ -20,7 +20,6 @@ from aiohttp import web
 from exporter.simulator.api import (
     BILLING_PATH,
     DAY_SECONDS,
-    DESCRIPTIONS,
     ERR_GONE,
     ERR_LIMIT,
     ERR_MISSING,
@@ -36,6 +35,7 @@ from exporter.simulator.api import (
     STOP_GRACE_SECONDS,
     SUCCESS_MSG,
     SWEEP_INTERVAL_SECONDS,
+    description,
     format_items,
     parse_clock,
     stable_unit,
@@ -387,7 +387,7 @@ class Simulator:
         if not api:
             return _error(ERR_MISSING)
         if kind == "billing":
-            if api not in DESCRIPTIONS:
+            if api not in KNOWN_APIS:
                 return _error(ERR_UNKNOWN_API)
         elif api != "token_info":
             return _error(ERR_UNKNOWN_API)
@@ -409,7 +409,7 @@ class Simulator:
         return [
             {
                 "operation": server,
-                "description": DESCRIPTIONS.get(api, api),
+                "description": description(api),
                 "items": format_items(value, self.options.items_format),
                 "date": utc_stamp(now),
             }
