@@ -6,11 +6,10 @@ other module takes these names from here (never from the transport).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from exporter.secret import Secret
+from exporter.secret import Secret, one_line
 
 # Why a request failed, in the order the README's table lists them (see exporter/answers.py for when
 # each one is raised).
@@ -25,6 +24,10 @@ REASONS: tuple[str, ...] = (
     "invalid_response",
     "parse",
 )
+
+# The API's two documents, under an operation's base_url (the client asks them, the simulator answers them).
+BILLING_PATH = "/api/v2/billing.php"
+INFORMATION_PATH = "/api/v2/information.php"
 
 # The pseudo-api of a token_info read (information.php): it takes a turn on its token like a report.
 TOKEN_INFO = "token_info"  # noqa: S105 (an api name, not a password)
@@ -129,41 +132,19 @@ BILLING_APIS: dict[str, BillingApi] = {
 }
 
 MAX_DETAIL_CHARS = 300
-REDACTED = "<redacted>"
-_WHITESPACE_RE = re.compile(r"\s+")
-
-
-def redact(text: str, secret: Secret | None) -> str:
-    """``text`` with every occurrence of the secret (case-insensitive) replaced by ``<redacted>``."""
-    if secret is None:
-        return text
-    value = secret.reveal()
-    if not value:
-        return text
-    return re.sub(re.escape(value), REDACTED, text, flags=re.IGNORECASE)
-
-
-def one_line(detail: str, secret: Secret | None = None, limit: int = MAX_DETAIL_CHARS) -> str:
-    """One printable line of at most ``limit`` characters, the secret redacted BEFORE shortening (so
-    neither the whole token nor a cut-off head of it can survive)."""
-    text = redact(str(detail), secret)
-    text = _WHITESPACE_RE.sub(" ", text).strip()
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text or "(no detail)"
 
 
 class FetchError(Exception):
     """A failed fetch. ``reason`` is one of REASONS; ``detail`` is one line, safe to log.
 
-    ``secret`` (the token) is replaced by ``<redacted>`` in the detail before it is shortened.
+    The detail is ``secret.one_line``'s: escaped to one line, the token (``secret``) redacted, shortened
+    to ``MAX_DETAIL_CHARS``.
     """
 
     def __init__(self, reason: str, detail: str, *, secret: Secret | None = None) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown fetch failure reason {reason!r}")
-        clean = one_line(detail, secret)
+        clean = one_line(str(detail), secret, MAX_DETAIL_CHARS).strip() or "(no detail)"
         super().__init__(reason, clean)
         self.reason = reason
         self.detail = clean

@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import heapq
 import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter import __version__
 from exporter.client import WolkvoxClient
 from exporter.config import Config, OperationConfig, format_duration
 from exporter.model import TOKEN_INFO, FetchError, FetchResult, ReportStatus
 from exporter.planner import Job, Pace, Planner, SavedPacing, jobs_for
-from exporter.secret import Secret
+from exporter.secret import token_key
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +44,6 @@ MAX_YOUNG = 256  # requests started less than YOUNG_SECONDS ago, in flight at on
 YOUNG_SECONDS = 2.0  # a healthy answer takes well under this (250 ms is slow for the API)
 
 OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
-
-
-def token_key(token: Secret) -> str:
-    """A stable, non-reversible name for a token, for logs, the planner and the state file."""
-    # Interned: the planner and the store hold one string per token, not one each.
-    return sys.intern(hashlib.sha256(token.reveal().encode()).hexdigest()[:16])
 
 
 def server_of(op: OperationConfig) -> str:
@@ -101,7 +92,6 @@ class Refresher:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_body_bytes=config.max_body_bytes,
-            user_agent=f"wolkvox-exporter/{__version__}",
         )
         self._planner = Planner(clock=clock, wall=wall)
         if saved is not None:

@@ -22,6 +22,7 @@ import requests
 from harness import REPO, Simulator, start_simulator, timed, wait_until
 
 from exporter import simulator
+from exporter.secret import token_key
 from exporter.simulator import cli as simulator_cli
 from exporter.simulator.api import format_items
 
@@ -680,7 +681,7 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
 def test_debug_log_names_a_hash_never_the_token(sim_proc: Simulator, sim: str) -> None:
     log = sim_proc.process.log
     secret = "s3cr3t-token-value-0123456789"
-    short = hashlib.sha256(secret.encode()).hexdigest()[:8]
+    short = token_key(secret)
     set_fault(sim, mode="none", token=secret)
     assert api_get(sim, secret).status_code == 200
     wait_until(

@@ -36,8 +36,8 @@ Flags
 ``--items-format {int,dot,comma}``
     How ``items`` is written: ``1234``, ``1234.56`` or ``1234,56`` (default ``int``).
 ``--log.level {debug,info,warning,error}``
-    Default ``info``. No access log; ``debug`` logs one line per request, with a short hash of the
-    token, never the token.
+    Default ``info``. No access log; ``debug`` logs one line per request, with the token's key
+    (``exporter.secret.token_key``, the exporter's too), never the token.
 
 API endpoints
 -------------
@@ -123,7 +123,7 @@ In-process: ``build_app(SimulatorOptions(...))`` or ``await start_server(options
 
 from __future__ import annotations
 
-from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, stable_unit, token_hash, usage_value
+from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, stable_unit, usage_value
 from exporter.simulator.app import SIMULATOR_KEY, Simulator, SimulatorOptions, build_app, start_server
 from exporter.simulator.faults import FAULT_MODES, Fault, parse_fault
 
@@ -139,6 +139,5 @@ __all__ = [
     "parse_fault",
     "stable_unit",
     "start_server",
-    "token_hash",
     "usage_value",
 ]

@@ -10,8 +10,6 @@ from typing import Any
 
 from exporter.model import BILLING_APIS
 
-BILLING_PATH = "/api/v2/billing.php"
-INFORMATION_PATH = "/api/v2/information.php"
 SUCCESS_MSG = "Information found for the current month"
 OVERSIZE_BYTES = 5 * 1024 * 1024
 STOP_GRACE_SECONDS = 2.0
@@ -46,11 +44,6 @@ def stable_unit(*parts: str) -> float:
     """A number in [0, 1) derived from ``parts`` only: the same in every run, on every machine."""
     digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def token_hash(token: str) -> str:
-    """A short, stable, non-reversible name for a token, for logs."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def month_start(now_unix: float) -> datetime:

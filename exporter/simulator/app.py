@@ -17,8 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from exporter.model import BILLING_PATH, INFORMATION_PATH
+from exporter.secret import token_key
 from exporter.simulator.api import (
-    BILLING_PATH,
     DAY_SECONDS,
     ERR_GONE,
     ERR_LIMIT,
@@ -28,7 +29,6 @@ from exporter.simulator.api import (
     ERR_STOPPING,
     ERR_UNKNOWN_API,
     HTML_502,
-    INFORMATION_PATH,
     ITEMS_FORMATS,
     KNOWN_APIS,
     OVERSIZE_BYTES,
@@ -39,7 +39,6 @@ from exporter.simulator.api import (
     format_items,
     parse_clock,
     stable_unit,
-    token_hash,
     usage_value,
     utc_stamp,
 )
@@ -357,7 +356,7 @@ class Simulator:
                     request.method,
                     request.path,
                     api_key,
-                    token_hash(token) if token else "-",
+                    token_key(token) if token else "-",
                     status,
                     outcome,
                     violation,
@@ -544,7 +543,7 @@ class Simulator:
         logger.info(
             "fault set: mode=%s token=%s count=%s seconds=%s",
             fault.mode,
-            fault.token if fault.token == WILDCARD else token_hash(fault.token),
+            fault.token if fault.token == WILDCARD else token_key(fault.token),
             fault.count,
             fault.seconds,
         )
