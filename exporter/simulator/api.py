@@ -1,10 +1,17 @@
-"""The simulator's model of the wolkvox API: paths, documented errors, and month-to-date values that
-are stable per (token, server) and grow through the month."""
+"""The simulator's model of the wolkvox API: its documented errors, its rules (``ApiRules``: one request
+at a time per token, the rolling daily limit, the report interval) and month-to-date values that are
+stable per (token, server) and grow through the month. No HTTP here: exporter/simulator/app.py serves
+this model."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +45,183 @@ HTML_502 = (
 )
 
 DAY_SECONDS = 86400.0
+
+
+# --------------------------------------------------------------------------- the API's rules
+
+
+@dataclass
+class ReportStats:
+    """The requests for one (token, server, api) report and the shortest gap between two of them."""
+
+    requests: int = 0
+    last_tick: float = 0.0  # the rules' clock at the last request
+    min_gap: float | None = None
+
+
+@dataclass
+class TokenStats:
+    requests: int = 0
+    window: deque[float] = field(default_factory=deque)  # each request in the last day-length, oldest first
+    max_in_flight: int = 0
+    violations: int = 0
+    report_violations: int = 0
+    apis: dict[str, int] = field(default_factory=dict)
+    reports: dict[str, ReportStats] = field(default_factory=dict)
+    last_request_unix: float = 0.0
+
+
+class ApiRules:
+    """The API's rules per token, kept and measured: one request at a time (a second one in flight is a
+    *violation*, refused with the simultaneous-requests error), at most ``daily_limit`` requests in any
+    ``day_length`` (a rolling window; 0 = no limit; every request counts, refused ones included), and
+    each report (token, server, api) at most once per ``report_interval`` (a sooner one is a *report
+    violation*, still answered: wolkvox documents no error for it; 0 = not checked).
+
+    A request in flight is known by an ``alive`` callable: once it answers False (the client went away)
+    the request no longer counts as in flight, whether or not ``leave`` was called."""
+
+    def __init__(
+        self,
+        *,
+        daily_limit: int = 0,
+        day_length: float = DAY_SECONDS,
+        report_interval: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.daily_limit = daily_limit
+        self.day_length = day_length
+        self.report_interval = report_interval
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self.stats: dict[str, TokenStats] = {}
+        self.total_requests = 0
+        self.total_violations = 0
+        self.total_report_violations = 0
+        self._flights: dict[str, dict[int, Callable[[], bool]]] = {}  # token -> {flight id: alive}
+
+    def arrive(
+        self, token: str, server: str, api: str, alive: Callable[[], bool], now_unix: float
+    ) -> tuple[int, bool]:
+        """Counts a request of ``token`` for the report (``server``, ``api``); returns its flight id (for
+        ``leave``) and whether it breaks the one-request-at-a-time rule."""
+        self.total_requests += 1
+        if not token:
+            return 0, False
+        stats = self.stats.get(token)
+        if stats is None:
+            stats = self.stats[token] = TokenStats()
+        tick = self._clock()
+        stats.requests += 1
+        self._prune(stats, tick)
+        stats.window.append(tick)
+        stats.apis[api] = stats.apis.get(api, 0) + 1
+        stats.last_request_unix = now_unix
+        self._count_report(stats, f"{server}/{api}", tick)
+        concurrent = self.in_flight(token) + 1
+        flight = next(self._ids)
+        self._flights.setdefault(token, {})[flight] = alive
+        stats.max_in_flight = max(stats.max_in_flight, concurrent)
+        if concurrent > 1:
+            stats.violations += 1
+            self.total_violations += 1
+            return flight, True
+        return flight, False
+
+    def leave(self, token: str, flight: int) -> None:
+        flights = self._flights.get(token)
+        if flights is not None:
+            flights.pop(flight, None)
+            if not flights:
+                del self._flights[token]
+
+    def in_flight(self, token: str) -> int:
+        """Requests of ``token`` whose client is still there (forgets the others)."""
+        flights = self._flights.get(token)
+        if not flights:
+            return 0
+        for flight in [f for f, alive in flights.items() if not alive()]:
+            del flights[flight]
+        if not flights:
+            del self._flights[token]
+            return 0
+        return len(flights)
+
+    def over_daily_limit(self, token: str) -> bool:
+        return bool(self.daily_limit) and self.requests_today(token) > self.daily_limit
+
+    def requests_today(self, token: str) -> int:
+        """Requests of ``token`` in the last day-length (a rolling window), the current one included."""
+        stats = self.stats.get(token)
+        if stats is None:
+            return 0
+        self._prune(stats, self._clock())
+        return len(stats.window)
+
+    def all_requests_today(self) -> int:
+        return sum(self.requests_today(token) for token in self.stats)
+
+    def _count_report(self, stats: TokenStats, key: str, tick: float) -> None:
+        report = stats.reports.get(key)
+        if report is None:
+            report = stats.reports[key] = ReportStats()
+        elif report.requests:
+            gap = tick - report.last_tick
+            report.min_gap = gap if report.min_gap is None else min(report.min_gap, gap)
+            if gap < self.report_interval:
+                stats.report_violations += 1
+                self.total_report_violations += 1
+        report.requests += 1
+        report.last_tick = tick
+
+    def _prune(self, stats: TokenStats, tick: float) -> None:
+        """Forget requests older than one day-length."""
+        window, start = stats.window, tick - self.day_length
+        while window and window[0] <= start:
+            window.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``GET /-/stats`` answers."""
+        tokens = {
+            token: {
+                "requests": s.requests,
+                "requests_today": self.requests_today(token),
+                "in_flight": self.in_flight(token),
+                "max_in_flight": s.max_in_flight,
+                "violations": s.violations,
+                "report_violations": s.report_violations,
+                "apis": dict(s.apis),
+                "reports": {
+                    key: {
+                        "requests": r.requests,
+                        "min_gap_seconds": None if r.min_gap is None else round(r.min_gap, 6),
+                    }
+                    for key, r in s.reports.items()
+                },
+                "last_request_unix": s.last_request_unix,
+            }
+            for token, s in self.stats.items()
+        }
+        return {
+            "tokens": tokens,
+            "total_requests": self.total_requests,
+            "total_violations": self.total_violations,
+            "total_report_violations": self.total_report_violations,
+        }
+
+    def reset(self) -> None:
+        """Zero the counters; requests still in flight stay in flight."""
+        self.stats = {}
+        self.total_requests = 0
+        self.total_violations = 0
+        self.total_report_violations = 0
+        for token in list(self._flights):
+            live = self.in_flight(token)
+            if live:
+                self.stats[token] = TokenStats(max_in_flight=live)
+
+
+# --------------------------------------------------------------------------- values
 
 
 def stable_unit(*parts: str) -> float:
