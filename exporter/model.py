@@ -1,7 +1,10 @@
 """The exporter's shared vocabulary: failure reasons, what an answer comes to, the billing apis.
 
-A new failure reason or billing service is one edit here. Nothing in this module does I/O, and every
-other module takes these names from here (never from the transport).
+A new failure reason or billing service is one edit here: the exporter's HELP text, the simulator and
+the dashboards read ``BILLING_APIS`` (a new ``level`` service also joins the LEVEL list of
+prometheus/rules/wolkvox.rules.yml, whose regexes PromQL cannot read from here; tests/test_rules.py fails
+until it does). Nothing in this module does I/O, and every other module takes these names from here
+(never from the transport).
 """
 
 from __future__ import annotations
