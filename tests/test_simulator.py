@@ -36,7 +36,7 @@ from harness import (
 from exporter import simulator
 from exporter.secret import token_key
 from exporter.simulator import cli as simulator_cli
-from exporter.simulator.api import format_items
+from exporter.simulator.api import ApiRules, format_items
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -792,3 +792,64 @@ def test_usage_value_is_stable_monotonic_and_restarts_each_month() -> None:
     next_month = datetime(2025, 4, 1, tzinfo=UTC).timestamp()
     assert simulator.usage_value("stereo_rec", "tok", "wv1", next_month, 600) == at_start
     assert simulator.usage_value("stereo_rec", "tok", "wv1", next_month, 600) < values[-1]
+
+
+# --------------------------------------------------------------------------- the API's rules, on a fake clock
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rules_one_request_at_a_time_until_the_first_leaves_or_its_client_goes() -> None:
+    rules = ApiRules(clock=FakeClock())
+    connected = {"first": True}
+    first, violation = rules.arrive("t", "wv1", "stereo_rec", lambda: connected["first"], 0.0)
+    assert not violation and rules.in_flight("t") == 1
+    _, violation = rules.arrive("t", "wv1", "ivr_calls", lambda: True, 0.0)
+    assert violation  # a second request while the first is in flight, whatever its report
+    assert rules.arrive("other", "wv1", "stereo_rec", lambda: True, 0.0)[1] is False
+    connected["first"] = False  # the first one's client went away: no longer in flight
+    assert rules.in_flight("t") == 1
+    rules.leave("t", first)  # leaving after that changes nothing
+    snapshot = rules.snapshot()["tokens"]["t"]
+    assert (snapshot["violations"], snapshot["max_in_flight"]) == (1, 2)
+
+
+def test_rules_daily_limit_is_a_rolling_window() -> None:
+    clock = FakeClock()
+    rules = ApiRules(daily_limit=2, day_length=100.0, clock=clock)
+
+    def request() -> bool:
+        flight, _ = rules.arrive("t", "wv1", "stereo_rec", lambda: True, 0.0)
+        rules.leave("t", flight)
+        return rules.over_daily_limit("t")
+
+    assert [request(), request()] == [False, False]
+    clock.now += 60
+    assert request() is True  # the third within 100 s, refused ones count too
+    clock.now += 40  # the first two have left the window, the refused third has not
+    assert rules.requests_today("t") == 1
+    assert request() is False
+    assert request() is True
+
+
+def test_rules_count_a_report_asked_again_within_the_interval() -> None:
+    clock = FakeClock()
+    rules = ApiRules(report_interval=300.0, clock=clock)
+    for server, api, advance in [
+        ("wv1", "stereo_rec", 0),
+        ("wv1", "stereo_rec", 299),
+        ("wv1", "stereo_rec", 300),
+    ]:
+        clock.now += advance
+        rules.leave("t", rules.arrive("t", server, api, lambda: True, 0.0)[0])
+    rules.leave("t", rules.arrive("t", "wv2", "stereo_rec", lambda: True, 0.0)[0])  # another report
+    stats = rules.snapshot()["tokens"]["t"]
+    assert stats["report_violations"] == 1
+    assert stats["reports"]["wv1/stereo_rec"] == {"requests": 3, "min_gap_seconds": 299.0}
+    assert stats["reports"]["wv2/stereo_rec"] == {"requests": 1, "min_gap_seconds": None}
