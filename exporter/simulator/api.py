@@ -47,6 +47,11 @@ HTML_502 = (
 DAY_SECONDS = 86400.0
 
 
+def document(code: int, error: str | None, msg: str, data: Any) -> dict[str, Any]:
+    """An answer of the API: the same four members on success and error, ``code`` a string."""
+    return {"code": str(code), "error": error, "msg": msg, "data": data}
+
+
 # --------------------------------------------------------------------------- the API's rules
 
 

@@ -33,6 +33,7 @@ from exporter.simulator.api import (
     SWEEP_INTERVAL_SECONDS,
     ApiRules,
     description,
+    document,
     format_items,
     parse_clock,
     stable_unit,
@@ -89,10 +90,6 @@ class SimulatorOptions:
 def _alive(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is not None and not transport.is_closing()
-
-
-def _doc(code: int, error: str | None, msg: str, data: Any) -> dict[str, Any]:
-    return {"code": str(code), "error": error, "msg": msg, "data": data}
 
 
 def _bad_control(message: str) -> web.Response:
@@ -280,7 +277,7 @@ class Simulator:
         self, request: web.Request, kind: str, token: str, api: str, now: float, scale: float = 1.0
     ) -> dict[str, Any]:
         msg = SUCCESS_MSG if kind == "billing" else "Token information found"
-        return _doc(200, None, msg, self._rows(request, kind, token, api, now, scale))
+        return document(200, None, msg, self._rows(request, kind, token, api, now, scale))
 
     # ----------------------------------------------------------------- control endpoints
 

@@ -22,6 +22,7 @@ from exporter.simulator.api import (
     ERR_UNKNOWN_API,
     HTML_502,
     OVERSIZE_BYTES,
+    document,
 )
 
 WILDCARD = "*"
@@ -48,7 +49,7 @@ def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) 
 def error_response(err: tuple[int, str, str]) -> web.Response:
     """One of the API's documented errors: ``(status, error, msg)``, the body's ``code`` the status."""
     status, error, msg = err
-    return json_response(status, {"code": str(status), "error": error, "msg": msg, "data": None})
+    return json_response(status, document(status, error, msg, None))
 
 
 # --------------------------------------------------------------------------- what a fault plays
