@@ -67,11 +67,17 @@ _FOLD: dict[int, str] = {
 }
 
 
-def _masked(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with each of ``secrets`` (given longest first, non-empty) replaced in any letter case."""
+def _folded(value: str) -> str:
+    """What the quick test looks for: ``value`` folded; "" (found in any text) for a non-ASCII one."""
+    return value.translate(_FOLD) if value.isascii() else ""
+
+
+def _masked(text: str, secrets: Iterable[tuple[str, str]]) -> str:
+    """``text`` with each secret (pairs of the secret and its ``_folded`` form, longest first) replaced
+    in any letter case."""
     folded = text.translate(_FOLD)
-    for value in secrets:
-        if not value.isascii() or value.translate(_FOLD) in folded:
+    for value, value_folded in secrets:
+        if value_folded in folded:
             text = re.sub(re.escape(value), REDACTED, text, flags=re.IGNORECASE)
             folded = text.translate(_FOLD)
     return text
@@ -81,7 +87,8 @@ def redact(text: str, secret: Secret | None) -> str:
     """``text`` with every occurrence of the secret, in any letter case, replaced by ``<redacted>``."""
     if not secret:
         return text
-    return _masked(text, (secret.reveal(),))
+    value = secret.reveal()
+    return _masked(text, ((value, _folded(value)),))
 
 
 class Redactor:
@@ -89,12 +96,13 @@ class Redactor:
     defence. Longest first, so a token that contains another is masked whole."""
 
     def __init__(self) -> None:
-        self._secrets: tuple[str, ...] = ()
+        self._secrets: tuple[tuple[str, str], ...] = ()
         self._lock = threading.Lock()
 
     def set(self, secrets: Iterable[str]) -> None:
+        ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
         with self._lock:
-            self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+            self._secrets = tuple((value, _folded(value)) for value in ordered)
 
     def __call__(self, text: str) -> str:
         return _masked(text, self._secrets)
