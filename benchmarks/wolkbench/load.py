@@ -65,12 +65,10 @@ def run_wrk(url: str, seconds: float, connections: int, threads: int, timeout: f
     return parse_wrk(done.stdout, duration)
 
 
-def measure(
-    server: Process, seconds: float, connections: int, threads: int, timeout: float, url: str | None = None
-) -> Measured:
-    """wrk against ``server`` (or ``url``), with the CPU the server, wrk and every other process used."""
+def measure(server: Process, seconds: float, connections: int, threads: int, timeout: float) -> Measured:
+    """wrk against ``server``, with the CPU the server, wrk and every other process used."""
     cpu_before, busy_before, wrk_before = cpu_seconds(server), machine_busy_seconds(), children_cpu_seconds()
-    report = run_wrk(url or server.url, seconds, connections, threads, timeout)
+    report = run_wrk(server.url, seconds, connections, threads, timeout)
     cpu = cpu_seconds(server) - cpu_before
     wrk_cpu = children_cpu_seconds() - wrk_before
     other = machine_busy_seconds() - busy_before - cpu - wrk_cpu
