@@ -152,6 +152,8 @@ def build_stand_in_base(podman: Podman, name: str, directory: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, f"mmdebstrap failed:\n{done.stderr[-3000:]}"
+    if podman.exists(name):  # CI: replaced, not left behind untagged
+        podman.run("rmi", name, check=False)
     podman.run(
         "import",
         "--change",
