@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,7 +60,10 @@ def ca_bundle() -> str:
         if os.environ.get(variable) and os.path.isfile(os.environ[variable]):
             return os.environ[variable]
     done = subprocess.run(
-        ["python3", "-m", "pip", "config", "get", "global.cert"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if done.returncode == 0 and os.path.isfile(done.stdout.strip()):
         return done.stdout.strip()
@@ -163,7 +167,7 @@ def build_stand_in_base(podman: Podman, name: str, directory: Path) -> None:
         "--change",
         'CMD=["python3"]',
         "--change",
-        f"LABEL={STAND_IN_LABEL}=mmdebstrap {suite} minbase, {packages}",
+        f"LABEL={STAND_IN_LABEL}=mmdebstrap-{suite}-minbase",
         str(tarball),
         name,
         timeout=300,
