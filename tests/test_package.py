@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from harness import REPO, Exporter, free_port, parse_samples, run_cli, start_program, value, wait_until
+from harness import (
+    REPO,
+    Exporter,
+    free_port,
+    parse_samples,
+    repo_copy,
+    run_cli,
+    start_program,
+    value,
+    wait_until,
+)
 
 from exporter import __version__
 
@@ -63,9 +73,13 @@ def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sdist and, built from it (as `python -m build` does), the wheel."""
+    """The sdist and, built from it (as `python -m build` does), the wheel; from the tracked files only,
+    as a fresh clone or the image's build context has them (the checkout's *.egg-info from the editable
+    install would otherwise tell setuptools of files its configuration leaves out)."""
+    checkout = tmp_path_factory.mktemp("checkout")
+    repo_copy(checkout)
     out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--outdir", str(out), str(REPO)], cwd=out, timeout=BUILD_TIMEOUT)
+    run([sys.executable, "-m", "build", "--outdir", str(out), str(checkout)], cwd=out, timeout=BUILD_TIMEOUT)
     return out
 
 
