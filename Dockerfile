@@ -23,7 +23,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # The state directory belongs to group 0 with the owner's rights (g=u), so the exporter can also run as
 # an arbitrary uid in group 0 (OpenShift's restricted policy) and keep its state_file there.
 RUN groupadd --system --gid 10001 wolkvox \
-    && useradd --system --uid 10001 --gid wolkvox --groups 0 --no-create-home --home-dir /nonexistent \
+    && useradd --system --uid 10001 --gid wolkvox --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin wolkvox \
     && install -d -o wolkvox -g 0 -m 0770 /var/lib/wolkvox-exporter \
     && install -d -m 0755 /etc/wolkvox-exporter

@@ -50,6 +50,13 @@ def test_version_agrees_everywhere(run_exporter: Callable[..., Exporter], tmp_pa
         "the installed metadata is stale: pip install -e '.[test]' again"
     )
     assert run_cli("--version").stdout.strip() == f"wolkvox-exporter {__version__}"
+    # The version in install commands and image tags of the documentation.
+    mentions = 0
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        named = re.findall(r"wolkvox[_-]exporter[-:](\d+\.\d+\.\d+)", path.read_text(encoding="utf-8"))
+        assert set(named) <= {__version__}, f"{path.name} names version(s) {sorted(set(named))}"
+        mentions += len(named)
+    assert mentions, "no versioned install command or image tag found in the documentation"
     kustomization = yaml.safe_load((REPO / "deploy/kubernetes/kustomization.yaml").read_text("utf-8"))
     assert [image["newTag"] for image in kustomization["images"]] == [__version__]
     exporter = run_exporter(
