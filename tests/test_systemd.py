@@ -4,14 +4,17 @@ one the exporter accepts. No systemd runs the unit here (CI has no init system t
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from harness import REPO, require, which
+import requests
+from harness import REPO, exporter_args, free_port, require, spawn, wait_until, which
 
 UNIT = REPO / "deploy" / "systemd" / "wolkvox-exporter.service"
 ENV_FILE = REPO / "deploy" / "systemd" / "wolkvox-exporter.env"
@@ -149,3 +152,81 @@ def test_exec_start_with_the_example_flags_is_accepted(tmp_path: Path) -> None:
     assert f"OK, {len(tokens)} operation(s)" in done.stdout
     for token in tokens:
         assert environment[token] not in done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- the system call filter
+
+
+def syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """systemd's system call groups as this systemd knows them: name -> members (calls and @groups)."""
+    listing = subprocess.run(
+        [analyze, "syscall-filter", "--no-pager"], capture_output=True, text=True, timeout=60
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith("    ") and current is not None and not line.strip().startswith("#"):
+            current.append(line.strip())
+        elif not line.startswith("    "):
+            current = None
+    return groups
+
+
+def expand(groups: dict[str, list[str]], name: str) -> set[str]:
+    calls: set[str] = set()
+    for member in groups[name]:
+        calls |= expand(groups, member) if member.startswith("@") else {member}
+    return calls
+
+
+def allowed_system_calls(analyze: str) -> set[str]:
+    """What the unit's SystemCallFilter= lines allow: the first an allow list, the rest (~) deny lists."""
+    groups = syscall_groups(analyze)
+    allowed: set[str] = set()
+    for line in service()["SystemCallFilter"]:
+        deny = line.startswith("~")
+        names = set()
+        for item in line.lstrip("~").split():
+            names |= expand(groups, item) if item.startswith("@") else {item}
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def test_exporter_system_calls_stay_inside_the_units_filter(tmp_path: Path) -> None:
+    """The exporter under strace (its config child too) through start, a scrape, a SIGHUP reload and
+    SIGTERM: every system call it makes is one SystemCallFilter= allows (a refused one would get EPERM)."""
+    analyze = require("systemd-analyze", "systemd")
+    strace = require("strace", "strace")
+    allowed = allowed_system_calls(analyze)
+    assert {"read", "setrlimit", "prlimit64", "madvise"} <= allowed and "reboot" not in allowed
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "operations:\n  - {name: sc, server: wv1, token: sc-token, base_url: 'http://127.0.0.1:9'}\n",
+        encoding="utf-8",
+    )
+    trace = tmp_path / "strace.out"
+    port = free_port()
+    exporter = [sys.executable, *exporter_args(config, listen=f"127.0.0.1:{port}")]
+    traced = spawn(
+        [strace, "-f", "-qq", "-o", str(trace), *exporter], tmp_path / "exporter.log", name="strace"
+    )
+    try:
+        traced.wait_listening(timeout=30)
+        children = Path(f"/proc/{traced.proc.pid}/task/{traced.proc.pid}/children").read_text().split()
+        (pid,) = (int(child) for child in children)
+        assert requests.get(f"{traced.url}/metrics", timeout=5).status_code == 200
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in traced.log(), timeout=20, what="the reload")
+        os.kill(pid, signal.SIGTERM)
+        assert traced.proc.wait(timeout=20) == 0, traced.log(3000)
+    finally:
+        traced.stop()
+    used = {
+        match.group(1)
+        for line in trace.read_text(encoding="utf-8", errors="replace").splitlines()
+        if (match := re.match(r"\d+\s+([a-z0-9_]+)\(", line))
+    }
+    assert len(used) > 20, sorted(used)
+    assert not used - allowed, f"system calls outside the unit's filter: {sorted(used - allowed)}"
