@@ -196,7 +196,8 @@ def allowed_system_calls(analyze: str) -> set[str]:
 
 def test_exporter_system_calls_stay_inside_the_units_filter(tmp_path: Path) -> None:
     """The exporter under strace (its config child too) through start, a scrape, a SIGHUP reload and
-    SIGTERM: every system call it makes is one SystemCallFilter= allows (a refused one would get EPERM)."""
+    SIGTERM: every system call it makes is one SystemCallFilter= allows (a refused one would get EPERM),
+    and none is refused by MemoryDenyWriteExecute=."""
     analyze = require("systemd-analyze", "systemd")
     strace = require("strace", "strace")
     allowed = allowed_system_calls(analyze)
@@ -223,10 +224,16 @@ def test_exporter_system_calls_stay_inside_the_units_filter(tmp_path: Path) -> N
         assert traced.proc.wait(timeout=20) == 0, traced.log(3000)
     finally:
         traced.stop()
-    used = {
-        match.group(1)
-        for line in trace.read_text(encoding="utf-8", errors="replace").splitlines()
-        if (match := re.match(r"\d+\s+([a-z0-9_]+)\(", line))
-    }
+    lines = trace.read_text(encoding="utf-8", errors="replace").splitlines()
+    used = {match.group(1) for line in lines if (match := re.match(r"\d+\s+([a-z0-9_]+)\(", line))}
     assert len(used) > 20, sorted(used)
     assert not used - allowed, f"system calls outside the unit's filter: {sorted(used - allowed)}"
+    # MemoryDenyWriteExecute=yes refuses writable and executable mappings, and mprotect to executable.
+    assert service()["MemoryDenyWriteExecute"] == ["yes"]
+    write_exec = [
+        line
+        for line in lines
+        if re.search(r"\b(mprotect|pkey_mprotect)\(.*PROT_EXEC", line)
+        or (re.search(r"\bmmap\(", line) and "PROT_EXEC" in line and "PROT_WRITE" in line)
+    ]
+    assert not write_exec, write_exec[:5]
