@@ -123,8 +123,8 @@ class _Report:
 
 @dataclass(slots=True)
 class _Token:
-    # A list, not a dict by (operation, api): most tokens have one or a few reports, ``take`` reads them
-    # all anyway, and a dict and a key tuple per token were ~2.5 MB at 10,000 tokens.
+    # A list, not a dict by (operation, api): most tokens have one or a few reports and ``take`` reads
+    # them all anyway, so a dict and its key tuples would only cost memory.
     reports: list[_Report]
     pace: Pace
     level: float  # requests left in the bucket

@@ -93,8 +93,8 @@ class ReportRow:
 
 @dataclass(slots=True)
 class ReportState:
-    """What the store knows of one report (operation, api). One object per report, not one dict per
-    field: at 10,000 operations, eight dicts per operation were ~10 MB."""
+    """What the store knows of one report (operation, api): one slotted object per report rather than a
+    dict per field, the smallest form of this state (benchmarks/README.md, memory)."""
 
     tried: bool = False
     last_reason: str | None = None  # of its last request; None after a success
@@ -183,8 +183,8 @@ class Store:
                 for api in [api for api in state.reports if api not in info.apis]:
                     del state.reports[api]
                 states[info.name] = state
+            self._removed = self._removed or not self._states.keys() <= states.keys()
             self._states = states
-            self._removed = self._removed or bool(set(self._states) - set(states))
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()

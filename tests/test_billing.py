@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
-from harness import Simulator, holds, value, wait_until
+from harness import REPO, Simulator, holds, value, wait_until
 
 from exporter.config import ConfigError, load_config
+from exporter.families import BILLING_USAGE
+from exporter.model import BILLING_APIS
+from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, description, usage_value
 
 SERVICES = ["stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"]
 
@@ -224,3 +228,29 @@ def test_token_info_is_read_and_exported_for_every_operation_of_the_token(
     stats = simulator.stats()["tokens"]["shared"]
     assert stats["apis"]["token_info"] == 1  # at most hourly
     assert stats["max_in_flight"] == 1
+
+
+def test_one_table_of_billing_services_feeds_the_help_the_simulator_and_the_dashboards() -> None:
+    """model.BILLING_APIS is the one place a billing service is named: what reads it says the same."""
+    board = json.loads((REPO / "grafana" / "dashboards" / "wolkvox-billing.json").read_text())
+    mappings = {
+        api: option["text"]
+        for panel in board["panels"]
+        for override in panel.get("fieldConfig", {}).get("overrides", [])
+        if override["matcher"].get("options") == "Service (unit)"
+        for prop in override["properties"]
+        for mapping in prop["value"]
+        for api, option in mapping["options"].items()
+    }
+    assert set(KNOWN_APIS) == set(BILLING_APIS) == set(mappings)
+    month = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    for name, api in BILLING_APIS.items():
+        assert mappings[name] == f"{name} ({api.unit})"
+        assert f"{name}: {api.measures}" in BILLING_USAGE.help
+        assert description(name) == api.description
+        assert (name in LICENCE_APIS) == (api.kind == "level")
+        if api.kind == "usage":  # grows at the table's rate: 10 hours at 100 per hour
+            grown = usage_value(name, "t", "wv1", month + 36_000, 100) - usage_value(
+                name, "t", "wv1", month, 100
+            )
+            assert grown == pytest.approx(1000 * api.simulated_rate)
