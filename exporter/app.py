@@ -58,6 +58,8 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             prices=op.prices,
             cost_budget=op.cost_budget,
             currency=config.currency,
+            server=op.server,
+            labels=op.labels,
         )
         for op in config.operations
     ]

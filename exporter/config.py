@@ -34,6 +34,7 @@ TOP_LEVEL_KEYS = frozenset(
         "token_info_interval",
         "currency",
         "prices",
+        "labels",
         "operations",
     }
 )
@@ -51,6 +52,7 @@ OPERATION_KEYS = frozenset(
         "ca_file",
         "prices",
         "cost_budget",
+        "labels",
     }
 )
 
@@ -75,6 +77,12 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _API = re.compile(r"[a-z0-9_]+")
+# Operation labels (`labels:`): Prometheus label names, minus the ones the exporter's own series carry
+# or Prometheus attaches (a join on the info metric would clash with them); `month` labels the closed
+# months' series.
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+RESERVED_LABELS = frozenset({"operation", "server", "api", "reason", "currency", "job", "instance", "month"})
+MAX_LABEL_VALUE_CHARS = 200
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
@@ -117,6 +125,9 @@ class OperationConfig:
     # Unit price per api (top-level `prices` overlaid with the operation's own), and a monthly cost budget.
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
+    # User labels (top-level `labels` overlaid with the operation's own), sorted by name: exported once,
+    # on wolkvox_operation_info, and the statement's columns.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,6 +319,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
             f"expected a currency code of letters (e.g. USD, COP), got {_show(currency)}", "currency"
         )
     prices = top.prices("prices")
+    default_labels = top.labels("labels", None)
     state_file = top.string("state_file")
     if state_file is not None:
         _require_nonempty(state_file, "state_file")
@@ -326,7 +338,9 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         where = f"operations[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(f"expected a mapping, got {_type_name(item)}", where)
-        operation = _operation(_Section(item, where, environ, OPERATION_KEYS), base_dir, prices)
+        operation = _operation(
+            _Section(item, where, environ, OPERATION_KEYS), base_dir, prices, default_labels
+        )
         if operation.name in first_index:
             origin = "" if "name" in item and item["name"] is not None else " (the name defaults to server)"
             raise ConfigError(
@@ -375,7 +389,9 @@ def _retired_keys(top: _Section) -> list[tuple[str, str]]:
     return warnings
 
 
-def _operation(section: _Section, base_dir: str, default_prices: dict[str, float]) -> OperationConfig:
+def _operation(
+    section: _Section, base_dir: str, default_prices: dict[str, float], default_labels: dict[str, str]
+) -> OperationConfig:
     server = section.string("server")
     if server is None:
         raise ConfigError(
@@ -418,6 +434,7 @@ def _operation(section: _Section, base_dir: str, default_prices: dict[str, float
         ca_file=ca_file,
         prices=tuple(sorted({**default_prices, **section.prices("prices")}.items())),
         cost_budget=section.number("cost_budget"),
+        labels=tuple(sorted({**default_labels, **section.labels("labels", name)}.items())),
     )
 
 
@@ -641,6 +658,46 @@ class _Section:
             if price is not None:
                 prices[api] = price
         return prices
+
+    def labels(self, key: str, operation: str | None) -> dict[str, str]:
+        """A mapping of label name -> value (``labels:``); ``operation`` names the operation in errors."""
+        value = self._data.get(key)
+        if value is None:
+            return {}
+        of = f" (operation {_show(operation)})" if operation is not None else ""
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"expected a mapping of label name: value{of}, got {_type_name(value)}", self.where(key)
+            )
+        labels: dict[str, str] = {}
+        for name, raw in value.items():
+            where = f"{self.where(key)}.{name}" if isinstance(name, str) else self.where(key)
+            if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"invalid label name {_show(name)}{of}; expected [a-zA-Z_][a-zA-Z0-9_]*", where
+                )
+            if name.startswith("__") or name in RESERVED_LABELS:
+                raise ConfigError(
+                    f"label name {_show(name)} is reserved{of}; the exporter or Prometheus sets it "
+                    f"(reserved: {', '.join(sorted(RESERVED_LABELS))} and names starting with __)",
+                    where,
+                )
+            if isinstance(raw, str):
+                raw, _ = _expand(raw, where, self._environ)
+            elif isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)  # cost_center: 12
+            else:
+                raise ConfigError(f"expected a string value, got {_type_name(raw)}{of}", where)
+            if not raw.strip():
+                raise ConfigError(f"is empty{of}; give a value or leave the label out", where)
+            if any(_is_unprintable(ch) for ch in raw):
+                raise ConfigError(f"contains control characters{of}", where)
+            if len(raw) > MAX_LABEL_VALUE_CHARS:
+                raise ConfigError(
+                    f"is longer than {MAX_LABEL_VALUE_CHARS} characters{of} ({len(raw)})", where
+                )
+            labels[name] = raw
+        return labels
 
     def api_list(self, key: str) -> tuple[str, ...]:
         value = self._data.get(key)
