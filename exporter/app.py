@@ -23,6 +23,7 @@ from exporter.page import Pages, Publisher
 from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs, token_key
 from exporter.statefile import StateFile, StateSaver
+from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
 from exporter.webconfig import WebConfigError, load_web_config
@@ -140,6 +141,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            statement=self.statement,
         ).build()
         runner = web.AppRunner(
             app,
@@ -183,6 +185,16 @@ class App:
         self.publisher.stop()
         if self.saver is not None:
             self.saver.stop()
+
+    def month_totals(self, month: str) -> list[MonthTotalLike]:
+        """The figures of the statement: the one place they come from. Today, what this exporter holds in
+        memory: each report's latest reading (its month to date) and its last closed month (restored
+        from state_file after a restart)."""
+        return list(totals_in_memory(self.store.month_state(), month))
+
+    def statement(self, month: str, group: str | None) -> Statement:
+        """/statement: the month's figures with the running configuration's prices and labels."""
+        return build(self.month_totals(month), terms_of(self.config), month, group)
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the configuration; on an error keep the running one. (ok, one-line message)."""

@@ -118,7 +118,8 @@ def render(
 Values are cached and refreshed in the background: a scrape never calls the wolkvox API.</p>
 <p class="summary">{summary}</p>
 <p><a href="{path}">{path}</a> (metrics) &middot; <a href="/-/healthy">/-/healthy</a> &middot;
-<a href="/-/ready">/-/ready</a> &middot; POST /-/reload re-reads the configuration</p>
+<a href="/-/ready">/-/ready</a> &middot; POST /-/reload re-reads the configuration &middot;
+<a href="/statement">/statement</a> (usage and cost of the month, by operation and label)</p>
 <h2>Reports</h2>
 <table>
 <thead><tr><th>Operation</th><th>Service (api)</th><th>State</th><th>Last value</th><th>Last month</th>
