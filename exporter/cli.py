@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wolkvox-exporter",
         description="Prometheus exporter for wolkvox billing usage. Values are fetched in the background, "
         "within the API's limits, and served from a cache.",
+        epilog="wolkvox-exporter statement --help: print a month's statement from the state store.",
     )
     parser.add_argument("--config.file", dest="config_file", default="config.yml", help="YAML configuration")
     parser.add_argument(
