@@ -19,10 +19,10 @@ import yaml
 
 from exporter import cli
 
-DEMO_OPERATIONS: list[dict[str, str | int]] = [
-    {"name": "bogota", "server": "wv9901", "budget_minutes": 40000},
-    {"name": "lima", "server": "wv0042", "budget_minutes": 25000},
-    {"name": "medellin", "server": "wv0107"},
+DEMO_OPERATIONS: list[dict[str, str | int | dict[str, str]]] = [
+    {"name": "bogota", "server": "wv9901", "budget_minutes": 40000, "labels": {"client": "acme"}},
+    {"name": "lima", "server": "wv0042", "budget_minutes": 25000, "labels": {"client": "acme"}},
+    {"name": "medellin", "server": "wv0107", "labels": {"client": "globex"}},
 ]
 DEMO_INTERVAL = "15s"
 # The simulator runs with no daily limit (--daily-limit 0), and a 15 s pace makes 5,760 requests per
@@ -50,6 +50,7 @@ def banner(listen: str, simulator: str) -> str:
             f"  landing page: http://{listen}/",
             f"  simulator:    http://{simulator}/-/stats (requests it answered; faults: POST /-/faults,"
             " see exporter/simulator/faults.py)",
+            f"  statement:    http://{listen}/statement?group=client (this month's usage per client)",
             f"Refreshing every {DEMO_INTERVAL} (against the real API: 5m). Ctrl-C stops the exporter and"
             " the simulator.",
         ]
