@@ -115,7 +115,7 @@ def statement_main(argv: Sequence[str]) -> int:
         return 1
 
     try:
-        config = load_config(args.config_file)
+        config = load_config(args.config_file, tokens=False)  # a statement needs no token
         month = statement.parse_month(args.month or utc_month(time.time()))
         fmt = statement.pick_format(args.format, None)
         if config.state_file is None:

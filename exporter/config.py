@@ -221,11 +221,17 @@ def format_duration(seconds: float) -> str:
 # ----- loading ----------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values."""
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, tokens: bool = True
+) -> Config:
+    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values.
+
+    ``tokens=False`` leaves ``token`` and ``token_file`` unread (each operation's token is then empty): for
+    what needs no token, such as printing a statement where the tokens' variables or files are absent.
+    """
     file = os.fsdecode(path)
     try:
-        return _build(file, _read_yaml(file), os.environ if environ is None else environ)
+        return _build(file, _read_yaml(file), os.environ if environ is None else environ, tokens)
     except ConfigError as error:
         # `from None`: the chained exception could carry file content (a token) into a logged traceback.
         raise error.with_file(file) from None
@@ -293,7 +299,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
+def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = True) -> Config:
     if data is None:
         raise ConfigError("the file is empty; expected a mapping with at least `operations`")
     if not isinstance(data, dict):
@@ -339,7 +345,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         if not isinstance(item, dict):
             raise ConfigError(f"expected a mapping, got {_type_name(item)}", where)
         operation = _operation(
-            _Section(item, where, environ, OPERATION_KEYS), base_dir, prices, default_labels
+            _Section(item, where, environ, OPERATION_KEYS), base_dir, prices, default_labels, tokens
         )
         if operation.name in first_index:
             origin = "" if "name" in item and item["name"] is not None else " (the name defaults to server)"
@@ -390,7 +396,11 @@ def _retired_keys(top: _Section) -> list[tuple[str, str]]:
 
 
 def _operation(
-    section: _Section, base_dir: str, default_prices: dict[str, float], default_labels: dict[str, str]
+    section: _Section,
+    base_dir: str,
+    default_prices: dict[str, float],
+    default_labels: dict[str, str],
+    tokens: bool = True,
 ) -> OperationConfig:
     server = section.string("server")
     if server is None:
@@ -427,7 +437,7 @@ def _operation(
     return OperationConfig(
         name=name,
         server=server,
-        token=_token(section, base_dir),
+        token=_token(section, base_dir) if tokens else Secret(""),
         base_url=base_url,
         budget_minutes=budget,
         apis=apis,

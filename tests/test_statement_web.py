@@ -23,6 +23,7 @@ from harness import Exporter, Simulator, value
 from test_statuspage import chromium
 
 from exporter import cli
+from exporter.config import ConfigError, load_config
 from exporter.monthclose import utc_month
 
 PRICES = {"stereo_rec": 0.004, "ivr_minutes": 0.0125}
@@ -207,10 +208,18 @@ def state_store(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[MonthTotal]]:
 
 
 def write_config(tmp_path: Path, state_file: bool = True) -> Path:
+    """One operation whose token comes from a variable that is not set, and one with a token file that is
+    not there: a statement needs neither (finance need not hold the tokens)."""
     path = tmp_path / "config.yml"
+    bogota = {
+        "name": "bogota",
+        "server": "wv1",
+        "token": "${WOLKVOX_TOKEN_NOT_HERE}",
+        "labels": {"client": "acme"},
+    }
     document: dict[str, Any] = {
         "prices": {"stereo_rec": 0.004},
-        "operations": [{"name": "bogota", "server": "wv1", "token": "t", "labels": {"client": "acme"}}],
+        "operations": [bogota, {"name": "lima", "server": "wv2", "token_file": "no-such.token"}],
     }
     if state_file:
         document["state_file"] = "state.db"
@@ -222,6 +231,8 @@ def test_the_subcommand_prints_what_the_web_app_would(
     state_store: dict[str, list[MonthTotal]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_config(tmp_path)
+    with pytest.raises(ConfigError, match="WOLKVOX_TOKEN_NOT_HERE is not set"):
+        load_config(path, {})  # the exporter itself needs the tokens
     state_store[str(tmp_path / "state.db")] = [MonthTotal("bogota", "stereo_rec", "2026-11", 1234.5, True)]
     args = ["statement", "--config.file", str(path), "--month", "2026-11"]
     assert cli.main([*args, "--format", "json"]) == 0
