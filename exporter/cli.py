@@ -120,7 +120,10 @@ def statement_main(argv: Sequence[str]) -> int:
         fmt = statement.pick_format(args.format, None)
         if config.state_file is None:
             return fail(f"{args.config_file}: state_file is not set; the statement reads the state store")
-        store = importlib.import_module("exporter.statestore")  # the SQLite store: read only
+        try:
+            store = importlib.import_module("exporter.statestore")  # the SQLite store: read only
+        except ImportError:
+            return fail("this build has no state store (exporter/statestore.py) to read a statement from")
         try:
             totals = store.read_month_totals(config.state_file, month)
         except store.StoreError as error:

@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 import requests
 import yaml
-from harness import Exporter, Simulator, value
+from harness import Exporter, Simulator, run_cli, value
 from test_statuspage import chromium
 
 from exporter import cli
@@ -285,3 +285,11 @@ def test_the_subcommand_reports_a_store_error_in_one_line(
         line
         == f"wolkvox-exporter statement: {tmp_path / 'state.db'}: cannot open the state store: no such file"
     )
+
+
+def test_the_subcommand_from_the_command_line(tmp_path: Path) -> None:
+    """The real entry point: a bad flag value is one line on stderr and exit status 1, no traceback."""
+    path = write_config(tmp_path)
+    done = run_cli("statement", "--config.file", str(path), "--month", "2026-11", "--format", "xml")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "wolkvox-exporter statement: format: expected one of csv, json, html, got 'xml'\n"
