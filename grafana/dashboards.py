@@ -293,22 +293,22 @@ def variables(board: dashboard.Dashboard, with_api: bool) -> dashboard.Dashboard
             .sort(dm.VariableSort.ALPHABETICAL_ASC)
             .multi(True)
             .include_all(True)
-        ).with_variable(
-            dashboard.QueryVariable("group")
-            .label("Group by")
-            .description(
-                "A label of the operations (config: labels), from wolkvox_operation_info: the 'By group' "
-                "panels sum per value of it. server is always there."
-            )
-            .datasource(DS)
-            .query("label_names(wolkvox_operation_info)")
-            .regex(NOT_A_GROUP)
-            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-            .sort(dm.VariableSort.ALPHABETICAL_ASC)
-            .multi(False)
-            .include_all(False)
         )
-    return board
+    return board.with_variable(
+        dashboard.QueryVariable("group")
+        .label("Group by")
+        .description(
+            "A label of the operations (config: labels), from wolkvox_operation_info: the 'By group' "
+            "panels sum per value of it. server is always there."
+        )
+        .datasource(DS)
+        .query("label_names(wolkvox_operation_info)")
+        .regex(NOT_A_GROUP)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(False)
+        .include_all(False)
+    )
 
 
 def base(uid: str, title: str, description: str, tags: list[str]) -> dashboard.Dashboard:
@@ -470,6 +470,41 @@ def overview() -> dashboard.Dashboard:
         )
         .override_by_name("Used", ratio_cells())
         .override_by_name("Forecast / budget", ratio_cells())
+    )
+    board = board.with_row(dashboard.Row("By group: $group"))
+    board = board.with_panel(
+        table_panel(
+            "Minutes per $group",
+            "Stereo-recording minutes per value of the Group by label (a label of the operations; server "
+            "is always there), over the selected operations: month to date, month-end forecast (empty on "
+            "the 1st), the last 24 hours, and the sum of the budget_minutes of its operations that have one "
+            "with their month-to-date minutes as a share of it. The cost per group is in the dashboard "
+            "'wolkvox: billing and cost'." + NEEDS_LABELS + " The budget columns need budget_minutes on "
+            "the operations (config).",
+            MINUTES,
+            {},
+            {
+                "Month to date": grouped(f"operation:wolkvox_stereo_rec_minutes:max{{{OP}}}", "$group"),
+                "Forecast month end": grouped(
+                    f"operation:wolkvox_stereo_rec_minutes:forecast_month_end{{{OP}}}", "$group"
+                ),
+                "Last 24 hours": grouped(
+                    f"operation:wolkvox_stereo_rec_minutes:increase1d{{{OP}}}", "$group"
+                ),
+                "Budget": grouped(f"operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}}", "$group"),
+                "Budget used": grouped(
+                    f"(operation:wolkvox_stereo_rec_minutes:max{{{OP}}} "
+                    f"and on (operation) operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}})",
+                    "$group",
+                )
+                + "\n/ on ($group)\n"
+                + grouped(f"operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}}", "$group"),
+            },
+            sort_by="Month to date",
+            size=(24, 7),
+        )
+        .decimals(0)
+        .override_by_name("Budget used", ratio_cells(decimals=1))
     )
     board = board.with_row(dashboard.Row("Exporter health"))
     board = board.with_panel(
