@@ -117,7 +117,7 @@ def test_csv_reads_back_with_the_csv_module() -> None:
         "team": "sales",
         "operation": "bogota",
         "api": "stereo_rec",
-        "unit": "minutes of stereo recording",
+        "unit": "minutes",
         "usage": "37702.57",
         "unit_price": "0.004",
         "cost": "150.81",
