@@ -133,13 +133,19 @@ async def serve(app: App) -> int:
 def statement_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wolkvox-exporter statement",
+        formatter_class=_DefaultsFormatter,
         description="Print a month's statement (usage and cost per operation and service) from the state "
-        "store (state_file), without a running exporter. The same output as /statement.",
+        "store (state_file), without a running exporter and without the tokens. The same output as "
+        "/statement (docs/statement.md).",
     )
-    parser.add_argument("--config.file", dest="config_file", default="config.yml", help="YAML configuration")
-    parser.add_argument("--month", default=None, help="YYYY-MM (default: this month, UTC)")
-    parser.add_argument("--format", default="csv", help="csv (default), json or html")
-    parser.add_argument("--group", default=None, help="a label of the operations: a subtotal per value")
+    parser.add_argument(
+        "--config.file", dest="config_file", metavar="FILE", default="config.yml", help="YAML configuration"
+    )
+    parser.add_argument(
+        "--month", metavar="YYYY-MM", default=None, help="the month (default: this month, UTC)"
+    )
+    parser.add_argument("--format", default="csv", help="csv, json or html")
+    parser.add_argument("--group", metavar="LABEL", default=None, help="a subtotal per value of this label")
     return parser
 
 
