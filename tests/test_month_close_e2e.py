@@ -107,6 +107,11 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
         what="December's first answers, and November closed",
     )
     assert_november_closed(samples, november)
+    # The statement: November closed, December to date.
+    assert statement_of(first, "2026-11") == closed_november(november)
+    current = first.get("/statement?month=2026-12&format=json").json()
+    assert current["status"] == "to date"
+    assert {(line["operation"], line["api"]): float(line["usage"]) for line in current["lines"]} == december
     # The status page's "Last month" column: the value, its month, and when the exporter fetched it.
     page = first.get("/").text
     shown = f"{november['lima', 'ivr_minutes']:,.0f}<br><small>2026-11, fetched "
