@@ -16,7 +16,8 @@ from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 

@@ -55,6 +55,7 @@ class GlobalFacts:
     reload_ok: bool
     reload_time: float
     schedule: Schedule
+    connections_rejected: int = 0  # closed at --web.max-connections since start
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Store:
         self._reload_ok = 1
         self._reload_time = wall()
         self._schedule = schedule or Schedule()
+        self._connections_rejected = 0
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
 
@@ -262,6 +264,12 @@ class Store:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
         self.changed.set()
 
+    def connection_rejected(self) -> None:
+        """The web server closed a connection at --web.max-connections (shown with the next page, at
+        most 5 s later: no re-render for it, a flood must not cost one per connection)."""
+        with self._lock:
+            self._connections_rejected += 1
+
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
             self._reload_ok = 1 if ok else 0
@@ -368,7 +376,9 @@ class Store:
             rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
             removed, self._removed = self._removed, False
-            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule)
+            facts = GlobalFacts(
+                self._reload_ok == 1, self._reload_time, self._schedule, self._connections_rejected
+            )
             return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:
