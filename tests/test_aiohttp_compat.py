@@ -74,7 +74,7 @@ def test_a_site_closes_the_listener_it_was_handed() -> None:
 
     async def test() -> None:
         async with served() as (site, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
             await site.stop()
             with pytest.raises(OSError):
@@ -90,7 +90,7 @@ def test_the_server_counts_open_connections() -> None:
         async with served() as (site, port):
             server = aiohttp_compat.runner_server(site)
             assert aiohttp_compat.open_connections(server) == 0
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n")  # half a request: held open
             await wait_until_async(lambda: aiohttp_compat.open_connections(server) == 1, what="1 connection")
             writer.close()
@@ -121,7 +121,9 @@ def test_a_request_handler_from_the_server_serves_a_connection() -> None:
 
 
 BAD_REQUESTS = {
-    "a header over 8 KB": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + SECRET.encode() * 400 + b"\r\n\r\n",
+    "a header over 8 KB": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: "
+    + SECRET.encode() * 400
+    + b"\r\n\r\n",
     "a NUL in the path": b"GET /met\x00rics?" + SECRET.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     "not a method": SECRET.encode() + b"\x01 / HTTP/1.1\r\nHost: x\r\n\r\n",
 }
