@@ -265,10 +265,12 @@ class Store:
         self.changed.set()
 
     def connection_rejected(self) -> None:
-        """The web server closed a connection at --web.max-connections (shown with the next page, at
-        most 5 s later: no re-render for it, a flood must not cost one per connection)."""
+        """The web server closed a connection at --web.max-connections. The page shows it within a
+        second: a flood costs no more than a re-render of the small tail per second (the publisher's
+        pace), as the operations did not change."""
         with self._lock:
             self._connections_rejected += 1
+        self.changed.set()
 
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
