@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
-# Below this a page goes out with its headers in one send (aiohttp joins them: a copy, but on loopback
-# one send instead of two nearly doubled the scrapes per second at 1,000 operations, ~35-70 KB gzip);
-# above it, headers then the page as it is, never copied (the 10,000-operation page, or plain text).
+# Below this a page goes out with its headers in one send (aiohttp joins them: a copy of a small page
+# costs less than a second send); above it, headers then the page as it is, never copied (the
+# 10,000-operation page, or plain text). benchmarks/README.md has the measurements.
 STREAM_ABOVE_BYTES = 256 * 1024
 TLS_HANDSHAKE_SECONDS = 10.0
 # The live web config, for the site that starts TLS on each connection (set by WebApp.build()).
