@@ -1,5 +1,7 @@
-"""Tests of exporter/webconfig.py (the ``--web.config.file`` parser, the basic-auth checker, the rate
-limiter) and of the web face under it (exporter/web.py), in-process with real TLS clients on loopback.
+"""Tests of the web config: exporter/webconfig.py (the ``--web.config.file`` parser: an error for every
+key), webtls.py (the TLS context, client SANs), webauth.py (the basic-auth checker, the rate limiter),
+weblive.py (reloading), and of the web face under it (exporter/web.py), in-process with real TLS clients
+on loopback.
 
 The expectations follow the exporter-toolkit's documented behaviour (docs/web-configuration.md) and
 what its tests check (web/tls_config_test.go, web/handler_test.go): every key works as there, or the
