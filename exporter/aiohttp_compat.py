@@ -5,7 +5,7 @@ and to start TLS per connection with the context in force, see ``web.LimitedSite
 aiohttp's reports of malformed requests (a traceback at error level) into one debug line. Both reach into
 aiohttp's private attributes or undocumented behaviour; each such touch is one function here.
 
-pyproject.toml pins aiohttp to the range tested (``>=3.10,<4``), and tests/test_aiohttp_compat.py has a
+pyproject.toml pins aiohttp to the range tested (below 4), and tests/test_aiohttp_compat.py has a
 canary per function, so a release that moves one of these fails there, by name.
 """
 
@@ -66,13 +66,15 @@ def request_key(name: str, kind: type) -> Any:
 
 class _BadRequestLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's request handler logs a malformed request (a 400 it answers by itself) with
-    ``logger.debug`` or ``logger.exception("Error handling request from %s", remote, exc_info=error)``.
-    This turns such a report into one debug line on ``to`` naming the client and the problem; anything
-    else (a bug in a handler) is passed on unchanged."""
+    ``logger.debug`` or ``logger.exception(..., exc_info=error)``; some versions pass the client's
+    address, some do not, so the client is taken from the connection. This turns such a report into one
+    debug line on ``to`` naming the client and the problem; anything else (a bug in a handler) is passed
+    on unchanged."""
 
-    def __init__(self, logger: logging.Logger, to: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, to: logging.Logger, client: str) -> None:
         super().__init__(logger, {})
         self._to = to
+        self._client = client
 
     def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
         if not self._client_error(args, kwargs):
@@ -86,14 +88,17 @@ class _BadRequestLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         error = kwargs.get("exc_info")
         if not isinstance(error, HttpProcessingError):
             return False
-        client = args[0] if args else "unknown client"
-        self._to.debug("bad request from %s: %s", client, parser_complaint(error))
+        self._to.debug("bad request from %s: %s", self._client, parser_complaint(error))
         return True
 
 
-def bad_request_logger(to: logging.Logger) -> logging.LoggerAdapter[logging.Logger]:
-    """A logger for ``request_handler``: malformed requests become one debug line on ``to``."""
-    return _BadRequestLogger(logging.getLogger("aiohttp.server"), to)
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+
+
+def bad_request_logger(to: logging.Logger, client: str) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger for the ``request_handler`` of one connection, from ``client``: malformed requests
+    become one debug line on ``to``."""
+    return _BadRequestLogger(_AIOHTTP_SERVER_LOG, to, client)
 
 
 # Where aiohttp's parser starts quoting the request: ` 'GET...'`, `: b'...'`, `: bytearray(b'...')`.

@@ -370,7 +370,9 @@ class _Gate(asyncio.Protocol):
         self._admit(tls)
 
     def _admit(self, transport: asyncio.BaseTransport) -> None:
-        handler = aiohttp_compat.request_handler(self._server, _BAD_REQUESTS)
+        # Malformed requests (aiohttp answers them 400 itself): one debug line each, never a traceback.
+        errors = aiohttp_compat.bad_request_logger(log, _client(transport))
+        handler = aiohttp_compat.request_handler(self._server, errors)
         self._handler = handler
         handler.connection_made(transport)
         for chunk in self._early:
@@ -421,7 +423,3 @@ def _tls_problem(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return f"no handshake within {TLS_HANDSHAKE_SECONDS:g}s"
     return type(error).__name__
-
-
-# Malformed requests (aiohttp answers them 400 itself): one debug line each, never a traceback.
-_BAD_REQUESTS = aiohttp_compat.bad_request_logger(log)
