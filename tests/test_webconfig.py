@@ -13,6 +13,7 @@ Certificates are made fresh per session by tests/fixtures/web/make_certs.sh (ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 from exporter.store import Store
 from exporter.web import LimitedSite, WebApp
 from exporter.webauth import BasicAuth, TokenBucket
-from exporter.webconfig import RateLimit, WebConfigError
+from exporter.webconfig import RateLimit, WebConfigError, read_web_config
 from exporter.weblive import WebConfig, load_web_config
 from exporter.webtls import peer_sans
 
@@ -193,6 +194,29 @@ def test_extra_headers(tmp_path: Path) -> None:
         {"http_server_config": {"headers": {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}}},
     )
     assert load_web_config(path).headers == {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+
+
+def test_reading_checks_the_file_alone_and_gives_frozen_settings(tmp_path: Path) -> None:
+    """The parser reads only the web config: the files it names are loaded when the TLS context is built
+    (webtls), so a missing certificate is that step's error, not the parser's."""
+    path = write(
+        tmp_path / "web.yml",
+        {
+            "tls_server_config": {
+                "cert_file": "absent.crt",
+                "key_file": "absent.key",
+                "min_version": "TLS13",
+            },
+            "rate_limit": {"interval": "2s", "burst": 4},
+        },
+    )
+    checked = read_web_config(str(path))
+    assert checked.tls is not None and checked.tls.cert_file == str(tmp_path / "absent.crt")
+    assert checked.tls.min_version == ssl.TLSVersion.TLSv1_3 and checked.rate_limit == RateLimit(2.0, 4)
+    assert checked.files == (str(path), str(tmp_path / "absent.crt"), str(tmp_path / "absent.key"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.tls.min_version = ssl.TLSVersion.TLSv1_2  # type: ignore[misc]
+    assert "tls_server_config.cert_file/key_file: cannot load" in load_error(path)
 
 
 # ----- errors: one line, the file and the key named, no secret value -------------------------------
@@ -463,6 +487,10 @@ def test_every_header_the_toolkit_allows(tmp_path: Path) -> None:
         ({"client_ca_file": "ca.crt", "client_auth_type": "NoClientCert"}, "without a client auth policy"),
         ({"cert": "inline"}, "cert_file: set either cert_file or cert, not both"),
         ({"key": "inline"}, "key_file: set either key_file or key, not both"),
+        (
+            {"client_ca": "inline", "client_ca_file": "ca.crt", "client_auth_type": "RequestClientCert"},
+            "client_ca_file: set either client_ca_file or client_ca, not both",
+        ),
         ({"cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA2048"]}, "cipher_suites: unknown cipher"),
         ({"cipher_suites": ["TLS_RSA_WITH_AES_128_CBC_SHA"]}, "unknown cipher"),  # Go: insecure, refused
         ({"curve_preferences": ["CurveP257"]}, "curve_preferences: unknown curve CurveP257"),
