@@ -27,7 +27,8 @@ from exporter.statefile import StateFile, StateSaver
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -152,7 +153,12 @@ class App:
         )
         await runner.setup()
         site = LimitedSite(
-            runner, host, port, ssl_context=web_config.ssl_context, max_connections=settings.max_connections
+            runner,
+            host,
+            port,
+            ssl_context=web_config.ssl_context,
+            max_connections=settings.max_connections,
+            on_reject=self.store.connection_rejected,
         )
         try:
             await site.start()

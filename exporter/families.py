@@ -116,6 +116,12 @@ REFRESH_INTERVAL = Family(
 BUILD_INFO = Family(
     "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
 )
+CONNECTIONS_REJECTED = Family(
+    "wolkvox_exporter_connections_rejected_total",
+    "counter",
+    "Connections to the exporter closed unserved because --web.max-connections were open (TLS "
+    "handshakes in progress included); scrapes refused so fail at once.",
+)
 RELOAD_OK = Family(
     "wolkvox_config_last_reload_successful",
     "gauge",
@@ -245,6 +251,7 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+    (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
 )
 
 

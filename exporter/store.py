@@ -64,6 +64,7 @@ class GlobalFacts:
     reload_ok: bool
     reload_time: float
     schedule: Schedule
+    connections_rejected: int = 0  # closed at --web.max-connections since start
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class Store:
         self._reload_time = wall()
         self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
+        self._connections_rejected = 0
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
 
@@ -321,6 +323,14 @@ class Store:
                 old, report.pace = report.pace, status
                 if old is None or old.interval != status.interval:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
+        self.changed.set()
+
+    def connection_rejected(self) -> None:
+        """The web server closed a connection at --web.max-connections. The page shows it within a
+        second: a flood costs no more than a re-render of the small tail per second (the publisher's
+        pace), as the operations did not change."""
+        with self._lock:
+            self._connections_rejected += 1
         self.changed.set()
 
     def set_reload_status(self, ok: bool, error: str = "") -> None:
@@ -475,7 +485,9 @@ class Store:
             rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
             removed, self._removed = self._removed, False
-            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule)
+            facts = GlobalFacts(
+                self._reload_ok == 1, self._reload_time, self._schedule, self._connections_rejected
+            )
             return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:

@@ -84,6 +84,19 @@ def alertmanager() -> str:
     return which("alertmanager") or require("prometheus-alertmanager", "prometheus-alertmanager")
 
 
+def repo_copy(dest: Path) -> None:
+    """The tracked files of the repository (as the work tree has them) in ``dest``, as in a fresh clone:
+    no .venv, no caches, no build leftovers such as the editable install's *.egg-info."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True, timeout=60
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the work tree is not copied
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
 # --------------------------------------------------------------------------- ports and waits
 
 
