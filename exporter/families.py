@@ -42,7 +42,12 @@ BUDGET = Family(
     "gauge",
     "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
 )
-UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+UP = Family(
+    "wolkvox_up",
+    "gauge",
+    "1 if the last fetch for the operation succeeded, else 0; also 0 while its token is refused (auth, "
+    "token_limit) on any request.",
+)
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
