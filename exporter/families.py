@@ -22,6 +22,14 @@ from exporter.exposition import Family, sample
 from exporter.model import BILLING_APIS, REASONS, STEREO_REC
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
+OPERATION_INFO = Family(
+    "wolkvox_operation_info",
+    "gauge",
+    "Always 1, one series per operation: its server and the labels given to it in the configuration "
+    "(labels, top-level and per operation). Join it on operation to group other series by a label, e.g. "
+    "sum by (client) (wolkvox_billing_usage * on (operation) group_left (client) "
+    "max by (operation, client) (wolkvox_operation_info)).",
+)
 STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
@@ -34,7 +42,12 @@ BUDGET = Family(
     "gauge",
     "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
 )
-UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+UP = Family(
+    "wolkvox_up",
+    "gauge",
+    "1 if the last fetch for the operation succeeded, else 0; also 0 while its token is refused (auth, "
+    "token_limit) on any request.",
+)
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
@@ -110,6 +123,12 @@ REFRESH_INTERVAL = Family(
 )
 BUILD_INFO = Family(
     "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
+)
+CONNECTIONS_REJECTED = Family(
+    "wolkvox_exporter_connections_rejected_total",
+    "counter",
+    "Connections to the exporter closed unserved because --web.max-connections were open (TLS "
+    "handshakes in progress included); scrapes refused so fail at once.",
 )
 RELOAD_OK = Family(
     "wolkvox_config_last_reload_successful",
@@ -210,7 +229,14 @@ def _errors(state: OperationState) -> str:
     )
 
 
+def _operation_info(state: OperationState) -> str:
+    info = state.info
+    labels = {"operation": info.name, "server": info.server, **dict(info.labels)}
+    return sample(OPERATION_INFO.name, labels, 1)
+
+
 OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
+    OperationFamily(OPERATION_INFO, _operation_info),
     OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, s.current().get(STEREO_REC))),
     OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, s.current())),
     OperationFamily(STEREO_REC_PREVIOUS_MONTH, _stereo_rec_previous_month),
@@ -240,6 +266,7 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+    (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
 )
 
 
