@@ -118,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         web_config_file=args.web_config_file,
         max_connections=args.max_connections,
     )
-    app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    try:
+        app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    except StartError as error:
+        log.error("%s", error)
+        return 1
     return asyncio.run(serve(app))
 
 

@@ -30,6 +30,7 @@ TOP_LEVEL_KEYS = frozenset(
         "read_timeout",
         "max_body_bytes",
         "state_file",
+        "state_store",
         "daily_request_limit",
         "token_info_interval",
         "currency",
@@ -129,9 +130,10 @@ class Config:
     connect_timeout: float
     read_timeout: float
     max_body_bytes: int
-    state_file: str | None
+    state_file: str | None  # a JSON state file of an earlier version, migrated into the store once
     operations: tuple[OperationConfig, ...]
     warnings: tuple[str, ...]
+    state_store: str | None = None  # the SQLite state store; with only state_file: its name, .db
     daily_request_limit: int = DEFAULT_DAILY_REQUEST_LIMIT
     token_info_interval: float | None = None
     currency: str = DEFAULT_CURRENCY
@@ -312,6 +314,12 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     if state_file is not None:
         _require_nonempty(state_file, "state_file")
         state_file = os.path.join(base_dir, state_file)
+    state_store = top.string("state_store")
+    if state_store is not None:
+        _require_nonempty(state_store, "state_store")
+        state_store = os.path.join(base_dir, state_store)
+    elif state_file is not None:
+        state_store = store_path_for(state_file)
 
     items = data.get("operations")
     if "operations" not in data:
@@ -338,6 +346,14 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         operations.append(operation)
 
     warnings = retired + _warnings(refresh_interval, max_age, read_timeout, operations)
+    if state_file is not None:
+        warnings.append(
+            (
+                "state_file",
+                f"the state now lives in the SQLite state_store {state_store}; a JSON state file here "
+                "is migrated into it once (then renamed .migrated); set state_store instead",
+            )
+        )
     config = Config(
         path=file,
         refresh_interval=refresh_interval,
@@ -346,6 +362,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         read_timeout=read_timeout,
         max_body_bytes=max_body_bytes,
         state_file=state_file,
+        state_store=state_store,
         operations=tuple(operations),
         warnings=tuple(_render(file, key, text) for key, text in warnings),
         daily_request_limit=daily_request_limit,
@@ -353,6 +370,13 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         currency=currency,
     )
     return config
+
+
+def store_path_for(state_file: str) -> str:
+    """The state store a ``state_file`` alone stands for: its name with ``.db`` for ``.json`` (or
+    ``.db`` appended); the JSON file is migrated into it once."""
+    root, extension = os.path.splitext(state_file)
+    return (root if extension == ".json" else state_file) + ".db"
 
 
 def _retired_keys(top: _Section) -> list[tuple[str, str]]:

@@ -132,6 +132,18 @@ RELOAD_TIME = Family(
     "gauge",
     "Unix time of the last successful configuration load.",
 )
+STATE_WRITE_ERRORS = Family(
+    "wolkvox_state_write_errors_total",
+    "counter",
+    "Failed writes (or opens) of the state store (state_store): a read-only directory or a full disk. "
+    "While it fails, values, pacing and the daily budget live in memory only. Absent without a store.",
+)
+STATE_LAST_WRITE = Family(
+    "wolkvox_state_last_write_timestamp_seconds",
+    "gauge",
+    "Unix time of the last transaction committed to the state store; 0 before the first. Nothing is "
+    "written while nothing changes. Absent without a store.",
+)
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,18 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+    (
+        STATE_WRITE_ERRORS,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_WRITE_ERRORS.name, {}, g.state_write_errors)
+        ),
+    ),
+    (
+        STATE_LAST_WRITE,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_LAST_WRITE.name, {}, g.state_last_write or 0)
+        ),
+    ),
 )
 
 
@@ -276,4 +300,5 @@ def lines_by_family(rendered: bytes) -> list[bytes]:
 
 
 def render_global(facts: GlobalFacts) -> bytes:
-    return "".join(family.header().decode() + render(facts) for family, render in GLOBAL_FAMILIES).encode()
+    rendered = ((family, render(facts)) for family, render in GLOBAL_FAMILIES)
+    return "".join(family.header().decode() + lines for family, lines in rendered if lines).encode()

@@ -23,6 +23,7 @@ Knows nothing of HTTP serving or metrics: results go to ``on_result``, pacing to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import heapq
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from exporter import __version__
 from exporter.client import WolkvoxClient
@@ -47,6 +48,17 @@ MAX_YOUNG = 256  # requests started less than YOUNG_SECONDS ago, in flight at on
 YOUNG_SECONDS = 2.0  # a healthy answer takes well under this (250 ms is slow for the API)
 
 OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
+
+
+class Ledger(Protocol):
+    """Where the refresher records what the budget needs to survive a crash (the state store)."""
+
+    def spend(self, key: str, saved: SavedPacing) -> concurrent.futures.Future[None] | None:
+        """A request was taken from token ``key`` (``saved``: its bucket after it); the request is sent
+        only once the returned future is done (the spend is durable)."""
+
+    def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
+        """The job answered (after the store recorded the result); ``saved``: the token's pacing now."""
 
 
 def token_key(token: Secret) -> str:
@@ -83,6 +95,7 @@ class Refresher:
         *,
         on_pace: OnPace | None = None,
         saved: SavedPacing | None = None,
+        ledger: Ledger | None = None,
         client: WolkvoxClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -95,6 +108,7 @@ class Refresher:
         self._young: asyncio.Semaphore | None = None
         self._on_result = on_result
         self._on_pace = on_pace
+        self._ledger = ledger
         self._clock = clock
         self._wall = wall
         self._client = client or WolkvoxClient(
@@ -262,17 +276,30 @@ class Refresher:
                 if not math.isinf(wait):
                     self._schedule_at(key, self._clock() + wait)
                 continue  # infinite: busy or removed; ``finished`` or a reload schedules it again
-            self._in_flight[key] = loop.create_task(self._run_job(key, job), name=f"request-{key}")
+            durable = self._ledger.spend(key, self._planner.save((key,))) if self._ledger else None
+            self._in_flight[key] = loop.create_task(self._run_job(key, job, durable), name=f"request-{key}")
 
-    async def _run_job(self, key: str, job: Job) -> None:
-        """Send one job (its young place is already taken), record the outcome, schedule the token again."""
+    async def _run_job(
+        self, key: str, job: Job, durable: concurrent.futures.Future[None] | None = None
+    ) -> None:
+        """Send one job (its young place is already taken) once its spend is durable, record the
+        outcome, schedule the token again."""
         try:
+            if durable is not None:
+                try:
+                    await asyncio.wrap_future(durable)
+                except BaseException:
+                    assert self._young is not None  # the scheduler took this request's place
+                    self._young.release()
+                    raise
             result = await self._young_request(job)
         finally:
             self._in_flight.pop(key, None)
         self._planner.finished(key, job, result.reason)
         try:
             self._on_result(result)
+            if self._ledger is not None:
+                self._ledger.finished(key, job, result.reason, self._planner.save((key,)))
         except Exception:
             log.exception("recording a result failed")
         if self._on_pace is not None:

@@ -4,8 +4,8 @@ The refresher hands each ``FetchResult`` to ``Store.record`` and the pace of eac
 ``Store.set_pace``; that only updates the operation's state and marks it changed. The page thread asks
 ``Store.changes`` for what changed since its last visit (rendered under the lock by a function it passes
 in, so the store knows nothing of the exposition format); the status page reads ``report_rows``; the
-state file reads ``values``/``month_state``. One lock guards everything, held for dictionary updates and
-the rendering of the operations that changed, never for I/O.
+state store reads ``saved_report`` and hears of closed months (``on_month_closed``). One lock guards
+everything, held for dictionary updates and the rendering of the operations that changed, never for I/O.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class GlobalFacts:
     reload_ok: bool
     reload_time: float
     schedule: Schedule
+    state_write_errors: int | None = None  # None: no state store configured
+    state_last_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,10 @@ class Store:
         self._reload_ok = 1
         self._reload_time = wall()
         self._schedule = schedule or Schedule()
+        self._state_health: tuple[int | None, float | None] = (None, None)
+        # Called (under the store's lock: keep it short) with (operation, api, closing value) when a
+        # month closes: the state store keeps every closed month.
+        self.on_month_closed: Callable[[str, str, Seen], None] | None = None
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
 
@@ -196,6 +202,7 @@ class Store:
             if result.ok and isinstance(result.value, Reading):
                 report.value = (result.value.value, result.finished_at)
                 self._track_month(
+                    self.on_month_closed,
                     state,
                     result.api,
                     report,
@@ -212,7 +219,13 @@ class Store:
         self.changed.set()
 
     @staticmethod
-    def _track_month(state: OperationState, api: str, report: ReportState, new: Seen) -> None:
+    def _track_month(
+        on_closed: Callable[[str, str, Seen], None] | None,
+        state: OperationState,
+        api: str,
+        report: ReportState,
+        new: Seen,
+    ) -> None:
         """Keep the previous reading as the closing value when ``new`` is the first of a new month. A month
         closes once: a later drop near the same 1st (a correction) does not replace its value."""
         last, report.seen = report.seen, new
@@ -223,6 +236,8 @@ class Store:
         if month is None or (kept is not None and kept.month is not None and month <= kept.month):
             return
         report.closed = Seen(last.value, last.at, month)
+        if on_closed is not None:
+            on_closed(state.info.name, api, report.closed)
         log.info(
             "month %s closed: operation=%s api=%s final value=%s (fetched at %s)",
             month,
@@ -261,6 +276,19 @@ class Store:
                 if old is None or old.interval != status.interval:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
         self.changed.set()
+
+    def set_state_health(self, write_errors: int, last_write: float | None) -> None:
+        """The state store's health, for /metrics."""
+        with self._lock:
+            self._state_health = (write_errors, last_write)
+        self.changed.set()
+
+    def saved_report(self, operation: str, api: str) -> tuple[tuple[float, float] | None, Seen | None]:
+        """A report's (value, fetched at) and last reading: what the state store keeps of it."""
+        with self._lock:
+            state = self._states.get(operation)
+            report = state.reports.get(api) if state is not None else None
+            return (report.value, report.seen) if report is not None else (None, None)
 
     def set_reload_status(self, ok: bool) -> None:
         with self._lock:
@@ -303,7 +331,7 @@ class Store:
         return rows
 
     def values(self) -> dict[str, dict[str, tuple[float, float]]]:
-        """Last good values per operation and api, (value, fetched at): for the state file."""
+        """Last good values per operation and api, (value, fetched at)."""
         with self._lock:
             return {
                 name: {api: r.value for api, r in state.reports.items() if r.value is not None}
@@ -329,7 +357,7 @@ class Store:
         self.changed.set()
 
     def month_state(self) -> SavedMonths:
-        """Last readings and closing values per operation and api: for the state file."""
+        """Last readings and closing values per operation and api."""
         with self._lock:
             saved = SavedMonths()
             for name, state in self._states.items():
@@ -368,7 +396,7 @@ class Store:
             rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
             removed, self._removed = self._removed, False
-            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule)
+            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule, *self._state_health)
             return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:
