@@ -271,8 +271,13 @@ class StateStore:
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if version == 0 and not tables:
-                db.executescript(SCHEMA + f"PRAGMA user_version = {FORMAT};")
+            if version == 0 and tables <= _TABLES:  # new, or a creation that failed half-way
+                try:
+                    db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {FORMAT}; COMMIT;")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
             elif version != FORMAT or not _TABLES <= tables:
                 raise _Unusable(f"format {version}, this exporter reads format {FORMAT}")
             state = _read(db)
@@ -374,7 +379,8 @@ class StateStore:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=10.0)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10.0)
         self._flush()
         if self._appended:
             self.compact()
@@ -507,6 +513,8 @@ class StateStore:
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.write_errors += 1
+        if isinstance(error, sqlite3.OperationalError) and "unable to open" in str(error):
+            error = OSError(0, f"{error}: {_why_not_writable(self.path.parent)}")
         now = time.monotonic()
         if now - self._last_warning >= WARN_SECONDS:
             self._last_warning = now
@@ -522,6 +530,15 @@ class StateStore:
     def _report_health(self) -> None:
         if self.on_health is not None:
             self.on_health(Health(self.write_errors, self.last_write))
+
+
+def _why_not_writable(directory: Path) -> str:
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError as error:
+        return error.strerror or str(error)
+    return "the directory is not writable" if not os.access(directory, os.W_OK) else "see the path"
 
 
 def _corrupt(error: sqlite3.Error) -> bool:

@@ -45,10 +45,6 @@ import yaml
 from harness import Process, free_port, prometheus, start_program, wait_until
 from tools import RULES_FILE, dashboard_files, expand_grafana_vars, panel_targets
 
-from exporter.monthclose import SavedMonths, Seen
-from exporter.planner import SavedPacing
-from exporter.statefile import StateFile
-
 pytestmark = pytest.mark.slow
 
 SHORT_FOR = "1s"
@@ -255,12 +251,19 @@ class Stack:
         self.children["exporter"], self.exporter_url = _start_child("exporter", args, log)
 
     def remember_november(self) -> None:
-        """A state file as an exporter that ran until Nov 30 23:55 leaves it: every report's last reading."""
+        """A JSON state file (format 2, of an earlier version) as an exporter that ran until Nov 30 23:55
+        leaves it: every report's last reading. The exporter migrates it into its state store."""
         at = datetime.fromisoformat(LAST_READING).timestamp()
-        seen: dict[str, dict[str, Seen]] = {}
+        seen: dict[str, dict[str, list[Any]]] = {}
         for (op, api), usage in self.usage.items():
-            seen.setdefault(op, {})[api] = Seen(usage, at, CLOSED_MONTH)
-        StateFile(self.tmp / "state.json").save({}, SavedPacing(), SavedMonths(seen=seen))
+            seen.setdefault(op, {})[api] = [usage, at, CLOSED_MONTH]
+        document = {
+            "version": 2,
+            "values": {},
+            "pacing": {"tokens": {}, "reports": {}},
+            "month_close": {"seen": seen, "closed": {}},
+        }
+        (self.tmp / "state.json").write_text(json.dumps(document), encoding="utf-8")
 
     def stop_exporter(self) -> None:
         self.children.pop("exporter").stop()
