@@ -233,6 +233,7 @@ class StateStore:
         StoreError only for a path that is not a regular file; every other fault is logged and the
         exporter starts with what it has."""
         check_path(self.path)
+        started = time.monotonic()
         fresh = not self.path.exists()
         try:
             state = self._open_and_read()
@@ -248,6 +249,13 @@ class StateStore:
             if migrated is not None:
                 state = migrated
         self._report_health()
+        log.info(
+            "state_store %s: read %d value(s) and %d token(s) in %.2f s",
+            self.path,
+            sum(len(apis) for apis in state.values.values()),
+            len(state.pacing.tokens),
+            time.monotonic() - started,
+        )
         return state
 
     def _connect(self) -> sqlite3.Connection:
