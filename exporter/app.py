@@ -141,6 +141,7 @@ class App:
             self.state = StateStore(config.state_store, legacy_json=config.state_file)
             persist = Persist(self.state, self.store)
             self.state.on_health = persist.health
+            self.state.sink = self.store  # values and months go straight into the store, row by row
             try:
                 saved = self.state.load()
             except StoreError as error:

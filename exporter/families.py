@@ -69,7 +69,7 @@ BILLING_USAGE = Family(
 _CLOSED = (
     "the last value fetched before the first answer of the next month, labelled with the month it "
     "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
-    "the next month closes, and across restarts when state_file is set; never expires."
+    "the next month closes, and across restarts when state_store is set; never expires."
 )
 STEREO_REC_PREVIOUS_MONTH = Family(
     "wolkvox_stereo_rec_minutes_previous_month",

@@ -62,7 +62,7 @@ class Ledger(Protocol):
 
 
 def token_key(token: Secret) -> str:
-    """A stable, non-reversible name for a token, for logs, the planner and the state file."""
+    """A stable, non-reversible name for a token, for logs, the planner and the state store."""
     # Interned: the planner and the store hold one string per token, not one each.
     return sys.intern(hashlib.sha256(token.reveal().encode()).hexdigest()[:16])
 
@@ -162,7 +162,7 @@ class Refresher:
         self._call(lambda: self._apply(config))
 
     def save(self) -> SavedPacing:
-        """The planner's state for the state file (an empty one before start or after stop)."""
+        """The planner's state for the state store (an empty one before start or after stop)."""
         saved = self._call(self._planner.save)
         return saved if saved is not None else self._last_saved
 

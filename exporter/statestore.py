@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from exporter.monthclose import SavedMonths, Seen, utc_month
 from exporter.planner import SavedPacing
@@ -88,6 +88,17 @@ class SavedState:
     values: Values = field(default_factory=dict)
     pacing: SavedPacing = field(default_factory=SavedPacing)
     months: SavedMonths = field(default_factory=SavedMonths)
+
+
+class Sink(Protocol):
+    """Takes each report's value, last reading and closed months as they are read (the snapshot store):
+    at 140,000 reports, dictionaries of them only to be copied were ~60 MB at peak."""
+
+    def restore_report(
+        self, operation: str, api: str, value: tuple[float, float] | None, seen: Seen | None
+    ) -> None: ...
+
+    def restore_closed(self, operation: str, api: str, closed: Seen) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +223,7 @@ class StateStore:
         self._legacy = Path(legacy_json) if legacy_json else None
         self._wall = wall
         self.on_health = on_health
+        self.sink: Sink | None = None  # set before load: values and months go there, not in SavedState
         self._write_seconds = write_seconds
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -223,6 +235,7 @@ class StateStore:
         self._last_compact = time.monotonic()
         self._last_commit = 0.0  # monotonic
         self._last_warning = -WARN_SECONDS
+        self._count = 0  # values read at start
         self.write_errors = 0
         self.last_write: float | None = None
 
@@ -248,11 +261,14 @@ class StateStore:
             migrated = self._migrate(self._legacy)
             if migrated is not None:
                 state = migrated
+                self._count = sum(len(apis) for apis in state.values.values())
+                if self.sink is not None:
+                    _drain(state, self.sink)
         self._report_health()
         log.info(
             "state_store %s: read %d value(s) and %d token(s) in %.2f s",
             self.path,
-            sum(len(apis) for apis in state.values.values()),
+            self._count,
             len(state.pacing.tokens),
             time.monotonic() - started,
         )
@@ -288,7 +304,7 @@ class StateStore:
                     raise
             elif version != FORMAT or not _TABLES <= tables:
                 raise _Unusable(f"format {version}, this exporter reads format {FORMAT}")
-            state = _read(db)
+            state, self._count = _read(db, self.sink)
         except sqlite3.DatabaseError as error:
             db.close()
             if _corrupt(error):
@@ -579,9 +595,27 @@ def _months_back(month: str, count: int) -> str:
     return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
-def _read(db: sqlite3.Connection) -> SavedState:
-    """Everything the store holds, row by row (newest row of each token and report wins)."""
+def _drain(state: SavedState, sink: Sink) -> None:
+    """Hand values and months over to ``sink`` (and out of ``state``)."""
+    for op, values in state.values.items():
+        for api, value in values.items():
+            sink.restore_report(op, api, value, state.months.seen.get(op, {}).get(api))
+    for op, seens in state.months.seen.items():
+        for api, seen in seens.items():
+            if api not in state.values.get(op, {}):
+                sink.restore_report(op, api, None, seen)
+    for op, closed_ones in state.months.closed.items():
+        for api, closed in closed_ones.items():
+            sink.restore_closed(op, api, closed)
+    state.values, state.months = {}, SavedMonths()
+
+
+def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState, int]:
+    """Everything the store holds, row by row (the newest row of each token and report wins); values and
+    months straight into ``sink`` when there is one. Also the count of values read."""
     state = SavedState()
+    count = 0
+    months_seen: dict[str, str] = {}
     for token, level, at, paused_until in db.execute(
         "SELECT token, level, at, paused_until FROM tokens ORDER BY rowid"
     ):
@@ -594,18 +628,29 @@ def _read(db: sqlite3.Connection) -> SavedState:
         "SELECT operation, api, token, due, value, fetched_at, seen_value, seen_at, seen_month FROM reports "
         "ORDER BY rowid"
     ):
-        name = f"{op}/{api}"
         if due is not None and token:
-            state.pacing.reports.setdefault(token, {})[name] = float(due)
-        if value is not None and at is not None:
-            state.values.setdefault(op, {})[api] = (float(value), float(at))
-        if seen_value is not None and seen_at is not None:
-            state.months.seen.setdefault(op, {})[api] = Seen(float(seen_value), float(seen_at), seen_month)
+            state.pacing.reports.setdefault(token, {})[f"{op}/{api}"] = float(due)
+        pair = (float(value), float(at)) if value is not None and at is not None else None
+        if seen_month is not None:  # one string per month, not one per report (~8 MB at 140,000)
+            seen_month = months_seen.setdefault(seen_month, seen_month)
+        seen = Seen(float(seen_value), float(seen_at), seen_month) if seen_value is not None else None
+        count += pair is not None
+        if sink is not None:
+            sink.restore_report(op, api, pair, seen)
+            continue
+        if pair is not None:
+            state.values.setdefault(op, {})[api] = pair
+        if seen is not None:
+            state.months.seen.setdefault(op, {})[api] = seen
     for op, api, month, value, at in db.execute(
         "SELECT operation, api, month, value, at FROM months ORDER BY operation, api, month"
     ):
-        state.months.closed.setdefault(op, {})[api] = Seen(float(value), float(at), month)  # the latest wins
-    return state
+        closed = Seen(float(value), float(at), month)  # the latest month wins
+        if sink is not None:
+            sink.restore_closed(op, api, closed)
+        else:
+            state.months.closed.setdefault(op, {})[api] = closed
+    return state, count
 
 
 # ----- the JSON state file of earlier versions (formats 1 and 2) -------------------------------------------

@@ -356,6 +356,37 @@ class Store:
             self._next_expiry = 0.0
         self.changed.set()
 
+    def restore_report(
+        self, operation: str, api: str, value: tuple[float, float] | None, seen: Seen | None
+    ) -> None:
+        """Put back one report's value and last reading from the state store (a newer row replaces an
+        older one; not counted as a request)."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            report = state.report(api)
+            if value is not None:
+                report.value = value
+                state.last_success = max(state.last_success or 0.0, value[1])
+            if seen is not None:
+                report.seen = seen
+            self._dirty.add(operation)
+            self._next_expiry = 0.0
+        self.changed.set()
+
+    def restore_closed(self, operation: str, api: str, closed: Seen) -> None:
+        """Put back a closed month from the state store (the latest month is kept)."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            report = state.report(api)
+            if report.closed is None or (report.closed.month or "") <= (closed.month or ""):
+                report.closed = closed
+            self._dirty.add(operation)
+        self.changed.set()
+
     def month_state(self) -> SavedMonths:
         """Last readings and closing values per operation and api."""
         with self._lock:
