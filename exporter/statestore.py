@@ -463,9 +463,12 @@ class StateStore:
             if rest > 0:
                 time.sleep(rest)
             self._wake.clear()
-            self._flush()
-            if self._appended and time.monotonic() - self._last_compact >= COMPACT_SECONDS:
-                self.compact()
+            try:
+                self._flush()
+                if self._appended and time.monotonic() - self._last_compact >= COMPACT_SECONDS:
+                    self.compact()
+            except Exception as error:  # a bug of ours: keep the thread (requests wait on it)
+                self._failed("unexpected error", error)
 
     def _flush(self) -> None:
         with self._lock:
