@@ -24,8 +24,10 @@ from exporter.model import TOKEN_INFO
 from exporter.monthclose import Seen
 from exporter.page import Pages, Publisher
 from exporter.planner import TOKEN_WIDE, Job, SavedPacing, plan_pace
-from exporter.refresher import Refresher, plan_jobs, token_key
+from exporter.refresher import Refresher, plan_jobs
+from exporter.secret import token_key
 from exporter.statestore import Health, StateStore, StoreError
+from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
 from exporter.webconfig import WebConfigError, load_web_config
@@ -49,6 +51,7 @@ class WebSettings:
     telemetry_path: str = "/metrics"
     web_config_file: str | None = None
     max_connections: int = 512
+    runbook_url: str = DEFAULT_RUNBOOK_URL
 
 
 def operation_infos(config: Config) -> list[OperationInfo]:
@@ -148,6 +151,7 @@ class App:
                 raise StartError(str(error)) from None
             self.store.restore_values(saved.values)
             self.store.restore_months(saved.months)
+            self.store.restored()
         self.pages = Pages(self.store)  # rendered now: the very first scrape shows restored values
         self.refresher = Refresher(
             config,
@@ -176,6 +180,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            runbook_url=settings.runbook_url,
         ).build()
         runner = web.AppRunner(
             app,
@@ -229,8 +234,9 @@ class App:
             try:
                 config = await loop.run_in_executor(None, self._load_config)
             except ConfigError as error:
-                self.store.set_reload_status(False)
-                log.error("reload failed, keeping the running configuration: %s", error)
+                self.store.set_reload_status(False, redact(str(error)))
+                for line in error.lines():
+                    log.error("reload failed, keeping the running configuration: %s", line)
                 return False, f"reload failed: {redact(str(error))}"
             use_config(config)
             self.store.reconfigure(

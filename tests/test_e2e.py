@@ -12,6 +12,7 @@ import pytest
 import requests
 from harness import Exporter, Simulator, free_port, parse_samples, run_cli, value, wait_until
 
+from exporter import __version__
 from exporter.model import REASONS
 
 
@@ -253,7 +254,7 @@ def test_config_check_and_one_line_errors(tmp_path) -> None:
     assert result.returncode != 0 and "Traceback" not in result.stderr and "missing.yml" in result.stderr
     result = run_cli("--config.file", str(good), "--web.listen-address", "nonsense")
     assert result.returncode != 0 and "Traceback" not in result.stderr and "listen-address" in result.stderr
-    assert "0.1.0" in run_cli("--version").stdout
+    assert __version__ in run_cli("--version").stdout
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path) -> None:
