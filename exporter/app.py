@@ -103,12 +103,12 @@ class Persist:
         token = saved.tokens.get(key)
         if token is None:
             return None
-        return self._state.spend(key, token["level"], token["at"], token["paused_until"])
+        return self._state.spend(key, token["level"], token["at"], token["paused_until"], token)
 
     def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
         token = saved.tokens.get(key)
         if token is not None and reason in TOKEN_WIDE:  # the token's pause changed
-            self._state.put_token(key, token["level"], token["at"], token["paused_until"])
+            self._state.put_token(key, token["level"], token["at"], token["paused_until"], token)
         if job.api == TOKEN_INFO:
             return
         due = saved.reports.get(key, {}).get(f"{job.operation}/{job.api}")

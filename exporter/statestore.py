@@ -56,7 +56,8 @@ Values = dict[str, dict[str, tuple[float, float]]]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
-    token TEXT NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL);
+    token TEXT NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
+    pause_intervals REAL, burst REAL, "limit" REAL);
 CREATE TABLE IF NOT EXISTS reports (
     operation TEXT NOT NULL, api TEXT NOT NULL, token TEXT NOT NULL, due REAL,
     value REAL, fetched_at REAL, seen_value REAL, seen_at REAL, seen_month TEXT);
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS months (
     at REAL NOT NULL, PRIMARY KEY (operation, api, month)) WITHOUT ROWID;
 """
 _TABLES = frozenset({"meta", "tokens", "reports", "months"})
+# A token's saved pacing (planner.SavedPacing.tokens), the optional fields last.
+TOKEN_FIELDS = ("level", "at", "paused_until", "pause_intervals", "burst", "limit")
 
 
 class StoreError(Exception):
@@ -197,7 +200,7 @@ def check_path(path: str | os.PathLike[str]) -> None:
 
 @dataclass(slots=True)
 class _Pending:
-    tokens: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # level, at, paused_until
+    tokens: dict[str, tuple[float | None, ...]] = field(default_factory=dict)  # as TOKEN_FIELDS
     reports: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     months: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
     waiting: list[concurrent.futures.Future[None]] = field(default_factory=list)
@@ -379,7 +382,9 @@ class StateStore:
         with self._lock:
             self._pending.reports.update(rows)
             for key, saved in state.pacing.tokens.items():
-                self._pending.tokens[key] = (saved["level"], saved["at"], saved["paused_until"])
+                self._pending.tokens[key] = _token_row(
+                    saved["level"], saved["at"], saved["paused_until"], saved
+                )
             for op, closed_ones in state.months.closed.items():
                 for api, closed in closed_ones.items():
                     if closed.month is not None:
@@ -414,20 +419,22 @@ class StateStore:
             self._db = None
 
     def spend(
-        self, token: str, level: float, at: float, paused_until: float
+        self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
     ) -> concurrent.futures.Future[None]:
         """Record a token's bucket right after a request was taken from it; the future is done when the
         row is committed (or could not be), and only then may the request be sent."""
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
-            self._pending.tokens[token] = (level, at, paused_until)
+            self._pending.tokens[token] = _token_row(level, at, paused_until, extra)
             self._pending.waiting.append(future)
         self._wake.set()
         return future
 
-    def put_token(self, token: str, level: float, at: float, paused_until: float) -> None:
+    def put_token(
+        self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
+    ) -> None:
         with self._lock:
-            self._pending.tokens[token] = (level, at, paused_until)
+            self._pending.tokens[token] = _token_row(level, at, paused_until, extra)
         self._wake.set()
 
     def put_report(
@@ -494,7 +501,8 @@ class StateStore:
         with _transaction(db):
             if pending.tokens:
                 db.executemany(
-                    "INSERT INTO tokens (token, level, at, paused_until) VALUES (?, ?, ?, ?)",
+                    'INSERT INTO tokens (token, level, at, paused_until, pause_intervals, burst, "limit") '
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(key, *row) for key, row in pending.tokens.items()],
                 )
             if pending.reports:
@@ -589,6 +597,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+def _token_row(
+    level: float, at: float, paused_until: float, extra: dict[str, float] | None
+) -> tuple[float | None, ...]:
+    optional = [extra.get(name) if extra else None for name in TOKEN_FIELDS[3:]]
+    return (level, at, paused_until, *optional)
+
+
 def _seen_row(seen: Seen | None) -> tuple[float | None, float | None, str | None]:
     return (seen.value, seen.at, seen.month) if seen is not None else (None, None, None)
 
@@ -619,13 +634,11 @@ def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState,
     state = SavedState()
     count = 0
     months_seen: dict[str, str] = {}
-    for token, level, at, paused_until in db.execute(
-        "SELECT token, level, at, paused_until FROM tokens ORDER BY rowid"
+    for token, *values in db.execute(
+        'SELECT token, level, at, paused_until, pause_intervals, burst, "limit" FROM tokens ORDER BY rowid'
     ):
         state.pacing.tokens[token] = {
-            "level": float(level),
-            "at": float(at),
-            "paused_until": float(paused_until),
+            name: float(v) for name, v in zip(TOKEN_FIELDS, values, strict=True) if v is not None
         }
     for op, api, token, due, value, at, seen_value, seen_at, seen_month in db.execute(
         "SELECT operation, api, token, due, value, fetched_at, seen_value, seen_at, seen_month FROM reports "

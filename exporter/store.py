@@ -232,7 +232,11 @@ class Store:
             if result.ok and isinstance(result.value, Reading):
                 report.value = (result.value.value, at)
                 self._track_month(
-                    self.on_month_closed, state, result.api, report, Seen(result.value.value, at, result.value.month)
+                    self.on_month_closed,
+                    state,
+                    result.api,
+                    report,
+                    Seen(result.value.value, at, result.value.month),
                 )
                 report.last_success = at
                 report.failing_since = None

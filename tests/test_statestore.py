@@ -59,7 +59,8 @@ def opened(path: Path, **kwargs: Any) -> StateStore:
 
 
 def fill(store: StateStore) -> None:
-    store.spend(KEY, 0.5, AT, AT + 60).result(timeout=5)
+    extra = {"pause_intervals": 12.0, "burst": 14.0, "limit": 1000.0}  # what the planner also saves
+    store.spend(KEY, 0.5, AT, AT + 60, extra).result(timeout=5)
     store.put_report("bogota", "stereo_rec", KEY, AT + 300, (1234.5, AT), Seen(1234.5, AT, "2026-12"))
     store.put_report("lima", "stereo_rec", KEY, AT + 400, None, None)
     store.put_month("bogota", "stereo_rec", Seen(43_000.5, AT - 3600, "2026-11"))
@@ -82,7 +83,16 @@ def test_what_is_written_comes_back_after_a_restart(tmp_path: Path) -> None:
     again = StateStore(path)
     state = again.load()
     assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
-    assert state.pacing.tokens == {KEY: {"level": 0.5, "at": AT, "paused_until": AT + 60}}
+    assert state.pacing.tokens == {
+        KEY: {
+            "level": 0.5,
+            "at": AT,
+            "paused_until": AT + 60,
+            "pause_intervals": 12.0,
+            "burst": 14.0,
+            "limit": 1000.0,
+        }
+    }
     assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300, "lima/stereo_rec": AT + 400}}
     assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
     assert state.months.closed == {"bogota": {"stereo_rec": Seen(43_000.5, AT - 3600, "2026-11")}}
