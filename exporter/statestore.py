@@ -185,17 +185,17 @@ def months_available(path: str | os.PathLike[str]) -> list[str]:
 # ----- the exporter's store ------------------------------------------------------------------------------
 
 
-def check_path(path: str | os.PathLike[str]) -> None:
+def check_path(path: str | os.PathLike[str], key: str = "state_store") -> None:
     """Refuse a path that exists and is not a regular file (a FIFO, /dev/zero, a directory): StoreError."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return
     except OSError as error:
-        raise StoreError(f"state_store {path}: cannot use it: {error.strerror or error}") from None
+        raise StoreError(f"{key} {path}: cannot use it: {error.strerror or error}") from None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise StoreError(f"state_store {path}: {kind}; give the path of a file (it is created if absent)")
+        raise StoreError(f"{key} {path}: {kind}; give the path of a file (it is created if absent)")
 
 
 @dataclass(slots=True)
@@ -249,6 +249,8 @@ class StateStore:
         StoreError only for a path that is not a regular file; every other fault is logged and the
         exporter starts with what it has."""
         check_path(self.path)
+        if self._legacy is not None:
+            check_path(self._legacy, "state_file")  # a FIFO would hang the read
         started = time.monotonic()
         fresh = not self.path.exists()
         try:
@@ -361,11 +363,19 @@ class StateStore:
             IndexError,
             RecursionError,
         ) as error:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall()))
+            aside = legacy.with_name(f"{legacy.name}.corrupt-{stamp}")
+            try:
+                os.replace(legacy, aside)
+                where = f"moved aside to {aside.name}"
+            except OSError as move_error:
+                where = f"could not move it aside ({move_error.strerror or move_error})"
             log.warning(
-                "state_file %s: not migrated, cannot read it (%s); starting fresh: values, pacing and "
-                "the daily budget start anew",
+                "state_file %s: not migrated, cannot read it (%s), %s; starting fresh: values, pacing "
+                "and the daily budget start anew",
                 legacy,
                 error if isinstance(error, ValueError) else type(error).__name__,
+                where,
             )
             return None
         rows: dict[tuple[str, str], tuple[Any, ...]] = {}  # token, due, value, fetched at, seen

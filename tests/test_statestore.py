@@ -230,7 +230,8 @@ def test_a_json_file_that_cannot_be_migrated_says_what_starts_fresh(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not migrated" in warnings[0]
     assert all(word in warnings[0] for word in ("values", "pacing", "budget"))
-    assert legacy.read_bytes() == content  # left for the operator
+    (aside,) = tmp_path.glob("state.json.corrupt-*")  # kept for the operator, never read again
+    assert aside.read_bytes() == content and aside.name in warnings[0] and not legacy.exists()
 
 
 # ----- faults -------------------------------------------------------------------------------------------
@@ -281,6 +282,10 @@ def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str)
     with pytest.raises(StoreError) as error:
         StateStore(path).load()
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+    # The JSON state file to migrate too: a FIFO would hang its read.
+    with pytest.raises(StoreError) as error:
+        StateStore(tmp_path / "state.db", legacy_json=path).load()
+    assert str(error.value).startswith(f"state_file {path}:")
 
 
 def test_failed_writes_are_counted_and_warned_about_once_an_hour(
