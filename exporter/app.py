@@ -30,7 +30,8 @@ from exporter.statestore import Health, StateStore, StoreError
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -191,7 +192,12 @@ class App:
         )
         await runner.setup()
         site = LimitedSite(
-            runner, host, port, ssl_context=web_config.ssl_context, max_connections=settings.max_connections
+            runner,
+            host,
+            port,
+            ssl_context=web_config.ssl_context,
+            max_connections=settings.max_connections,
+            on_reject=self.store.connection_rejected,
         )
         try:
             await site.start()

@@ -17,7 +17,8 @@ from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 

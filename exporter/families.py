@@ -34,7 +34,12 @@ BUDGET = Family(
     "gauge",
     "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
 )
-UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+UP = Family(
+    "wolkvox_up",
+    "gauge",
+    "1 if the last fetch for the operation succeeded, else 0; also 0 while its token is refused (auth, "
+    "token_limit) on any request.",
+)
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
@@ -110,6 +115,12 @@ REFRESH_INTERVAL = Family(
 )
 BUILD_INFO = Family(
     "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
+)
+CONNECTIONS_REJECTED = Family(
+    "wolkvox_exporter_connections_rejected_total",
+    "counter",
+    "Connections to the exporter closed unserved because --web.max-connections were open (TLS "
+    "handshakes in progress included); scrapes refused so fail at once.",
 )
 RELOAD_OK = Family(
     "wolkvox_config_last_reload_successful",
@@ -252,6 +263,7 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+    (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
     (
         STATE_WRITE_ERRORS,
         lambda g: (

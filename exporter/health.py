@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exporter.config import parse_listen_address
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 DEFAULT_LISTEN_ADDRESS = ":19726"  # the exporter's own default (a test compares it with cli.py's)
 TIMEOUT_SECONDS = 4.0  # under the image HEALTHCHECK's --timeout=5s

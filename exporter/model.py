@@ -28,6 +28,10 @@ REASONS: tuple[str, ...] = (
     "parse",
 )
 
+# Failures of the token itself, whichever request met them: they pause the whole token (planner) and put
+# every operation of the token down (store).
+TOKEN_WIDE: frozenset[str] = frozenset({"auth", "token_limit"})
+
 # The API's two documents, under an operation's base_url (the client asks them, the simulator answers them).
 BILLING_PATH = "/api/v2/billing.php"
 INFORMATION_PATH = "/api/v2/information.php"

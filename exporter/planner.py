@@ -20,9 +20,13 @@ The rules, as the vendor states them (``docs/wolkvox-api.md``), and how they are
   finds a different one saved), the bucket's level drops by what the burst or the limit shrank (it may go
   below zero: a debt, paid by waiting, never longer than a day), so a window of 24 hours that spans the
   change holds no more than the new limit either (or than the old requests it already held).
-* **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token; ``timeout``
-  and ``connection`` pause every report sent to that server (``Job.server``); any other reason delays only
-  the report that failed (an unknown api must not slow its token's other reports).
+* **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token, for a time
+  counted in its reports' interval whichever job met them (token_info included); the job that failed is
+  due again when the pause ends, behind those that fell due before, so the first request after the pause
+  (the probe) is the token's most overdue job: a token refused on its token_info read still has each
+  report tried as it falls due (one per pause). ``timeout`` and ``connection`` pause every report sent to
+  that server (``Job.server``); any other reason delays only the report that failed (an unknown api must
+  not slow its token's other reports).
 
 Time: every due time, pause and bucket level runs on the injected monotonic ``clock``; the ``wall`` clock
 (Unix time) is read only to show (``status``), save (``save``) and restore, so a step of the wall clock
@@ -46,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.clock import about
-from exporter.model import ReportStatus
+from exporter.model import TOKEN_WIDE, ReportStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,6 @@ TOKEN_LIMIT_PAUSE_INTERVALS = 12  # after TOKEN LIMIT EXCEEDED: 12 intervals, on
 BURST_SHARE = 2  # the start-up burst: every report while they are at most half the daily budget
 AHEAD_TOLERANCE = 1.0  # seconds a saved time may lie ahead of what its rule allows before it is "capped"
 
-TOKEN_WIDE = frozenset({"auth", "token_limit"})
 SERVER_WIDE = frozenset({"timeout", "connection"})
 
 
@@ -337,6 +340,9 @@ class Planner:
             return
         if reason in TOKEN_WIDE:
             token.failures += 1
+            # The token's pause counts in its reports' interval, whichever job met the failure: a refused
+            # token_info read (read hourly) must not pause the token for 12 hours.
+            interval = min((r.interval for r in token.reports), default=interval)
             if reason == "token_limit":
                 pause = TOKEN_LIMIT_PAUSE_INTERVALS * interval * self._rng.uniform(0.9, 1.0)
                 token.pause_intervals = TOKEN_LIMIT_PAUSE_INTERVALS
@@ -344,7 +350,11 @@ class Planner:
                 pause = retry_delay(token.failures, interval, self._rng)
                 token.pause_intervals = 1
             token.paused_until = now + pause
-            return  # the report stays due: it runs first when the pause ends
+            if report is not None:
+                # Due again when the pause ends, behind the jobs that fell due before: the probe after the
+                # pause is the token's most overdue job, so a refused token_info read starves no report.
+                report.due = max(report.due, token.paused_until)
+            return
         if reason in SERVER_WIDE:
             server = self._servers.setdefault(job.server, _Server())  # only servers that fail have one
             server.failures += 1

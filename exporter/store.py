@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from exporter.clock import WallSteps, about
 from exporter.logs import fields
-from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
+from exporter.model import STEREO_REC, TOKEN_INFO, TOKEN_WIDE, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
 T = TypeVar("T")
@@ -64,6 +64,7 @@ class GlobalFacts:
     reload_ok: bool
     reload_time: float
     schedule: Schedule
+    connections_rejected: int = 0  # closed at --web.max-connections since start
     state_write_errors: int | None = None  # None: no state store configured
     state_last_write: float | None = None
 
@@ -175,6 +176,7 @@ class Store:
         self._steps = WallSteps(wall, monotonic)
         self._max_age = max_age
         self._states: dict[str, OperationState] = {}
+        self._by_token: dict[str, list[str]] = {}
         self._dirty: set[str] = set()
         self._removed = False  # an operation left since the last changes() (the page must drop it)
         self._next_expiry = float("inf")
@@ -182,6 +184,7 @@ class Store:
         self._reload_time = wall()
         self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
+        self._connections_rejected = 0
         self._state_health: tuple[int | None, float | None] = (None, None)
         # Restored times after now (values, readings), until restored() logs them.
         self._ahead: tuple[list[float], list[float]] = ([], [])
@@ -210,6 +213,9 @@ class Store:
                 states[info.name] = state
             self._removed = self._removed or not self._states.keys() <= states.keys()
             self._states = states
+            self._by_token = {}  # token key -> the operations sharing it
+            for name, state in states.items():
+                self._by_token.setdefault(state.info.token_key, []).append(name)
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()
@@ -248,6 +254,8 @@ class Store:
                 report.last_failure = (result.reason, at, result.detail)
                 if report.failing_since is None:
                     report.failing_since = at
+                if result.reason in TOKEN_WIDE:
+                    self._fail_token(state, result, at)
             self._dirty.add(result.operation)
         self.changed.set()
 
@@ -296,6 +304,8 @@ class Store:
                 state.token_failure = (result.reason, at, result.detail)
                 if state.token_failing_since is None:
                     state.token_failing_since = at
+                if result.reason in TOKEN_WIDE:
+                    self._fail_token(state, result, at)
             return
         state.token_failure = state.token_failing_since = None
         info = result.value
@@ -304,6 +314,25 @@ class Store:
                 other.token_info = (info.limit, info.used_today, at)
                 self._dirty.add(other.info.name)
         self._next_expiry = min(self._next_expiry, at + self._token_info_lifetime())
+
+    def _fail_token(self, state: OperationState, result: FetchResult, at: float) -> None:
+        """``auth`` and ``token_limit`` are failures of the token, whichever request met them: every report
+        of every operation sharing it fails with that reason until its own next answer (the planner pauses
+        the token and then asks one job per pause). Only the request that was made is counted."""
+        reason = result.reason or ""
+        detail = f"{result.detail} (the token was refused on {result.operation} {result.api})".strip()
+        names = self._by_token.get(state.info.token_key, ()) if state.info.token_key else ()
+        for other in [self._states[name] for name in names] or [state]:
+            for api in other.info.apis:
+                if other is state and api == result.api:
+                    continue  # recorded as it is by the caller
+                report = other.report(api)
+                report.tried, report.last_reason = True, reason
+                report.last_failure = (reason, at, detail)
+                if report.failing_since is None:
+                    report.failing_since = at
+            other.last_error = reason
+            self._dirty.add(other.info.name)
 
     def set_pace(self, statuses: dict[tuple[str, str], ReportStatus]) -> None:
         """The refresher's pace per (operation, api): shown on /metrics (interval) and the status page."""
@@ -330,6 +359,14 @@ class Store:
             state = self._states.get(operation)
             report = state.reports.get(api) if state is not None else None
             return (report.value, report.seen) if report is not None else (None, None)
+
+    def connection_rejected(self) -> None:
+        """The web server closed a connection at --web.max-connections. The page shows it within a
+        second: a flood costs no more than a re-render of the small tail per second (the publisher's
+        pace), as the operations did not change."""
+        with self._lock:
+            self._connections_rejected += 1
+        self.changed.set()
 
     def set_reload_status(self, ok: bool, error: str = "") -> None:
         """The outcome of a reload; ``error`` is its one-line message, already free of tokens."""
@@ -531,7 +568,13 @@ class Store:
             rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
             removed, self._removed = self._removed, False
-            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule, *self._state_health)
+            facts = GlobalFacts(
+                self._reload_ok == 1,
+                self._reload_time,
+                self._schedule,
+                self._connections_rejected,
+                *self._state_health,
+            )
             return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:

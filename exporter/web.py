@@ -16,22 +16,21 @@ import asyncio
 import base64
 import binascii
 import logging
-import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from exporter import statuspage
+from exporter import aiohttp_compat, statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
 from exporter.page import Pages
 from exporter.store import Store
-from exporter.webconfig import BasicAuth, LiveWebConfig, TokenBucket, WebConfig, sans_allowed
+from exporter.webauth import BasicAuth, TokenBucket
+from exporter.weblive import LiveWebConfig, WebConfig
+from exporter.webtls import sans_allowed
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,7 @@ TLS_HANDSHAKE_SECONDS = 10.0
 # The live web config, for the site that starts TLS on each connection (set by WebApp.build()).
 LIVE_WEB_CONFIG = web.AppKey("live_web_config", LiveWebConfig)
 # The web config a request is served under (aiohttp >= 3.13 wants a typed key for request storage).
-_REQUEST_CONFIG: Any = (
-    web.RequestKey("wolkvox_web_config", WebConfig) if hasattr(web, "RequestKey") else "wolkvox_web_config"
-)
+_REQUEST_CONFIG = aiohttp_compat.request_key("wolkvox_web_config", WebConfig)
 
 
 def accepts_gzip(header: str | None) -> bool:
@@ -242,7 +239,7 @@ class LimitedSite(web.BaseSite):
     """A TCP site that closes new connections beyond ``max_connections`` instead of queueing them.
 
     A flood of connections therefore costs at most ``max_connections`` sockets (TLS handshakes in
-    progress included); the rest are closed at once and can be counted by the caller. With TLS, each
+    progress included); the rest are closed at once, each reported to ``on_reject``. With TLS, each
     connection is handshaken with the context of the web config in force when it arrives (see
     ``LIVE_WEB_CONFIG``), so certificates are picked up without a restart.
     """
@@ -256,11 +253,13 @@ class LimitedSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None,
         max_connections: int,
         backlog: int = 1024,
+        on_reject: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._max_connections = max_connections
+        self.on_reject = on_reject
         self.bound: list[tuple[str, int]] = []
         self.handshakes = 0  # TLS handshakes in progress
         self.tasks: set[asyncio.Task[None]] = set()
@@ -270,13 +269,14 @@ class LimitedSite(web.BaseSite):
     def context(self) -> tuple[ssl.SSLContext | None, WebConfig | None]:
         """The TLS context for a new connection, and the web config it comes from."""
         if self.live is None:
-            return self._ssl_context, None
+            return aiohttp_compat.site_ssl_context(self), None
         config = self.live.current()
         return config.ssl_context, config
 
     @property
     def name(self) -> str:
-        tls = self._ssl_context is not None or (self.live is not None and self.live.config.ssl_context)
+        live = self.live is not None and self.live.config.ssl_context is not None
+        tls = live or aiohttp_compat.site_ssl_context(self) is not None
         scheme = "https" if tls else "http"
         host, port = self.bound[0] if self.bound else (self._host or "0.0.0.0", self._port)
         host = f"[{host}]" if ":" in host else host
@@ -284,8 +284,7 @@ class LimitedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
+        server = aiohttp_compat.runner_server(self)
         limit = self._max_connections
 
         def protocol_factory() -> asyncio.BaseProtocol:
@@ -293,15 +292,16 @@ class LimitedSite(web.BaseSite):
 
         loop = asyncio.get_running_loop()
         # No ssl= here: _Gate starts TLS itself, with the context in force for each connection.
-        self._server = await loop.create_server(
+        listener = await loop.create_server(
             protocol_factory,
             self._host,
             self._port,
-            backlog=self._backlog,
+            backlog=aiohttp_compat.site_backlog(self),
             reuse_address=True,
             family=socket.AF_UNSPEC,
         )
-        self.bound = [sock.getsockname()[:2] for sock in self._server.sockets]
+        aiohttp_compat.adopt_listener(self, listener)  # BaseSite.stop() closes it
+        self.bound = [sock.getsockname()[:2] for sock in listener.sockets]
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -330,8 +330,9 @@ class _Gate(asyncio.Protocol):
         self._lost: tuple[Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._server.connections) + self._site.handshakes >= self._limit:
+        if aiohttp_compat.open_connections(self._server) + self._site.handshakes >= self._limit:
             transport.close()
+            self._site.on_reject()
             return
         context, config = self._site.context()
         if context is None:
@@ -373,8 +374,9 @@ class _Gate(asyncio.Protocol):
         self._admit(tls)
 
     def _admit(self, transport: asyncio.BaseTransport) -> None:
-        handler = self._server()
-        handler.logger = _CLIENT_ERRORS  # type: ignore[assignment]
+        # Malformed requests (aiohttp answers them 400 itself): one debug line each, never a traceback.
+        errors = aiohttp_compat.bad_request_logger(log, _client(transport))
+        handler = aiohttp_compat.request_handler(self._server, errors)
         self._handler = handler
         handler.connection_made(transport)
         for chunk in self._early:
@@ -425,40 +427,3 @@ def _tls_problem(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return f"no handshake within {TLS_HANDSHAKE_SECONDS:g}s"
     return type(error).__name__
-
-
-class _ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's request handler logs a malformed request (a 400 it answers by itself) with a traceback
-    at error level. This turns such a report into one debug line naming the client and the problem;
-    anything else (a bug in a handler) is passed on unchanged."""
-
-    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if not self._client_error(args, kwargs):
-            self.logger.debug(msg, *args, **kwargs)
-
-    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
-        if not self._client_error(args, {**kwargs, "exc_info": exc_info}):
-            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
-
-    def _client_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        error = kwargs.get("exc_info")
-        if not isinstance(error, HttpProcessingError):
-            return False
-        client = args[0] if args else "unknown client"
-        log.debug("bad request from %s: %s", client, _problem(error))
-        return True
-
-
-# Where the parser starts quoting the request: ` 'GET...'`, `: b'...'`, `: bytearray(b'...')`.
-_QUOTED = re.compile(r"""(?:^|[\s:(])(?:bytearray\()?b?['"]""")
-
-
-def _problem(error: HttpProcessingError) -> str:
-    """The parser's complaint, without the bytes it quotes (they could hold a password)."""
-    text = str(error.message).splitlines()[0] if error.message else ""
-    quoted = _QUOTED.search(text)
-    text = (text[: quoted.start()] if quoted else text).strip(" :")
-    return f"{type(error).__name__}: {text[:100]}" if text else type(error).__name__
-
-
-_CLIENT_ERRORS = _ClientErrorLogger(logging.getLogger("aiohttp.server"), {})

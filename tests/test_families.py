@@ -134,7 +134,9 @@ def test_each_operations_cached_lines_read_back_family_by_family() -> None:
 
 
 def test_the_global_families_have_headers_and_the_version() -> None:
-    facts = GlobalFacts(reload_ok=False, reload_time=AT, schedule=Schedule(daily_request_limit=500))
+    facts = GlobalFacts(
+        reload_ok=False, reload_time=AT, schedule=Schedule(daily_request_limit=500), connections_rejected=7
+    )
     text = render_global(facts).decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert all(families[name].documentation for name in families)
@@ -143,3 +145,4 @@ def test_the_global_families_have_headers_and_the_version() -> None:
     assert value(samples, "wolkvox_config_last_reload_successful") == 0
     assert value(samples, "wolkvox_config_last_reload_success_timestamp_seconds") == AT
     assert value(samples, "wolkvox_token_daily_request_limit") == 500
+    assert value(samples, "wolkvox_exporter_connections_rejected_total") == 7

@@ -615,7 +615,15 @@ def test_alertmanager_inhibits_warning_when_critical_fires(
         }
         for labels in sent
     ]
-    requests.post(f"{url}/api/v2/alerts", json=payload, timeout=5).raise_for_status()
+    # The critical alert first, and only once Alertmanager lists it the others: posted in one batch, the
+    # warning's group (group_wait 0s) may be flushed before the inhibiting alert is in (seen under load).
+    requests.post(f"{url}/api/v2/alerts", json=payload[:1], timeout=5).raise_for_status()
+    wait_until(
+        lambda: requests.get(f"{url}/api/v2/alerts", timeout=5).json(),
+        timeout=20,
+        what="alertmanager to list the critical alert",
+    )
+    requests.post(f"{url}/api/v2/alerts", json=payload[1:], timeout=5).raise_for_status()
 
     def states() -> dict[tuple[str, str], dict[str, Any]] | None:
         alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
