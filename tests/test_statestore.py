@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -557,6 +558,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     mounted: list[Path] = []
 
     def mount(options: str) -> Path:
+        if shutil.which("mount") is None:
+            missing("mount(8) not found (Debian: apt-get install mount)")
         target = tmp_path / f"mnt{len(mounted)}"
         target.mkdir()
         result = subprocess.run(
