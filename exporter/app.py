@@ -26,7 +26,8 @@ from exporter.page import Pages, Publisher
 from exporter.planner import TOKEN_WIDE, Job, SavedPacing, plan_pace
 from exporter.refresher import Refresher, plan_jobs
 from exporter.secret import token_key
-from exporter.statestore import Health, StateStore, StoreError
+from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
+from exporter.statestore import Health, StateStore, StoreError, read_month_totals
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
@@ -65,6 +66,8 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             prices=op.prices,
             cost_budget=op.cost_budget,
             currency=config.currency,
+            server=op.server,
+            labels=op.labels,
         )
         for op in config.operations
     ]
@@ -142,7 +145,8 @@ class App:
         persist: Persist | None = None
         saved = None
         if config.state_store:
-            self.state = StateStore(config.state_store, legacy_json=config.state_file)
+            legacy = config.state_file if config.state_file != config.state_store else None
+            self.state = StateStore(config.state_store, legacy_json=legacy)
             persist = Persist(self.state, self.store)
             self.state.on_health = persist.health
             self.state.sink = self.store  # values and months go straight into the store, row by row
@@ -181,6 +185,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            statement=self.statement,
             runbook_url=settings.runbook_url,
         ).build()
         runner = web.AppRunner(
@@ -230,6 +235,23 @@ class App:
         self.publisher.stop()
         if self.state is not None:
             self.state.stop()
+
+    def month_totals(self, month: str) -> list[MonthTotalLike]:
+        """The figures of the statement: the one place they come from. Today, what this exporter holds in
+        memory: each report's latest reading (its month to date) and its last closed month (restored
+        from the state store after a restart); an older month from the state store (closed months are
+        kept 25 months there)."""
+        totals: list[MonthTotalLike] = list(totals_in_memory(self.store.month_state(), month))
+        if not totals and self.state is not None and self.config.state_store:
+            try:
+                totals = list(read_month_totals(self.config.state_store, month))
+            except StoreError as error:
+                log.warning("statement of %s: %s", month, error)
+        return totals
+
+    def statement(self, month: str, group: str | None) -> Statement:
+        """/statement: the month's figures with the running configuration's prices and labels."""
+        return build(self.month_totals(month), terms_of(self.config), month, group)
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the configuration; on an error keep the running one. (ok, one-line message)."""

@@ -252,6 +252,7 @@ class StateStore:
         if self._legacy is not None:
             check_path(self._legacy, "state_file")  # a FIFO would hang the read
         started = time.monotonic()
+        self._json_in_place()
         fresh = not self.path.exists()
         try:
             state = self._open_and_read()
@@ -278,6 +279,23 @@ class StateStore:
             time.monotonic() - started,
         )
         return state
+
+    def _json_in_place(self) -> None:
+        """A JSON state file at the store's own path (``state_file: state`` of an earlier version): renamed
+        ``<name>.migrated`` and migrated into a new store there."""
+        try:
+            with open(self.path, "rb") as handle:
+                head = handle.read(64).lstrip()
+        except OSError:
+            return
+        if head.startswith((b"{", b"[")):
+            moved = self.path.with_name(self.path.name + ".migrated")
+            try:
+                os.replace(self.path, moved)
+            except OSError as error:
+                self._failed("cannot move the JSON state file aside to migrate it", error)
+                return
+            self._legacy = moved
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,8 +418,9 @@ class StateStore:
                     if closed.month is not None:
                         self._pending.months[(op, api, closed.month)] = (closed.value, closed.at)
         self._flush()
-        with contextlib.suppress(OSError):
-            os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+        if not legacy.name.endswith(".migrated"):
+            with contextlib.suppress(OSError):
+                os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
         log.info(
             "state_file %s migrated into state_store %s (renamed to %s.migrated)",
             legacy,

@@ -196,6 +196,19 @@ def test_a_version_2_file_is_migrated_once(tmp_path: Path) -> None:
     ]
 
 
+def test_a_json_file_at_the_store_path_is_migrated_in_place(tmp_path: Path) -> None:
+    """``state_file: state`` of an earlier version (no .json): the store takes the path, the JSON is kept
+    as ``state.migrated``."""
+    path = tmp_path / "state"
+    path.write_text(json.dumps(JSON_V2))
+    store = StateStore(path)
+    state = store.load()
+    store.stop()
+    assert state.values["bogota"] == {"stereo_rec": (1234.5, AT)}
+    assert (tmp_path / "state.migrated").exists() and path.read_bytes().startswith(b"SQLite format 3")
+    assert StateStore(path).load().values == state.values
+
+
 def test_a_version_1_file_keeps_its_values(tmp_path: Path) -> None:
     legacy = tmp_path / "state.json"
     legacy.write_text(json.dumps({"version": 1, "values": {"a": {"stereo_rec": [5, 6]}}, "last_used": {}}))
