@@ -696,3 +696,18 @@ def test_a_state_store_that_is_not_a_file_stops_the_start_with_one_line(tmp_path
         assert result.returncode == 1, kind
         lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
         assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in lines[0], (kind, lines)
+
+
+def test_the_statement_of_a_month_no_longer_in_memory_comes_from_the_store(
+    simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
+) -> None:
+    path = tmp_path / "state.db"
+    store = opened(path)
+    store.put_month("main", "stereo_rec", Seen(43_000.5, AT - 86_400 * 400, "2025-10"))  # 14 months back
+    store.stop()
+    exporter = run_exporter(store_config(simulator, path))
+    answer = exporter.get("/statement", params={"month": "2025-10", "format": "json"})
+    assert answer.status_code == 200, answer.text
+    (line,) = answer.json()["lines"]
+    assert line["operation"] == "main" and line["status"] == "closed"
+    assert exporter.get("/statement", params={"month": "2025-09", "format": "json"}).status_code == 404
