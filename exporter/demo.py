@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(banner(args.listen, args.simulator), file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="wolkvox-demo-") as tmp:
             config = Path(tmp) / "demo.yml"
-            config.write_text(yaml.safe_dump(demo_config(f"http://{args.simulator}")), encoding="utf-8")
+            document = demo_config(f"http://{args.simulator}")
+            document["state_store"] = str(Path(tmp) / "state.db")  # the store's metrics, /statement's months
+            config.write_text(yaml.safe_dump(document), encoding="utf-8")
             return cli.main(["--config.file", str(config), "--web.listen-address", args.listen])
     finally:
         stop.set()
