@@ -26,7 +26,8 @@ STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
     "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
-    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "the wolkvox billing API: a cached value, refreshed every wolkvox_refresh_interval_seconds "
+    "(refresh_interval, or longer when the token's daily budget requires it), that drops at the start "
     "of each month. Absent when the last good value is older than max_age.",
 )
 BUDGET = Family(
