@@ -24,6 +24,7 @@ from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs
 from exporter.secret import token_key
 from exporter.statefile import StateFile, StateSaver
+from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
@@ -62,6 +63,8 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             prices=op.prices,
             cost_budget=op.cost_budget,
             currency=config.currency,
+            server=op.server,
+            labels=op.labels,
         )
         for op in config.operations
     ]
@@ -142,6 +145,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            statement=self.statement,
             runbook_url=settings.runbook_url,
         ).build()
         runner = web.AppRunner(
@@ -191,6 +195,16 @@ class App:
         self.publisher.stop()
         if self.saver is not None:
             self.saver.stop()
+
+    def month_totals(self, month: str) -> list[MonthTotalLike]:
+        """The figures of the statement: the one place they come from. Today, what this exporter holds in
+        memory: each report's latest reading (its month to date) and its last closed month (restored
+        from state_file after a restart)."""
+        return list(totals_in_memory(self.store.month_state(), month))
+
+    def statement(self, month: str, group: str | None) -> Statement:
+        """/statement: the month's figures with the running configuration's prices and labels."""
+        return build(self.month_totals(month), terms_of(self.config), month, group)
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the configuration; on an error keep the running one. (ok, one-line message)."""

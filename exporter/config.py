@@ -38,6 +38,7 @@ TOP_LEVEL_KEYS = frozenset(
         "token_info_interval",
         "currency",
         "prices",
+        "labels",
         "operations",
     }
 )
@@ -55,6 +56,7 @@ OPERATION_KEYS = frozenset(
         "ca_file",
         "prices",
         "cost_budget",
+        "labels",
     }
 )
 
@@ -79,6 +81,12 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _API = re.compile(r"[a-z0-9_]+")
+# Operation labels (`labels:`): Prometheus label names, minus the ones the exporter's own series carry
+# or Prometheus attaches (a join on the info metric would clash with them); `month` labels the closed
+# months' series.
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+RESERVED_LABELS = frozenset({"operation", "server", "api", "reason", "currency", "job", "instance", "month"})
+MAX_LABEL_VALUE_CHARS = 200
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
@@ -175,6 +183,9 @@ class OperationConfig:
     # Unit price per api (top-level `prices` overlaid with the operation's own), and a monthly cost budget.
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
+    # User labels (top-level `labels` overlaid with the operation's own), sorted by name: exported once,
+    # on wolkvox_operation_info, and the statement's columns.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,11 +279,17 @@ def format_duration(seconds: float) -> str:
 # ----- loading ----------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values."""
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, tokens: bool = True
+) -> Config:
+    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values.
+
+    ``tokens=False`` leaves ``token`` and ``token_file`` unread (each operation's token is then empty): for
+    what needs no token, such as printing a statement where the tokens' variables or files are absent.
+    """
     file = os.fsdecode(path)
     try:
-        return _build(file, _read_yaml(file), os.environ if environ is None else environ)
+        return _build(file, _read_yaml(file), os.environ if environ is None else environ, tokens)
     except ConfigError as error:
         # `from None`: the chained exception could carry file content (a token) into a logged traceback.
         raise error.with_file(file) from None
@@ -340,7 +357,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
+def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = True) -> Config:
     if data is None:
         raise ConfigError("the file is empty; expected a mapping with at least `operations`")
     if not isinstance(data, dict):
@@ -361,6 +378,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     token_info_interval = get(lambda: _token_info_interval(top), None)
     currency = get(lambda: _currency(top), DEFAULT_CURRENCY)
     prices: dict[str, float] = get(lambda: top.prices("prices"), {})
+    default_labels: dict[str, str] = get(lambda: top.labels("labels", None), {})
     state_file = get(lambda: _state_file(top, base_dir), None)
 
     items = data.get("operations")
@@ -382,7 +400,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
             continue
         section = _Section(item, where, environ, OPERATION_KEYS, problems)
         mine: dict[str, float] = get(functools.partial(section.prices, "prices"), {})
-        operation = _operation(section, base_dir, prices, mine, problems)
+        operation = _operation(section, base_dir, prices, mine, problems, default_labels, tokens)
         if operation is None:
             continue
         if operation.name in first_index:
@@ -475,6 +493,8 @@ def _operation(
     default_prices: dict[str, float],
     own_prices: dict[str, float],
     problems: _Problems,
+    default_labels: dict[str, str] | None = None,
+    tokens: bool = True,
 ) -> OperationConfig | None:
     """The operation, or None when it has a problem (each noted in ``problems``)."""
     before = len(problems.errors)
@@ -485,8 +505,9 @@ def _operation(
     budget = get(lambda: section.number("budget_minutes"), None)
     apis: tuple[str, ...] = get(lambda: section.api_list("apis"), DEFAULT_APIS)
     ca_file = get(lambda: _ca_file(section, base_dir), None)
-    token = get(lambda: _token(section, base_dir), None)
+    token = get(lambda: _token(section, base_dir), None) if tokens else Secret("")
     cost_budget = get(lambda: section.number("cost_budget"), None)
+    labels: dict[str, str] = get(lambda: section.labels("labels", name), {})
     if len(problems.errors) > before or server is None or name is None or token is None:
         return None
     return OperationConfig(
@@ -499,6 +520,7 @@ def _operation(
         ca_file=ca_file,
         prices=tuple(sorted({**default_prices, **own_prices}.items())),
         cost_budget=cost_budget,
+        labels=tuple(sorted({**(default_labels or {}), **labels}.items())),
     )
 
 
@@ -820,6 +842,46 @@ class _Section:
             if price is not None:
                 prices[api] = price
         return prices
+
+    def labels(self, key: str, operation: str | None) -> dict[str, str]:
+        """A mapping of label name -> value (``labels:``); ``operation`` names the operation in errors."""
+        value = self._data.get(key)
+        if value is None:
+            return {}
+        of = f" (operation {_show(operation)})" if operation is not None else ""
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"expected a mapping of label name: value{of}, got {_type_name(value)}", self.where(key)
+            )
+        labels: dict[str, str] = {}
+        for name, raw in value.items():
+            where = f"{self.where(key)}.{name}" if isinstance(name, str) else self.where(key)
+            if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"invalid label name {_show(name)}{of}; expected [a-zA-Z_][a-zA-Z0-9_]*", where
+                )
+            if name.startswith("__") or name in RESERVED_LABELS:
+                raise ConfigError(
+                    f"label name {_show(name)} is reserved{of}; the exporter or Prometheus sets it "
+                    f"(reserved: {', '.join(sorted(RESERVED_LABELS))} and names starting with __)",
+                    where,
+                )
+            if isinstance(raw, str):
+                raw, _ = _expand(raw, where, self._environ)
+            elif isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)  # cost_center: 12
+            else:
+                raise ConfigError(f"expected a string value, got {_type_name(raw)}{of}", where)
+            if not raw.strip():
+                raise ConfigError(f"is empty{of}; give a value or leave the label out", where)
+            if any(_is_unprintable(ch) for ch in raw):
+                raise ConfigError(f"contains control characters{of}", where)
+            if len(raw) > MAX_LABEL_VALUE_CHARS:
+                raise ConfigError(
+                    f"is longer than {MAX_LABEL_VALUE_CHARS} characters{of} ({len(raw)})", where
+                )
+            labels[name] = raw
+        return labels
 
     def api_list(self, key: str) -> tuple[str, ...]:
         value = self._data.get(key)

@@ -22,6 +22,14 @@ from exporter.exposition import Family, sample
 from exporter.model import BILLING_APIS, REASONS, STEREO_REC
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
+OPERATION_INFO = Family(
+    "wolkvox_operation_info",
+    "gauge",
+    "Always 1, one series per operation: its server and the labels given to it in the configuration "
+    "(labels, top-level and per operation). Join it on operation to group other series by a label, e.g. "
+    "sum by (client) (wolkvox_billing_usage * on (operation) group_left (client) "
+    "max by (operation, client) (wolkvox_operation_info)).",
+)
 STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
@@ -223,7 +231,14 @@ def _errors(state: OperationState) -> str:
     )
 
 
+def _operation_info(state: OperationState) -> str:
+    info = state.info
+    labels = {"operation": info.name, "server": info.server, **dict(info.labels)}
+    return sample(OPERATION_INFO.name, labels, 1)
+
+
 OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
+    OperationFamily(OPERATION_INFO, _operation_info),
     OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, s.current().get(STEREO_REC))),
     OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, s.current())),
     OperationFamily(STEREO_REC_PREVIOUS_MONTH, _stereo_rec_previous_month),

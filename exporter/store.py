@@ -45,6 +45,8 @@ class OperationInfo:
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
     currency: str = "USD"
+    server: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # the user's labels (config `labels:`), sorted by name
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,16 @@ import binascii
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from exporter import aiohttp_compat, statuspage
+from exporter import aiohttp_compat, statement, statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
+from exporter.monthclose import utc_month
 from exporter.page import Pages
 from exporter.store import Store
 from exporter.webauth import BasicAuth, TokenBucket
@@ -35,6 +37,8 @@ from exporter.webtls import sans_allowed
 log = logging.getLogger(__name__)
 
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
+# The statement of a month (YYYY-MM), grouped by a label or not; raises statement.StatementError.
+StatementHook = Callable[[str, str | None], statement.Statement]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
 # Below this a page goes out with its headers in one send (aiohttp joins them: a copy of a small page
@@ -76,8 +80,12 @@ class WebApp:
         reload: ReloadHook | None = None,
         web_config: WebConfig | LiveWebConfig | None = None,
         operations_count: Callable[[], int] = lambda: 0,
+        statement: StatementHook | None = None,
+        clock: Callable[[], float] = time.time,
         runbook_url: str = statuspage.DEFAULT_RUNBOOK_URL,
     ) -> None:
+        self._statement = statement
+        self._clock = clock
         self._store = store
         self._pages = pages or Pages(store)
         self._telemetry_path = telemetry_path
@@ -108,6 +116,7 @@ class WebApp:
         app[LIVE_WEB_CONFIG] = self._live
         app.router.add_get(self._telemetry_path, self.metrics)
         app.router.add_get("/", self.landing)
+        app.router.add_get("/statement", self.statement)
         app.router.add_get("/-/healthy", self.healthy)
         app.router.add_get("/-/ready", self.ready)
         app.router.add_post("/-/reload", self.reload)
@@ -150,6 +159,30 @@ class WebApp:
             runbook_url=self._runbook_url,
         )
         return web.Response(text=body, content_type="text/html")
+
+    async def statement(self, request: web.Request) -> web.Response:
+        """The monthly statement (docs/statement.md): ?month=YYYY-MM (default: this UTC month),
+        format=csv|json|html (default: HTML for a browser), group=<label>. 400 for a bad parameter,
+        404 when the month has no data; each with one line."""
+        if self._statement is None:
+            return web.Response(text="the statement is not available\n", status=501)
+        query = request.query
+        try:
+            month = statement.parse_month(query.get("month") or utc_month(self._clock()))
+            fmt = statement.pick_format(query.get("format"), request.headers.get("Accept"))
+            group = query.get("group") or None
+            # Off the serving loop: thousands of operations take a while to sum and render.
+            loop = asyncio.get_running_loop()
+            built = await loop.run_in_executor(None, self._statement, month, group)
+        except statement.StatementError as error:
+            return web.Response(text=f"{redact(str(error))}\n", status=400)
+        if not built.lines:
+            return web.Response(text=f"no data for month {month}\n", status=404)
+        body = await loop.run_in_executor(None, statement.render, built, fmt)
+        headers = {"Content-Type": statement.CONTENT_TYPES[fmt], "Vary": "Accept"}
+        if fmt != "html":
+            headers["Content-Disposition"] = f'inline; filename="wolkvox-statement-{month}.{fmt}"'
+        return web.Response(body=body.encode("utf-8"), headers=headers)
 
     async def healthy(self, _request: web.Request) -> web.Response:
         return web.Response(text="OK\n")

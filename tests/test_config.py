@@ -915,7 +915,7 @@ def test_example_loads(example: Path) -> None:
 def test_example_shows_the_defaults(example: Path, write: Write) -> None:
     config = load_config(example, {"WOLKVOX_TOKEN_BOGOTA": TOKEN})
     defaults = load_config(write(minimal()), {})
-    for key in TOP_LEVEL_KEYS - {"operations", "prices"}:  # prices end up per operation
+    for key in TOP_LEVEL_KEYS - {"operations", "prices", "labels"}:  # these end up per operation
         assert getattr(config, key) == getattr(defaults, key), key
     lima = config.operations[1]
     assert lima.base_url == f"https://{lima.server}.wolkvox.com" and lima.apis == DEFAULT_APIS

@@ -75,6 +75,15 @@ def assert_november_closed(samples: Samples, november: dict[tuple[str, str], flo
         assert minutes == november[op, "stereo_rec"]
 
 
+def statement_of(exporter: Exporter, month: str) -> dict[tuple[str, str, str], float]:
+    """/statement's lines of ``month`` (JSON), by (operation, api, month); every one must be closed."""
+    response = exporter.get(f"/statement?month={month}&format=json")
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert document["status"] == "closed"
+    return {(line["operation"], line["api"], month): float(line["usage"]) for line in document["lines"]}
+
+
 def saved(state: Path, part: str) -> int:
     """How many (operation, api) entries the state file holds in its month_close ``part``."""
     doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
@@ -98,6 +107,11 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
         what="December's first answers, and November closed",
     )
     assert_november_closed(samples, november)
+    # The statement: November closed, December to date.
+    assert statement_of(first, "2026-11") == closed_november(november)
+    current = first.get("/statement?month=2026-12&format=json").json()
+    assert current["status"] == "to date"
+    assert {(line["operation"], line["api"]): float(line["usage"]) for line in current["lines"]} == december
     # The status page's "Last month" column: the value, its month, and when the exporter fetched it.
     page = first.get("/").text
     shown = f"{november['lima', 'ivr_minutes']:,.0f}<br><small>2026-11, fetched "
@@ -125,6 +139,7 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
     first_page = second.samples()
     assert value(first_page, "wolkvox_scrape_requests_total", operation="bogota") == 0
     assert_november_closed(first_page, november)
+    assert statement_of(second, "2026-11") == closed_november(november)  # across the restart
     samples = second.wait_for(lambda s: usage(s) == served(DEC_THIRD), what="fresh values on the 3rd")
     assert_november_closed(samples, november)
 

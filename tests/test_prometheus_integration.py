@@ -43,7 +43,7 @@ import pytest
 import requests
 import yaml
 from harness import Process, free_port, prometheus, start_program, wait_until
-from tools import RULES_FILE, dashboard_files, expand_grafana_vars, panel_targets
+from tools import DASHBOARD_DIR, RULES_FILE, dashboard_files, expand_grafana_vars, panel_targets
 
 from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
@@ -79,6 +79,7 @@ class Op:
     prices: tuple[tuple[str, float], ...] = ()  # overrides of PRICES for this operation
     cost_share: float | None = None  # month-to-date cost / cost budget wanted; None: no cost budget
     spent_share: float = 0.0  # share of the token's daily limit spent by others before the exporter starts
+    labels: tuple[tuple[str, str], ...] = ()  # its `labels:` (the dashboards' Group by)
 
     @property
     def token(self) -> str:
@@ -96,9 +97,16 @@ OPERATIONS = (
         0.1,
         apis=("stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"),
         cost_share=0.001,
+        labels=(("client", "acme"), ("team", "sales")),
     ),
     # 80 % warning; agent_script and rec_screen have no price (usage shown, no cost); no cost budget
-    Op("medellin", "wv0107", 0.9, apis=("stereo_rec", "ivr_calls", "agent_script", "rec_screen")),
+    Op(
+        "medellin",
+        "wv0107",
+        0.9,
+        apis=("stereo_rec", "ivr_calls", "agent_script", "rec_screen"),
+        labels=(("client", "globex"),),
+    ),
     # 100 % critical (and the 80 % warning); a cost budget of half its cost so far; its own price
     Op(
         "cali",
@@ -107,6 +115,7 @@ OPERATIONS = (
         apis=("stereo_rec", "ivr_minutes", "chat_licenses"),
         prices=(("stereo_rec", 0.005),),
         cost_share=2.0,
+        labels=(("client", "acme"), ("team", "support")),
     ),
     # no budget: info alert; the token-limit fault goes here
     Op("pereira", "wv0305", None),
@@ -221,6 +230,8 @@ class Stack:
                 entry["prices"] = dict(op.prices)
             if op.name in self.cost_budgets:
                 entry["cost_budget"] = self.cost_budgets[op.name]
+            if op.labels and self.whole_bill:
+                entry["labels"] = dict(op.labels)
             operations.append(entry)
         if not self.whole_bill:
             return {
@@ -507,6 +518,39 @@ def test_dashboard_query_returns_data(stack: Stack, expr: str) -> None:
             pytest.skip("no month-end forecast on the 1st of the month (by design)")
     result = wait_until(lambda: stack.query(promql), timeout=ALERT_TIMEOUT, what=f"data for {promql}")
     assert all(len(sample["value"]) == 2 for sample in result)
+
+
+def _group_panel_expr(title: str) -> str:
+    dashboard = json.loads((DASHBOARD_DIR / "wolkvox-billing.json").read_text(encoding="utf-8"))
+    (expr,) = [t["expr"] for panel, t in panel_targets(dashboard) if panel["title"] == title]
+    return expr
+
+
+def test_cost_by_client_sums_the_operations_of_each_client(stack: Stack) -> None:
+    """The dashboard's "Cost by $group this month" with Group by = client: bogota and cali are acme's,
+    medellin globex's; the operations without a client label form the group with an empty name."""
+    promql = expand_grafana_vars(
+        _group_panel_expr("Cost by $group this month"), OPERATION_REGEX, group="client"
+    )
+    clients = {op.name: dict(op.labels).get("client", "") for op in OPERATIONS}
+    expected: dict[tuple[str, str], float] = {}
+    for op, cost in stack.cost.items():
+        key = (clients[op], CURRENCY)
+        expected[key] = expected.get(key, 0.0) + cost
+    assert {client for client, _ in expected} == {"acme", "globex", ""}
+    found = wait_until(
+        lambda: (v := stack.by_labels(promql, "client", "currency")) and len(v) == len(expected) and v,
+        timeout=ALERT_TIMEOUT,
+        what="cost per client",
+    )
+    assert found == {key: pytest.approx(c, rel=1e-9) for key, c in expected.items()}
+    # Grouped by team: the same total, split otherwise.
+    promql = expand_grafana_vars(
+        _group_panel_expr("Cost by $group this month"), OPERATION_REGEX, group="team"
+    )
+    by_team = stack.by_labels(promql, "team", "currency")
+    assert set(by_team) == {("sales", CURRENCY), ("support", CURRENCY), ("", CURRENCY)}
+    assert sum(by_team.values()) == pytest.approx(sum(stack.cost.values()), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- the last closed month
