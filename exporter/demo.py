@@ -62,7 +62,8 @@ DEMO_PRICES = {
 }
 DEMO_INTERVAL = "15s"
 # The simulator runs with this daily limit per token (token_info reports it), and a 15 s pace makes at
-# most 4 x 5,760 requests per token a day: the config's own limit is the same, far above that.
+# most 4 x 5,760 requests per token a day (plus 24 token_info reads): the config's own limit is the same,
+# far above that.
 DEMO_DAILY_REQUEST_LIMIT = 100_000
 # The operation the banner's curl commands break and repair. Its token is the demo's own, fake one.
 FAULT_OPERATION = "lima"

@@ -1,7 +1,7 @@
 """Every metric family of /metrics and how it is rendered from the state: one table.
 
 A new per-operation metric is one ``Family`` and one entry in ``OPERATION_FAMILIES`` (a function from an
-operation's state to its sample lines), plus its row in the README. The order of the table is the order
+operation's state to its sample lines), plus its row in docs/metrics.md. The order of the table is the order
 of the page. Sample output::
 
     # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
@@ -34,7 +34,8 @@ STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
     "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
-    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "the wolkvox billing API: a cached value, refreshed every wolkvox_refresh_interval_seconds "
+    "(refresh_interval, or longer when the token's daily budget requires it), that drops at the start "
     "of each month. Absent when the last good value is older than max_age.",
 )
 BUDGET = Family(
@@ -45,8 +46,9 @@ BUDGET = Family(
 UP = Family(
     "wolkvox_up",
     "gauge",
-    "1 if the last fetch for the operation succeeded, else 0; also 0 while its token is refused (auth, "
-    "token_limit) on any request.",
+    "1 if the last fetch of every api of the operation succeeded, else 0 (also before the first fetch); "
+    "an api wolkvox does not know (unknown_api) is left out while another api succeeded. 0 while its "
+    "token is refused (auth, token_limit) on any request, token_info included.",
 )
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
