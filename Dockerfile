@@ -21,7 +21,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # The state directory belongs to group 0 with the owner's rights (g=u), so the exporter can also run as
-# an arbitrary uid in group 0 (OpenShift's restricted policy) and keep its state_file there.
+# an arbitrary uid in group 0 (OpenShift's restricted policy) and keep its state_store there.
 RUN groupadd --system --gid 10001 wolkvox \
     && useradd --system --uid 10001 --gid wolkvox --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin wolkvox \

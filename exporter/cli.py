@@ -136,7 +136,7 @@ def statement_parser() -> argparse.ArgumentParser:
         prog="wolkvox-exporter statement",
         formatter_class=_DefaultsFormatter,
         description="Print a month's statement (usage and cost per operation and service) from the state "
-        "store (state_file), without a running exporter and without the tokens. The same output as "
+        "store (state_store), without a running exporter and without the tokens. The same output as "
         "/statement (docs/statement.md).",
     )
     parser.add_argument(
@@ -165,21 +165,21 @@ def statement_main(argv: Sequence[str]) -> int:
         config = load_config(args.config_file, tokens=False)  # a statement needs no token
         month = statement.parse_month(args.month or utc_month(time.time()))
         fmt = statement.pick_format(args.format, None)
-        if config.state_file is None:
-            return fail(f"{args.config_file}: state_file is not set; the statement reads the state store")
+        if config.state_store is None:
+            return fail(f"{args.config_file}: state_store is not set; the statement reads the state store")
         try:
             store = importlib.import_module("exporter.statestore")  # the SQLite store: read only
         except ImportError:
             return fail("this build has no state store (exporter/statestore.py) to read a statement from")
         try:
-            totals = store.read_month_totals(config.state_file, month)
+            totals = store.read_month_totals(config.state_store, month)
         except store.StoreError as error:
-            return fail(f"{config.state_file}: {error}")
+            return fail(f"{config.state_store}: {error}")
         built = statement.build(totals, statement.terms_of(config), month, args.group or None)
     except (ConfigError, statement.StatementError) as error:
         return fail(str(error))
     if not built.lines:
-        return fail(f"no data for month {month} in {config.state_file}")
+        return fail(f"no data for month {month} in {config.state_store}")
     sys.stdout.write(statement.render(built, fmt))
     return 0
 
@@ -222,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         runbook_url=args.runbook_url,
     )
-    app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    try:
+        app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    except StartError as error:
+        log.error("%s", error)
+        return 1
     return asyncio.run(serve(app))
 
 

@@ -34,6 +34,7 @@ TOP_LEVEL_KEYS = frozenset(
         "read_timeout",
         "max_body_bytes",
         "state_file",
+        "state_store",
         "daily_request_limit",
         "token_info_interval",
         "currency",
@@ -198,9 +199,10 @@ class Config:
     connect_timeout: float
     read_timeout: float
     max_body_bytes: int
-    state_file: str | None
+    state_file: str | None  # a JSON state file of an earlier version, migrated into the store once
     operations: tuple[OperationConfig, ...]
     warnings: tuple[str, ...]
+    state_store: str | None = None  # the SQLite state store; with only state_file: its name, .db
     daily_request_limit: int = DEFAULT_DAILY_REQUEST_LIMIT
     token_info_interval: float | None = None
     currency: str = DEFAULT_CURRENCY
@@ -380,6 +382,7 @@ def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = T
     prices: dict[str, float] = get(lambda: top.prices("prices"), {})
     default_labels: dict[str, str] = get(lambda: top.labels("labels", None), {})
     state_file = get(lambda: _state_file(top, base_dir), None)
+    state_store = get(lambda: _state_store(top, base_dir, state_file), None)
 
     items = data.get("operations")
     if "operations" not in data:
@@ -423,6 +426,14 @@ def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = T
         + _warnings(refresh_interval, max_age, read_timeout, operations)
         + _api_warnings(operations, prices, own_prices)
     )
+    if state_file is not None and state_store != state_file:
+        warnings.append(
+            (
+                "state_file",
+                f"the state now lives in the SQLite state_store {state_store}; a JSON state file here "
+                "is migrated into it once (then renamed .migrated); set state_store instead",
+            )
+        )
     config = Config(
         path=file,
         refresh_interval=refresh_interval,
@@ -431,6 +442,7 @@ def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = T
         read_timeout=read_timeout,
         max_body_bytes=max_body_bytes,
         state_file=state_file,
+        state_store=state_store,
         operations=tuple(operations),
         warnings=tuple(_render(file, key, text) for key, text in warnings),
         daily_request_limit=daily_request_limit,
@@ -465,6 +477,22 @@ def _state_file(top: _Section, base_dir: str) -> str | None:
         return None
     _require_nonempty(state_file, "state_file")
     return os.path.join(base_dir, state_file)
+
+
+def _state_store(top: _Section, base_dir: str, state_file: str | None) -> str | None:
+    state_store = top.string("state_store")
+    if state_store is None:
+        return store_path_for(state_file) if state_file is not None else None
+    _require_nonempty(state_store, "state_store")
+    return os.path.join(base_dir, state_store)
+
+
+def store_path_for(state_file: str) -> str:
+    """The state store a ``state_file`` alone stands for: ``x.json`` -> ``x.db`` (the JSON file is
+    migrated into it once); any other name is the store itself (a JSON file found there is migrated in
+    place)."""
+    root, extension = os.path.splitext(state_file)
+    return root + ".db" if extension == ".json" else state_file
 
 
 def _retired_keys(top: _Section) -> list[tuple[str, str]]:

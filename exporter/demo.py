@@ -62,7 +62,8 @@ DEMO_PRICES = {
 }
 DEMO_INTERVAL = "15s"
 # The simulator runs with this daily limit per token (token_info reports it), and a 15 s pace makes at
-# most 4 x 5,760 requests per token a day: the config's own limit is the same, far above that.
+# most 4 x 5,760 requests per token a day (plus 24 token_info reads): the config's own limit is the same,
+# far above that.
 DEMO_DAILY_REQUEST_LIMIT = 100_000
 # The operation the banner's curl commands break and repair. Its token is the demo's own, fake one.
 FAULT_OPERATION = "lima"
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(banner(args.listen, args.simulator), file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="wolkvox-demo-") as tmp:
             config = Path(tmp) / "demo.yml"
-            config.write_text(yaml.safe_dump(demo_config(f"http://{args.simulator}")), encoding="utf-8")
+            document = demo_config(f"http://{args.simulator}")
+            document["state_store"] = str(Path(tmp) / "state.db")  # the store's metrics, /statement's months
+            config.write_text(yaml.safe_dump(document), encoding="utf-8")
             return cli.main(["--config.file", str(config), "--web.listen-address", args.listen])
     finally:
         stop.set()

@@ -1,7 +1,7 @@
 """Every metric family of /metrics and how it is rendered from the state: one table.
 
 A new per-operation metric is one ``Family`` and one entry in ``OPERATION_FAMILIES`` (a function from an
-operation's state to its sample lines), plus its row in the README. The order of the table is the order
+operation's state to its sample lines), plus its row in docs/metrics.md. The order of the table is the order
 of the page. Sample output::
 
     # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
@@ -34,7 +34,8 @@ STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
     "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
-    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "the wolkvox billing API: a cached value, refreshed every wolkvox_refresh_interval_seconds "
+    "(refresh_interval, or longer when the token's daily budget requires it), that drops at the start "
     "of each month. Absent when the last good value is older than max_age.",
 )
 BUDGET = Family(
@@ -45,8 +46,9 @@ BUDGET = Family(
 UP = Family(
     "wolkvox_up",
     "gauge",
-    "1 if the last fetch for the operation succeeded, else 0; also 0 while its token is refused (auth, "
-    "token_limit) on any request.",
+    "1 if the last fetch of every api of the operation succeeded, else 0 (also before the first fetch); "
+    "an api wolkvox does not know (unknown_api) is left out while another api succeeded. 0 while its "
+    "token is refused (auth, token_limit) on any request, token_info included.",
 )
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
@@ -82,7 +84,7 @@ BILLING_USAGE = Family(
 _CLOSED = (
     "the last value fetched before the first answer of the next month, labelled with the month it "
     "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
-    "the next month closes, and across restarts when state_file is set; never expires."
+    "the next month closes, and across restarts when state_store is set; never expires."
 )
 STEREO_REC_PREVIOUS_MONTH = Family(
     "wolkvox_stereo_rec_minutes_previous_month",
@@ -150,6 +152,18 @@ RELOAD_TIME = Family(
     "wolkvox_config_last_reload_success_timestamp_seconds",
     "gauge",
     "Unix time of the last successful configuration load.",
+)
+STATE_WRITE_ERRORS = Family(
+    "wolkvox_state_write_errors_total",
+    "counter",
+    "Failed writes (or opens) of the state store (state_store): a read-only directory or a full disk. "
+    "While it fails, values, pacing and the daily budget live in memory only. Absent without a store.",
+)
+STATE_LAST_WRITE = Family(
+    "wolkvox_state_last_write_timestamp_seconds",
+    "gauge",
+    "Unix time of the last transaction committed to the state store; 0 before the first. Nothing is "
+    "written while nothing changes. Absent without a store.",
 )
 
 
@@ -267,6 +281,18 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
     (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
+    (
+        STATE_WRITE_ERRORS,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_WRITE_ERRORS.name, {}, g.state_write_errors)
+        ),
+    ),
+    (
+        STATE_LAST_WRITE,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_LAST_WRITE.name, {}, g.state_last_write or 0)
+        ),
+    ),
 )
 
 
@@ -303,4 +329,5 @@ def lines_by_family(rendered: bytes) -> list[bytes]:
 
 
 def render_global(facts: GlobalFacts) -> bytes:
-    return "".join(family.header().decode() + render(facts) for family, render in GLOBAL_FAMILIES).encode()
+    rendered = ((family, render(facts)) for family, render in GLOBAL_FAMILIES)
+    return "".join(family.header().decode() + lines for family, lines in rendered if lines).encode()

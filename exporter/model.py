@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from exporter.secret import Secret, one_line
 
-# Why a request failed, in the order the README's table lists them (see exporter/answers.py for when
+# Why a request failed, in the order docs/fetching.md's table lists them (see exporter/answers.py for when
 # each one is raised).
 REASONS: tuple[str, ...] = (
     "timeout",

@@ -178,6 +178,9 @@ class Planner:
         self._tokens: dict[str, _Token] = {}
         self._servers: dict[str, _Server] = {}
         self._saved = SavedPacing()
+        # Tokens a reload removed, with when: re-added within a day, a token keeps its bucket and pause
+        # (removing and re-adding an operation must not refill its budget).
+        self._retired: dict[str, tuple[_Token, float]] = {}
 
     # ----- configuration ---------------------------------------------------------------------------
 
@@ -195,6 +198,10 @@ class Planner:
             pace = shared.get(intervals) or shared.setdefault(intervals, plan_pace(intervals, daily_limit))
             paces[key] = pace
             old = self._tokens.get(key)
+            if old is None and key in self._retired:  # removed by a reload less than a day ago
+                old, since = self._retired.pop(key)
+                if now - since >= DAY:
+                    old = None
             kept = {(r.job.operation, r.job.api): r for r in old.reports} if old is not None else {}
             base = self._saved_base(key)
             reports: list[_Report] = []
@@ -218,6 +225,10 @@ class Planner:
                 token.pace = pace
                 token.reports = reports
             tokens[key] = token
+        for key, token in self._tokens.items():
+            if key not in tokens:
+                self._retired[key] = (token, now)
+        self._retired = {key: kept for key, kept in self._retired.items() if now - kept[1] < DAY}
         self._tokens = tokens
         servers = {report.job.server for token in tokens.values() for report in token.reports}
         self._servers = {name: s for name, s in self._servers.items() if name in servers}
@@ -310,8 +321,12 @@ class Planner:
         """Record the answer to a job that ``take`` gave out (``reason`` None on success)."""
         now = self._clock()
         token = self._tokens.get(key)
-        if token is None:
-            return  # the token was removed by a reload while its request was in flight
+        if token is None:  # the token was removed by a reload while its request was in flight
+            retired = self._retired.get(key)
+            if retired is not None:
+                retired[0].busy = False
+                retired[0].free_at = now + self._gap
+            return
         token.busy = False
         token.free_at = now + self._gap
         report = _find(token, job.operation, job.api)
@@ -377,11 +392,13 @@ class Planner:
         due = max(report.due, token.paused_until, server.paused_until if server else 0.0)
         return ReportStatus(report.interval, wall + max(0.0, due - now), report.failures)
 
-    def save(self) -> SavedPacing:
-        """The pacing state in wall-clock time, for the state file."""
+    def save(self, keys: Iterable[str] | None = None) -> SavedPacing:
+        """The pacing state in wall-clock time, for the state store: of every token, or of ``keys``."""
         now, wall = self._clock(), self._wall()
         saved = SavedPacing()
-        for key, token in self._tokens.items():
+        tokens = self._tokens
+        chosen = tokens.items() if keys is None else ((k, tokens[k]) for k in keys if k in tokens)
+        for key, token in chosen:
             self._refill(token, now)
             paused = token.paused_until > now
             saved.tokens[key] = {

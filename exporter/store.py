@@ -4,8 +4,8 @@ The refresher hands each ``FetchResult`` to ``Store.record`` and the pace of eac
 ``Store.set_pace``; that only updates the operation's state and marks it changed. The page thread asks
 ``Store.changes`` for what changed since its last visit (rendered under the lock by a function it passes
 in, so the store knows nothing of the exposition format); the status page reads ``report_rows``; the
-state file reads ``values``/``month_state``. One lock guards everything, held for dictionary updates and
-the rendering of the operations that changed, never for I/O.
+state store reads ``saved_report`` and hears of closed months (``on_month_closed``). One lock guards
+everything, held for dictionary updates and the rendering of the operations that changed, never for I/O.
 
 Time: the store holds wall times (fetched at, last success, next due) because they are shown, exported and
 saved; ``clock.WallSteps`` tells it when the wall clock stepped, and every time it holds moves with the
@@ -67,6 +67,8 @@ class GlobalFacts:
     reload_time: float
     schedule: Schedule
     connections_rejected: int = 0  # closed at --web.max-connections since start
+    state_write_errors: int | None = None  # None: no state store configured
+    state_last_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,12 @@ class Store:
         self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
         self._connections_rejected = 0
+        self._state_health: tuple[int | None, float | None] = (None, None)
+        # Restored times after now (values, readings), until restored() logs them.
+        self._ahead: tuple[list[float], list[float]] = ([], [])
+        # Called (under the store's lock: keep it short) with (operation, api, closing value) when a
+        # month closes: the state store keeps every closed month.
+        self.on_month_closed: Callable[[str, str, Seen], None] | None = None
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
 
@@ -231,7 +239,13 @@ class Store:
             report.tried, report.last_reason = True, result.reason
             if result.ok and isinstance(result.value, Reading):
                 report.value = (result.value.value, at)
-                self._track_month(state, result.api, report, Seen(result.value.value, at, result.value.month))
+                self._track_month(
+                    self.on_month_closed,
+                    state,
+                    result.api,
+                    report,
+                    Seen(result.value.value, at, result.value.month),
+                )
                 report.last_success = at
                 report.failing_since = None
                 state.last_success = max(state.last_success or 0.0, at)
@@ -248,7 +262,13 @@ class Store:
         self.changed.set()
 
     @staticmethod
-    def _track_month(state: OperationState, api: str, report: ReportState, new: Seen) -> None:
+    def _track_month(
+        on_closed: Callable[[str, str, Seen], None] | None,
+        state: OperationState,
+        api: str,
+        report: ReportState,
+        new: Seen,
+    ) -> None:
         """Keep the previous reading as the closing value when ``new`` is the first of a new month. A month
         closes once: a later drop near the same 1st (a correction) does not replace its value."""
         last, report.seen = report.seen, new
@@ -259,6 +279,8 @@ class Store:
         if month is None or (kept is not None and kept.month is not None and month <= kept.month):
             return
         report.closed = Seen(last.value, last.at, month)
+        if on_closed is not None:
+            on_closed(state.info.name, api, report.closed)
         log.info(
             "month %s closed",
             month,
@@ -326,6 +348,19 @@ class Store:
                 if old is None or old.interval != status.interval:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
         self.changed.set()
+
+    def set_state_health(self, write_errors: int, last_write: float | None) -> None:
+        """The state store's health, for /metrics."""
+        with self._lock:
+            self._state_health = (write_errors, last_write)
+        self.changed.set()
+
+    def saved_report(self, operation: str, api: str) -> tuple[tuple[float, float] | None, Seen | None]:
+        """A report's (value, fetched at) and last reading: what the state store keeps of it."""
+        with self._lock:
+            state = self._states.get(operation)
+            report = state.reports.get(api) if state is not None else None
+            return (report.value, report.seen) if report is not None else (None, None)
 
     def connection_rejected(self) -> None:
         """The web server closed a connection at --web.max-connections. The page shows it within a
@@ -404,7 +439,7 @@ class Store:
         return rows
 
     def values(self) -> dict[str, dict[str, tuple[float, float]]]:
-        """Last good values per operation and api, (value, fetched at): for the state file."""
+        """Last good values per operation and api, (value, fetched at)."""
         with self._lock:
             return {
                 name: {api: r.value for api, r in state.reports.items() if r.value is not None}
@@ -437,8 +472,56 @@ class Store:
         self.changed.set()
         _log_ahead("value(s)", ahead)
 
+    def restore_report(
+        self, operation: str, api: str, value: tuple[float, float] | None, seen: Seen | None
+    ) -> None:
+        """Put back one report's value and last reading from the state store, row by row (a newer row
+        replaces an older one; not counted as a request). Times after now are taken as now, as in
+        ``restore_values``; ``restored`` logs them once."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            now = self._now()
+            report = state.report(api)
+            if value is not None:
+                fetched_at = value[1]
+                if not fetched_at <= now:  # NaN too
+                    self._ahead[0].append(fetched_at - now)
+                    fetched_at = now
+                report.value = (value[0], fetched_at)
+                state.last_success = max(state.last_success or 0.0, fetched_at)
+                state.restored = state.restored or fetched_at + self._max_age > now
+            if seen is not None:
+                if not seen.at <= now:
+                    self._ahead[1].append(seen.at - now)
+                    seen = dataclasses.replace(seen, at=now)
+                report.seen = seen
+            self._dirty.add(operation)
+            self._next_expiry = 0.0
+        self.changed.set()
+
+    def restore_closed(self, operation: str, api: str, closed: Seen) -> None:
+        """Put back a closed month from the state store (the latest month is kept)."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            report = state.report(api)
+            if report.closed is None or (report.closed.month or "") <= (closed.month or ""):
+                report.closed = closed
+            self._dirty.add(operation)
+        self.changed.set()
+
+    def restored(self) -> None:
+        """The state store's rows are all in: one line for the times that lay after now."""
+        with self._lock:
+            (values, readings), self._ahead = self._ahead, ([], [])
+        _log_ahead("value(s)", values)
+        _log_ahead("month-close reading(s)", readings)
+
     def month_state(self) -> SavedMonths:
-        """Last readings and closing values per operation and api: for the state file."""
+        """Last readings and closing values per operation and api."""
         with self._lock:
             saved = SavedMonths()
             for name, state in self._states.items():
@@ -488,7 +571,11 @@ class Store:
             self._dirty.clear()
             removed, self._removed = self._removed, False
             facts = GlobalFacts(
-                self._reload_ok == 1, self._reload_time, self._schedule, self._connections_rejected
+                self._reload_ok == 1,
+                self._reload_time,
+                self._schedule,
+                self._connections_rejected,
+                *self._state_health,
             )
             return Changes(now, rendered, list(self._states), removed, facts)
 

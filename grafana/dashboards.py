@@ -40,7 +40,7 @@ NEEDS_COST_BUDGET = " Needs prices and cost_budget on the operation (config)."
 NEEDS_TOKEN_INFO = " Needs token_info_interval (config)."  # noqa: S105 (a config key, not a secret)
 NEEDS_CLOSED_MONTH = (
     " Empty until the exporter has seen a month close (the first answer of a new month); kept across "
-    "restarts only with state_file."
+    "restarts only with state_store."
 )
 LAST_MONTH = "the last value fetched before the first answer of the next month"
 NEEDS_LABELS = (

@@ -62,7 +62,7 @@ def require(binary: str, debian_package: str | None) -> str:
     if found:
         return found
     if debian_package is None:
-        missing(f"{binary} not found on PATH (see the README's Tests section)")
+        missing(f"{binary} not found on PATH (see CONTRIBUTING.md, Tests)")
     missing(f"{binary} not found on PATH; install it with: apt-get install {debian_package}")
     raise AssertionError("unreachable")  # missing() always raises
 

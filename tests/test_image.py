@@ -363,7 +363,7 @@ def test_arbitrary_uid_in_group_0_with_state_on_the_image_state_directory(
     volume (podman copies the image directory's owner and mode into it); another port, which the
     HEALTHCHECK must find by itself."""
     config = yaml.safe_load(EXPORTER_CONFIG.read_text(encoding="utf-8"))
-    config["state_file"] = f"{STATE_DIR}/state.json"
+    config["state_store"] = f"{STATE_DIR}/state.db"
     config_path = tmp_path / "config.yml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     config_path.chmod(0o644)
@@ -387,7 +387,7 @@ def test_arbitrary_uid_in_group_0_with_state_on_the_image_state_directory(
     assert healthcheck(built, name) == 0, "the HEALTHCHECK does not follow --web.listen-address"
     stop_with_sigterm(built, name)
     mountpoint = Path(built.podman.inspect("volume", "inspect", volume)[0]["Mountpoint"])
-    state = mountpoint / "state.json"
+    state = mountpoint / "state.db"
     assert state.is_file(), f"no state file in the volume: {sorted(p.name for p in mountpoint.iterdir())}"
     assert state.stat().st_uid == uid
     # The operations' state is in it (JSON or any other store: the name is stored as UTF-8 either way).

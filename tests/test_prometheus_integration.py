@@ -45,10 +45,6 @@ import yaml
 from harness import Process, free_port, prometheus, start_program, wait_until
 from tools import DASHBOARD_DIR, RULES_FILE, dashboard_files, expand_grafana_vars, panel_targets
 
-from exporter.monthclose import SavedMonths, Seen
-from exporter.planner import SavedPacing
-from exporter.statefile import StateFile
-
 pytestmark = pytest.mark.slow
 
 SHORT_FOR = "1s"
@@ -266,12 +262,19 @@ class Stack:
         self.children["exporter"], self.exporter_url = _start_child("exporter", args, log)
 
     def remember_november(self) -> None:
-        """A state file as an exporter that ran until Nov 30 23:55 leaves it: every report's last reading."""
+        """A JSON state file (format 2, of an earlier version) as an exporter that ran until Nov 30 23:55
+        leaves it: every report's last reading. The exporter migrates it into its state store."""
         at = datetime.fromisoformat(LAST_READING).timestamp()
-        seen: dict[str, dict[str, Seen]] = {}
+        seen: dict[str, dict[str, list[Any]]] = {}
         for (op, api), usage in self.usage.items():
-            seen.setdefault(op, {})[api] = Seen(usage, at, CLOSED_MONTH)
-        StateFile(self.tmp / "state.json").save({}, SavedPacing(), SavedMonths(seen=seen))
+            seen.setdefault(op, {})[api] = [usage, at, CLOSED_MONTH]
+        document = {
+            "version": 2,
+            "values": {},
+            "pacing": {"tokens": {}, "reports": {}},
+            "month_close": {"seen": seen, "closed": {}},
+        }
+        (self.tmp / "state.json").write_text(json.dumps(document), encoding="utf-8")
 
     def stop_exporter(self) -> None:
         self.children.pop("exporter").stop()
@@ -455,12 +458,11 @@ def test_recording_rules_compute_the_expected_numbers(stack: Stack) -> None:
 
 
 def test_cost_rules_compute_the_expected_numbers(stack: Stack) -> None:
+    # Every report's first answer in: with a state store a request waits for its spend's commit (up to
+    # a second), so the operations' services come in over a few seconds.
+    wanted = {op: pytest.approx(c, rel=1e-9) for op, c in stack.cost.items()}
     cost = wait_until(
-        lambda: (
-            (v := stack.by_operation("operation:wolkvox_billing_cost:month_to_date"))
-            and len(v) == len(stack.cost)
-            and v
-        ),
+        lambda: (v := stack.by_operation("operation:wolkvox_billing_cost:month_to_date")) == wanted and v,
         timeout=ALERT_TIMEOUT,
         what="month-to-date cost per operation",
     )
@@ -472,11 +474,16 @@ def test_cost_rules_compute_the_expected_numbers(stack: Stack) -> None:
         op: pytest.approx(stack.cost[op] / budget, rel=1e-6) for op, budget in stack.cost_budgets.items()
     }
     # Usage per day only for the usage-based services, 0 with frozen values.
-    per_day = wait_until(
-        lambda: stack.by_labels("operation_api:wolkvox_billing_usage:increase1d", "operation", "api"),
+    usage_based = {key for key in stack.usage if key[1] not in {"chat_licenses", "agent_script"}}
+    per_day = wait_until(  # increase() needs two samples of each series: the last ones come later
+        lambda: (
+            (v := stack.by_labels("operation_api:wolkvox_billing_usage:increase1d", "operation", "api"))
+            and set(v) == usage_based
+            and v
+        ),
         timeout=ALERT_TIMEOUT,
     )
-    assert set(per_day) == {key for key in stack.usage if key[1] not in {"chat_licenses", "agent_script"}}
+    assert set(per_day) == usage_based
     assert all(v == 0 for v in per_day.values()), per_day
     if stack.first_of_month():
         assert stack.query("operation:wolkvox_billing_cost:forecast_month_end") == []
@@ -538,8 +545,9 @@ def test_cost_by_client_sums_the_operations_of_each_client(stack: Stack) -> None
         key = (clients[op], CURRENCY)
         expected[key] = expected.get(key, 0.0) + cost
     assert {client for client, _ in expected} == {"acme", "globex", ""}
+    wanted = {key: pytest.approx(c, rel=1e-9) for key, c in expected.items()}
     found = wait_until(
-        lambda: (v := stack.by_labels(promql, "client", "currency")) and len(v) == len(expected) and v,
+        lambda: (v := stack.by_labels(promql, "client", "currency")) == wanted and v,
         timeout=ALERT_TIMEOUT,
         what="cost per client",
     )
@@ -690,9 +698,17 @@ def test_token_budget_alert_fires_before_the_budget_is_spent(stack: Stack) -> No
     description = alerts[tunja.name]["annotations"]["description"]
     assert f"of its {DAILY_LIMIT} requests today" in description, description
     assert re.search(r"This exporter makes \d+ requests per token per day", description), description
-    # From token_info: everyone's requests today, counted by the simulator when it answered.
-    ratios = stack.by_operation("operation:wolkvox_token_budget_used:ratio")
-    assert set(ratios) == {op.name for op in OPERATIONS}
+    # From token_info: everyone's requests today, counted by the simulator when it answered (each token's
+    # read comes on its second turn: wait for all of them).
+    ratios = wait_until(
+        lambda: (
+            (r := stack.by_operation("operation:wolkvox_token_budget_used:ratio"))
+            and set(r) == {op.name for op in OPERATIONS}
+            and r
+        ),
+        timeout=ALERT_TIMEOUT,
+        what="every token's token_info",
+    )
     assert 0.8 <= ratios[tunja.name] < 1
     assert all(r < 0.1 for op, r in ratios.items() if op != tunja.name), ratios
     # Fired before the budget is spent: wolkvox still answers for tunja.

@@ -41,7 +41,7 @@ SEVERITY_RECEIVER = {"critical": "pager", "warning": "team", "info": "null"}
 FAMILIES = {"budget", "cost", "fetch", "exporter"}
 # Alerts about the exporter process itself: no operation label.
 EXPORTER_PROCESS = {"WolkvoxExporterDown", "WolkvoxExporterAbsent", "WolkvoxConfigReloadFailed"}
-NO_OPERATION = EXPORTER_PROCESS | {"WolkvoxRequestPlanOverDailyLimit"}
+NO_OPERATION = EXPORTER_PROCESS | {"WolkvoxRequestPlanOverDailyLimit", "WolkvoxStateStoreWriteFailing"}
 # No value worth printing: up == 0, absent() == 1, reload == 0; wolkvox_up == 0 is always 0 (the
 # text gives the duration and the reason instead).
 NO_VALUE = EXPORTER_PROCESS | {"WolkvoxFetchFailing"}

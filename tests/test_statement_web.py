@@ -259,7 +259,7 @@ def test_the_subcommand_prints_what_the_web_app_would(
         (["--month", "2026-1"], True, "month: expected YYYY-MM"),
         (["--month", "2026-11", "--format", "pdf"], True, "format: expected one of csv, json, html"),
         (["--month", "2026-11", "--group", "team"], True, "group: 'team' is not an operation label"),
-        (["--month", "2026-11"], False, "state_file is not set"),
+        (["--month", "2026-11"], False, "state_store is not set"),
     ],
 )
 def test_the_subcommand_fails_with_one_line(

@@ -134,7 +134,7 @@ def test_exec_start_with_the_example_flags_is_accepted(tmp_path: Path) -> None:
     assert tokens
     config = tmp_path / "config.yml"
     config.write_text(
-        "state_file: /var/lib/wolkvox-exporter/state.json\noperations:\n"
+        "state_store: /var/lib/wolkvox-exporter/state.db\noperations:\n"
         + "".join(
             f"  - {{name: op{i}, server: wv{i}, token: '${{{token}}}'}}\n" for i, token in enumerate(tokens)
         ),

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -58,6 +59,7 @@ QUICK = {  # --quick: the defaults of the smoke run, for every flag left at its 
     "reference_max_seconds": "5s",
     "max_minutes": 5.0,
 }
+STORE_SECONDS = 60.0  # of store_bench's idle and steady runs
 # (the harness reports a timeout or a dead child as a failed test, pytest.fail: here a failed step)
 STEP_FAILURES = (
     BenchmarkError,
@@ -81,6 +83,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="smoke run: sizes 1,10, 1s wrk runs, refresh run of 20 operations at 50ms",
     )
     flag("--skip-refresh", action="store_true", help="skip part 2 (refresh capacity)")
+    flag("--store", type=int, default=0, help="also run benchmarks/store_bench.py at this many operations")
     flag(
         "--steady",
         action="store_true",
@@ -151,6 +154,7 @@ def parse_options(argv: list[str] | None, description: str = "") -> Options:
         steady=args.steady,
         skip_metrics=args.skip_metrics,
         skip_refresh=args.skip_refresh,
+        store=args.store,
         out=Path(args.out),
         refresh_ops=args.refresh_ops if args.refresh_ops is not None else max(sizes),
         hang_fraction=args.hang_fraction,
@@ -206,6 +210,14 @@ def part_two(bench: Bench, results: Results) -> None:
         results.refresh.append(refresh_run(bench, plan))
 
 
+def part_store(bench: Bench) -> dict[str, Any]:
+    """The state store at scale: benchmarks/store_bench.py (runnable alone), its results as it writes them."""
+    from store_bench import run  # benchmarks/, run.py's directory, is on the path
+
+    result: dict[str, Any] = run(bench.options.store, STORE_SECONDS, bench.log)
+    return result
+
+
 def run_parts(bench: Bench, results: Results) -> None:
     results.background_before = background_load()
     bench.log(f"machine busy before the run (other processes): {to_json(results.background_before)}")
@@ -213,6 +225,8 @@ def run_parts(bench: Bench, results: Results) -> None:
         part_one(bench, results)
     if not bench.options.skip_refresh:
         part_two(bench, results)
+    if bench.options.store:
+        results.store = part_store(bench)
     results.goals = goals(results)
     results.background_after = background_load()
 

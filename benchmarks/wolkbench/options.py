@@ -24,6 +24,7 @@ class Options:
     steady: bool
     skip_metrics: bool
     skip_refresh: bool
+    store: int  # operations of benchmarks/store_bench.py (0: not run)
     out: Path
     refresh_ops: int
     refresh_latency: float

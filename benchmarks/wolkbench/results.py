@@ -272,6 +272,7 @@ class Results:
     refresh: list[RefreshResult] = field(default_factory=list)
     goals: list[Goal] = field(default_factory=list)
     background_before: Background | None = field(default=None, metadata=OPTIONAL)
+    store: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # store_bench.py's own JSON
     background_after: Background | None = field(default=None, metadata=OPTIONAL)
     error: str | None = field(default=None, metadata=OPTIONAL)
     elapsed_s: float | None = field(default=None, metadata=OPTIONAL)
