@@ -228,10 +228,14 @@ class App:
 
     async def stop(self) -> None:
         """Stop serving, let in-flight upstream requests finish (up to a few seconds), save the state."""
+        # The refresher stops taking jobs first: no request starts while the server winds down.
+        refresher_stopped = asyncio.get_running_loop().run_in_executor(
+            None, self.refresher.stop, SHUTDOWN_SECONDS
+        )
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await asyncio.get_running_loop().run_in_executor(None, self.refresher.stop, SHUTDOWN_SECONDS)
+        await refresher_stopped
         self.publisher.stop()
         if self.state is not None:
             self.state.stop()

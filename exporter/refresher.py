@@ -287,6 +287,10 @@ class Refresher:
                     assert self._young is not None  # the scheduler took this request's place
                     self._young.release()
                     raise
+                if self._closing:  # shutting down while the spend was committed: the request is not sent
+                    assert self._young is not None
+                    self._young.release()
+                    return
             result = await self._young_request(job)
         finally:
             self._in_flight.pop(key, None)
