@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -58,6 +59,7 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             prices=op.prices,
             cost_budget=op.cost_budget,
             currency=config.currency,
+            host=urlsplit(op.base_url).netloc,
         )
         for op in config.operations
     ]

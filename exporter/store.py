@@ -36,6 +36,7 @@ class OperationInfo:
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
     currency: str = "USD"
+    host: str = ""  # host[:port] of its base URL: named by wolkvox_last_error_info (never a secret)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,6 @@ class OperationState:
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count; absent is 0 (rendered as 0)
     last_success: float | None = None
     last_duration: float | None = None
-    last_error: str | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
 
     def report(self, api: str) -> ReportState:
@@ -206,7 +206,6 @@ class Store:
                 self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
-                state.last_error = result.reason
                 report.last_failure = (result.reason, result.finished_at, result.detail)
             self._dirty.add(result.operation)
         self.changed.set()

@@ -318,6 +318,12 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def labelled(samples: Samples, name: str, **labels: str) -> list[dict[str, str]]:
+    """The label sets of every ``name`` sample that has (at least) these labels."""
+    wanted = set(labels.items())
+    return [dict(key) for (family, key) in samples if family == name and wanted <= key]
+
+
 # --------------------------------------------------------------------------- the simulator
 
 
