@@ -42,9 +42,22 @@ FAMILIES = {"budget", "cost", "fetch", "exporter"}
 # Alerts about the exporter process itself: no operation label.
 EXPORTER_PROCESS = {"WolkvoxExporterDown", "WolkvoxExporterAbsent", "WolkvoxConfigReloadFailed"}
 NO_OPERATION = EXPORTER_PROCESS | {"WolkvoxRequestPlanOverDailyLimit"}
-# No value worth printing: up == 0, absent() == 1, reload == 0; wolkvox_up == 0 is always 0 (the
-# text gives the duration and the reason instead).
-NO_VALUE = EXPORTER_PROCESS | {"WolkvoxFetchFailing"}
+# No value worth printing: up == 0, absent() == 1, reload == 0; the fetch alerts read the info series
+# (always 1): their texts give the failing apis, reasons and messages instead.
+FETCH_BY_REASON = {
+    "WolkvoxFetchFailing",
+    "WolkvoxTokenRejected",
+    "WolkvoxTokenLimitReached",
+    "WolkvoxUnknownApiConfigured",
+}
+NO_VALUE = EXPORTER_PROCESS | FETCH_BY_REASON
+RUNBOOK = REPO / "docs" / "runbook.md"
+RUNBOOK_DEFAULT = "https://github.com/wolkvox-exporter/wolkvox-exporter/blob/main/docs/runbook.md"
+RUNBOOK_URL = re.compile(
+    r"\{\{ or \$externalLabels\.wolkvox_runbook_url "
+    + re.escape(f'"{RUNBOOK_DEFAULT}"')
+    + r" \}\}#(?P<anchor>[a-z0-9_-]+)"
+)
 # Counts of active licences or connectors (a level, not a month-to-date total): never extrapolated.
 LEVEL_APIS = {name for name, api in BILLING_APIS.items() if api.kind == "level"}
 CUMULATIVE_APIS = set(BILLING_APIS) - LEVEL_APIS
@@ -308,11 +321,121 @@ def test_alert_has_severity_family_and_annotations(rule: dict[str, Any]) -> None
     assert "\n" not in annotations["description"].strip()
 
 
-def test_fetch_failing_description_names_the_last_error_reason() -> None:
-    (rule,) = [r for r in alert_rules() if r["alert"] == "WolkvoxFetchFailing"]
-    assert "wolkvox_last_error_info" in rule["annotations"]["description"]
-    assert "reason" not in rule["expr"], "a reason label would restart `for` when the reason changes"
-    assert rule["for"] == "15m"
+@pytest.mark.parametrize("name", sorted(FETCH_BY_REASON))
+def test_fetch_alerts_name_api_reason_host_and_message_and_group_by_operation(name: str) -> None:
+    (rule,) = [r for r in alert_rules() if r["alert"] == name]
+    text = rule["annotations"]["description"]
+    assert "wolkvox_last_error_info" in text
+    for label in ("api", "message"):
+        assert f".Labels.{label}" in text or f"$labels.{label}" in text, f"{name} does not print the {label}"
+    if name != "WolkvoxUnknownApiConfigured":  # the host is no news for an unknown api
+        assert ".Labels.host" in text and ".Labels.reason" in text
+    assert "First step" in text
+    # Grouped by operation (and api for an unknown api), never by reason or message: a label that
+    # changes would restart `for`.
+    (grouping,) = re.findall(r"max by \(([^)]*)\)", rule["expr"])
+    assert {g.strip() for g in grouping.split(",")} <= {"instance", "job", "operation", "api"}
+
+
+def test_reasons_that_waiting_does_not_cure_alert_within_minutes() -> None:
+    """Each failure reason is covered by exactly one alert; auth, token_limit and unknown_api fire
+    after 1m, the transient reasons after 15m."""
+    from exporter.model import REASONS
+
+    rules = {r["alert"]: r for r in alert_rules() if r["alert"] in FETCH_BY_REASON}
+    covered: dict[str, str] = {}
+    for name, rule in rules.items():
+        (selector,) = re.findall(r'wolkvox_last_error_info\{reason(=|!~)"([a-z_|]+)"\}', rule["expr"])
+        op, listed = selector[0], set(selector[1].split("|"))
+        reasons = listed if op == "=" else set(REASONS) - listed
+        for reason in reasons:
+            assert reason not in covered, f"{reason} alerts twice: {covered.get(reason)}, {name}"
+            covered[reason] = name
+    assert set(covered) == set(REASONS)
+    for reason in ("auth", "token_limit", "unknown_api"):
+        assert rules[covered[reason]]["for"] == "1m", reason
+    for reason in set(REASONS) - {"auth", "token_limit", "unknown_api"}:
+        assert rules[covered[reason]]["for"] == "15m", reason
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings: lower case, punctuation but '-' and '_' dropped, spaces to
+    '-', a repeated one suffixed -1, -2, ..."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        match = None if in_code else re.match(r"#{1,6} +(.+?) *$", line)
+        if not match:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_github_anchor_rules_as_implemented_here() -> None:
+    assert _github_anchors("# A b\n## `C`: d.e\n## A b\n```\n# not a heading\n```") == {
+        "a-b",
+        "c-de",
+        "a-b-1",
+    }
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_links_its_section_of_the_runbook(rule: dict[str, Any]) -> None:
+    url = rule["annotations"].get("runbook_url", "")
+    match = RUNBOOK_URL.fullmatch(url)
+    assert match, f"runbook_url {url!r} is not the shared base and an anchor"
+    assert match["anchor"] == rule["alert"].lower()
+    assert match["anchor"] in _github_anchors(RUNBOOK.read_text(encoding="utf-8"))
+
+
+def test_runbook_links_within_the_page_resolve() -> None:
+    text = RUNBOOK.read_text(encoding="utf-8")
+    anchors = _github_anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) > 20
+    assert set(links) - anchors == set()
+    # A section per failure reason, for the fetch alerts and the status page to link to.
+    from exporter.model import REASONS
+
+    assert {f"reason-{reason}" for reason in REASONS} <= anchors
+
+
+def test_runbook_timings_are_the_rules() -> None:
+    """The runbook's table of how soon each alert fires states each alert's severity and `for` as the
+    rules have them."""
+    rules = {r["alert"]: r for r in alert_rules()}
+    rows = re.findall(
+        r"^\| [^|]+ \| (Wolkvox\w+) \| (\w+) \| (\w+) \| [^|]+ \|$",
+        RUNBOOK.read_text(encoding="utf-8"),
+        re.MULTILINE,
+    )
+    assert {name for name, _, _ in rows} == FETCH_BY_REASON | {"WolkvoxDataStale"}
+    for name, severity, wait in rows:
+        assert (rules[name]["labels"]["severity"], rules[name]["for"]) == (severity, wait), name
+
+
+def _fed_by_the_exporter(rule: dict[str, Any]) -> bool:
+    """The alert reads a series the exporter exports, directly or through a recording rule."""
+    return bool(re.search(r"(?<![\"=])\b(wolkvox_\w+|\w+:wolkvox\w*:\w+|wolkvox:\w+)", rule["expr"]))
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alerts_fed_by_the_exporter_keep_firing_through_its_absence(rule: dict[str, Any]) -> None:
+    """Longer than WolkvoxExporterDown takes to fire, so Alertmanager mutes them before they resolve."""
+    (down,) = [r for r in alert_rules() if r["alert"] == "WolkvoxExporterDown"]
+    if rule["alert"] in {"WolkvoxExporterDown", "WolkvoxExporterAbsent"}:
+        assert not _fed_by_the_exporter(rule)
+        assert "keep_firing_for" not in rule
+        return
+    assert _fed_by_the_exporter(rule)
+    assert _duration_seconds(rule.get("keep_firing_for", "0s")) >= _duration_seconds(down["for"]) + 5 * 60
 
 
 def test_alert_names_are_unique() -> None:
@@ -359,7 +482,9 @@ def test_month_rollover_is_tested_for_every_alert() -> None:
 ROLLOVER = ("rollover_test.yml", "month rollover Jan 31 -> Feb 1")
 BUDGET = ("budget_test.yml", "budget thresholds and forecast on Jan 11")
 FETCH_FAILING = ("fetch_test.yml", "fetches failing for 15 minutes, reason changes during the outage")
-TOKEN_SPENT = ("fetch_test.yml", "daily token budget spent")
+BY_REASON = ("fetch_test.yml", "a rejected token, a spent budget and an unknown api alert within minutes")
+NEVER_FETCHED = ("fetch_test.yml", "an operation that never had a value")
+EXPORTER_STOPS = ("fetch_test.yml", "the exporter stops; its alerts do not resolve")
 EXPORTER_DOWN = ("exporter_test.yml", "exporter down, config reload failed")
 BILLING_COST = ("billing_test.yml", "cost per service, per operation and in total; cost alerts")
 TOKEN_BUDGET = ("billing_test.yml", "daily token budget, request plan, unknown api")
@@ -388,14 +513,35 @@ MUTATIONS: dict[str, tuple[str, str, tuple[str, str]]] = {
         BUDGET,
     ),
     "fetch failing after 5m instead of 15m": (
-        "expr: wolkvox_up == 0\n        for: 15m",
-        "expr: wolkvox_up == 0\n        for: 5m",
+        'unknown_api"})\n        for: 15m',
+        'unknown_api"})\n        for: 5m',
         FETCH_FAILING,
     ),
+    "fetch failing resolves the moment its series vanish": (
+        'unknown_api"})\n        for: 15m\n        keep_firing_for: 15m',
+        'unknown_api"})\n        for: 15m',
+        EXPORTER_STOPS,
+    ),
+    "data stale resolves the moment its series vanish": (
+        "        for: 5m\n        keep_firing_for: 15m\n"
+        "        labels:\n          severity: critical\n          family: fetch",
+        "        for: 5m\n        labels:\n          severity: critical\n          family: fetch",
+        EXPORTER_STOPS,
+    ),
+    "an operation that never succeeded is never stale": (
+        "unless on (operation) wolkvox_last_success_timestamp_seconds\n            ) > 1800",
+        "unless on (operation) wolkvox_last_success_timestamp_seconds\n            ) > 1e12",
+        NEVER_FETCHED,
+    ),
+    "a rejected token waits 15m": (
+        '(wolkvox_last_error_info{reason="auth"})\n        for: 1m',
+        '(wolkvox_last_error_info{reason="auth"})\n        for: 15m',
+        BY_REASON,
+    ),
     "token limit alert on every error reason": (
-        'increase(wolkvox_scrape_errors_total{reason="token_limit"}[30m]) > 0',
-        "increase(wolkvox_scrape_errors_total[30m]) > 0",
-        TOKEN_SPENT,
+        'max by (instance, job, operation) (wolkvox_last_error_info{reason="token_limit"})',
+        "max by (instance, job, operation) (wolkvox_last_error_info)",
+        BY_REASON,
     ),
     "exporter down for another job": (
         'expr: up{job="wolkvox"} == 0',
@@ -443,8 +589,8 @@ MUTATIONS: dict[str, tuple[str, str, tuple[str, str]]] = {
         TOKEN_BUDGET,
     ),
     "unknown api alert on every error reason": (
-        'increase(wolkvox_scrape_errors_total{reason="unknown_api"}[1h]) > 0',
-        "increase(wolkvox_scrape_errors_total[1h]) > 0",
+        'max by (instance, job, operation, api) (wolkvox_last_error_info{reason="unknown_api"})',
+        "max by (instance, job, operation, api) (wolkvox_last_error_info)",
         TOKEN_BUDGET,
     ),
     "previous-month usage summed over exporter replicas": (
