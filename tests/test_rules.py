@@ -29,7 +29,17 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from harness import REPO, alertmanager, amtool, free_port, promtool, start_program, wait_until, which
+from harness import (
+    REPO,
+    alertmanager,
+    amtool,
+    free_port,
+    holds,
+    promtool,
+    start_program,
+    wait_until,
+    which,
+)
 from tools import RULES_FILE
 
 from exporter.model import BILLING_APIS
@@ -686,14 +696,14 @@ class _Webhooks:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def delivered(self) -> set[tuple[str, str, str]]:
-        """{(receiver path, alertname, operation)} of every firing alert delivered so far."""
+    def delivered(self, status: str = "firing") -> set[tuple[str, str, str]]:
+        """{(receiver path, alertname, operation)} of every alert delivered so far with this status."""
         with self.lock:
             return {
                 (path, alert["labels"]["alertname"], alert["labels"].get("operation", ""))
                 for path, doc in self.received
                 for alert in doc["alerts"]
-                if alert["status"] == "firing"
+                if alert["status"] == status
             }
 
     def close(self) -> None:
@@ -796,3 +806,66 @@ def test_alertmanager_inhibits_warning_when_critical_fires(
     expected.add(("/team", "WolkvoxFetchFailing", "sentinel"))
     wait_until(lambda: hooks.delivered() >= expected, timeout=30, what="the sentinel delivery")
     assert hooks.delivered() == expected
+
+
+def test_alertmanager_sends_no_resolved_for_an_exporter_that_is_down(
+    running_alertmanager: tuple[str, _Webhooks],
+) -> None:
+    """While WolkvoxExporterDown fires for an exporter, the alerts of that exporter that Prometheus stops
+    firing (keep_firing_for over) are muted: no "resolved" reaches a receiver. Another exporter's alert
+    resolves as usual."""
+    url, hooks = running_alertmanager
+    now = datetime.now(UTC)
+
+    def alert(name: str, ends: datetime, **labels: str) -> dict[str, Any]:
+        return {
+            "labels": {**_rule_labels(name), "job": "wolkvox", **labels},
+            "annotations": {"summary": "test", "description": "test"},
+            "startsAt": now.isoformat(),
+            "endsAt": ends.isoformat(),
+        }
+
+    def post(alerts: list[dict[str, Any]]) -> None:
+        requests.post(f"{url}/api/v2/alerts", json=alerts, timeout=5).raise_for_status()
+
+    later = now + timedelta(minutes=10)
+    post(
+        [
+            alert("WolkvoxFetchFailing", later, operation="cali", instance="a:19726"),
+            alert("WolkvoxFetchFailing", later, operation="lima", instance="b:19726"),
+        ]
+    )
+    firing = {("/team", "WolkvoxFetchFailing", "cali"), ("/team", "WolkvoxFetchFailing", "lima")}
+    wait_until(lambda: hooks.delivered() >= firing, timeout=30, what="both fetch alerts delivered")
+
+    post([alert("WolkvoxExporterDown", later, instance="a:19726")])
+    wait_until(
+        lambda: ("/pager", "WolkvoxExporterDown", "") in hooks.delivered(), timeout=30, what="exporter down"
+    )
+
+    def muted() -> bool:
+        alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
+        states = {a["labels"].get("operation"): a["status"]["state"] for a in alerts}
+        return states.get("cali") == "suppressed" and states.get("lima") == "active"
+
+    wait_until(muted, timeout=20, what="exporter a's fetch alert muted, b's not")
+
+    # keep_firing_for is over: Prometheus sends both as resolved (endsAt now).
+    resolved_at = datetime.now(UTC)
+    post(
+        [
+            alert("WolkvoxFetchFailing", resolved_at, operation="cali", instance="a:19726"),
+            alert("WolkvoxFetchFailing", resolved_at, operation="lima", instance="b:19726"),
+        ]
+    )
+    wait_until(
+        lambda: ("/team", "WolkvoxFetchFailing", "lima") in hooks.delivered("resolved"),
+        timeout=30,
+        what="the other exporter's alert resolved",
+    )
+    # Groups flush every group_interval (1 s here): three of them pass without a resolved for cali.
+    holds(
+        lambda: ("/team", "WolkvoxFetchFailing", "cali") not in hooks.delivered("resolved"),
+        3.0,
+        what="no resolved for the alert of the exporter that is down",
+    )
