@@ -869,3 +869,9 @@ def test_alertmanager_sends_no_resolved_for_an_exporter_that_is_down(
         3.0,
         what="no resolved for the alert of the exporter that is down",
     )
+
+
+def test_the_readme_alert_table_lists_every_alert_with_its_severity() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(Wolkvox\w+)` \| (\w+) \|", text, re.MULTILINE))
+    assert rows == {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
