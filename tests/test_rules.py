@@ -12,17 +12,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +28,11 @@ import requests
 import yaml
 from harness import (
     REPO,
-    alertmanager,
+    Webhooks,
     amtool,
-    free_port,
     holds,
     promtool,
-    start_program,
+    start_alertmanager,
     wait_until,
     which,
 )
@@ -672,70 +668,10 @@ def test_alert_routes_to_the_receiver_of_its_severity(rule: dict[str, Any]) -> N
     assert done.stdout.strip() == SEVERITY_RECEIVER[rule["labels"]["severity"]]
 
 
-class _Webhooks:
-    """A loopback HTTP server that records Alertmanager webhook deliveries by path."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[str, dict[str, Any]]] = []
-        self.lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with owner.lock:
-                    owner.received.append((self.path, json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def delivered(self, status: str = "firing") -> set[tuple[str, str, str]]:
-        """{(receiver path, alertname, operation)} of every alert delivered so far with this status."""
-        with self.lock:
-            return {
-                (path, alert["labels"]["alertname"], alert["labels"].get("operation", ""))
-                for path, doc in self.received
-                for alert in doc["alerts"]
-                if alert["status"] == status
-            }
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def running_alertmanager(tmp_path: Path) -> Iterator[tuple[str, _Webhooks]]:
-    binary = alertmanager()
-    hooks = _Webhooks()
-    config = yaml.safe_load(AM_CONFIG.read_text(encoding="utf-8"))
-    # Same routes and inhibit rules; deliveries go to loopback, and groups are flushed at once.
-    config["route"].update(group_wait="0s", group_interval="1s")
-    for receiver in config["receivers"]:
-        for hook in receiver.get("webhook_configs", []):
-            hook["url"] = f"http://127.0.0.1:{hooks.port}/{receiver['name']}"
-    (tmp_path / "am.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    child = start_program(
-        [
-            binary,
-            f"--config.file={tmp_path / 'am.yml'}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        tmp_path / "alertmanager.log",
-        ready=f"{url}/-/ready",
-        timeout=30,
-    )
+def running_alertmanager(tmp_path: Path) -> Iterator[tuple[str, Webhooks]]:
+    hooks = Webhooks()
+    child, url = start_alertmanager(tmp_path, hooks)
     try:
         yield url, hooks
     finally:
@@ -749,7 +685,7 @@ def _rule_labels(alertname: str) -> dict[str, str]:
 
 
 def test_alertmanager_inhibits_warning_when_critical_fires(
-    running_alertmanager: tuple[str, _Webhooks],
+    running_alertmanager: tuple[str, Webhooks],
 ) -> None:
     url, hooks = running_alertmanager
     now = datetime.now(UTC)
@@ -809,7 +745,7 @@ def test_alertmanager_inhibits_warning_when_critical_fires(
 
 
 def test_alertmanager_sends_no_resolved_for_an_exporter_that_is_down(
-    running_alertmanager: tuple[str, _Webhooks],
+    running_alertmanager: tuple[str, Webhooks],
 ) -> None:
     """While WolkvoxExporterDown fires for an exporter, the alerts of that exporter that Prometheus stops
     firing (keep_firing_for over) are muted: no "resolved" reaches a receiver. Another exporter's alert
