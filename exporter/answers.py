@@ -58,8 +58,8 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from exporter.model import FetchError, Reading, TokenInfo, redact
-from exporter.secret import Secret
+from exporter.model import FetchError, Reading, TokenInfo
+from exporter.secret import Secret, one_line, redact
 
 __all__ = ["ItemsError", "month_of", "parse_body", "parse_items", "parse_token_info"]
 
@@ -104,12 +104,9 @@ class ItemsError(ValueError):
 def _short_repr(value: object, limit: int = _REPR_CHARS, secret: Secret | None = None) -> str:
     """repr(value), the secret redacted BEFORE shortening (so no cut-off head of it survives)."""
     try:
-        text = redact(repr(value), secret)
+        return one_line(repr(value), secret, limit)
     except RecursionError:
         return f"<deeply nested {type(value).__name__}>"
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
 
 
 def _snippet(body: bytes, secret: Secret | None) -> str:
@@ -117,10 +114,7 @@ def _snippet(body: bytes, secret: Secret | None) -> str:
     # Redact the whole body (at most max_body_bytes) before cutting anything: a cut made first could
     # end inside the token, and whitespace collapsed later could pull that cut-off head into view.
     text = redact(body.decode("utf-8", errors="replace"), secret)
-    text = _WHITESPACE_RE.sub(" ", text).strip()
-    if len(text) > _SNIPPET_CHARS:
-        text = text[: _SNIPPET_CHARS - 3] + "..."
-    return text
+    return one_line(_WHITESPACE_RE.sub(" ", text).strip(), secret, _SNIPPET_CHARS)
 
 
 def month_of(raw: object) -> str | None:

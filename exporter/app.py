@@ -22,7 +22,8 @@ from exporter.config import Config, ConfigError, format_duration, parse_listen_a
 from exporter.logs import redact
 from exporter.page import Pages, Publisher
 from exporter.planner import plan_pace
-from exporter.refresher import Refresher, plan_jobs, token_key
+from exporter.refresher import Refresher, plan_jobs
+from exporter.secret import token_key
 from exporter.statefile import StateFile, StateSaver
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import ssl
 import time
 import urllib.parse
@@ -46,8 +45,8 @@ from aiohttp import http_exceptions
 from exporter import __version__
 from exporter.answers import parse_body, parse_token_info
 from exporter.fdlimit import soft_fd_limit
-from exporter.model import TOKEN_INFO, FetchError, Reading, TokenInfo
-from exporter.secret import Secret
+from exporter.model import BILLING_PATH, INFORMATION_PATH, TOKEN_INFO, FetchError, Reading, TokenInfo
+from exporter.secret import Secret, sendable
 
 __all__ = ["DEFAULT_USER_AGENT", "WolkvoxClient", "default_max_connections"]
 
@@ -61,11 +60,7 @@ RESERVED_FDS = 1024  # descriptors left for everything but upstream sockets
 # operations (one host each) do not keep thousands of idle sockets between their refreshes.
 KEEPALIVE_SECONDS = 5.0
 
-_BILLING_PATH = "/api/v2/billing.php"
-_INFORMATION_PATH = "/api/v2/information.php"
 _CHUNK_BYTES = 64 * 1024
-# What an HTTP header value may hold here: visible ASCII, single inner spaces allowed.
-_TOKEN_RE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 
 
 # --------------------------------------------------------------------------------------- fd limit
@@ -206,7 +201,7 @@ class WolkvoxClient:
         self, *, base_url: str, server: str, token: Secret, api: str, ca_file: str | None = None
     ) -> Reading:
         """``GET {base_url}/api/v2/billing.php?api={api}``: a Reading, or FetchError."""
-        status, body = await self._get(base_url.rstrip("/") + _BILLING_PATH, api, server, token, ca_file)
+        status, body = await self._get(base_url.rstrip("/") + BILLING_PATH, api, server, token, ca_file)
         return parse_body(body, status, secret=token)
 
     async def fetch_token_info(
@@ -216,7 +211,7 @@ class WolkvoxClient:
 
         This call is itself a request on the token and counts against its daily budget.
         """
-        url = base_url.rstrip("/") + _INFORMATION_PATH
+        url = base_url.rstrip("/") + INFORMATION_PATH
         status, body = await self._get(url, TOKEN_INFO, server, token, ca_file)
         return parse_token_info(body, status, secret=token)
 
@@ -303,10 +298,11 @@ class WolkvoxClient:
         """
         if not token:
             raise FetchError("auth", "the token is empty")
-        if _TOKEN_RE.fullmatch(token.reveal()) is None:
+        if not sendable(token.reveal()):
             raise FetchError(
                 "auth",
-                "the token has whitespace or control characters and cannot be sent in an HTTP header "
+                "the token has whitespace, control or non-ASCII characters and cannot be sent in an HTTP "
+                "header "
                 "(a trailing newline in the token file?)",
                 secret=token,
             )

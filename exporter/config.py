@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import ConstructorError
 
-from exporter.secret import Secret
+from exporter.secret import Secret, one_line, sendable
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -438,7 +438,7 @@ def _token(section: _Section, base_dir: str) -> Secret:
         raise ConfigError("missing; set token or token_file", section.where("token"))
     if not value:
         raise ConfigError(f"{what} is empty", where)
-    if not all("!" <= ch <= "~" for ch in value):
+    if not sendable(value):
         # An HTTP header cannot carry it: every refresh would fail.
         raise ConfigError(f"{what} contains whitespace, control or non-ASCII characters", where)
     return Secret(value)
@@ -702,17 +702,12 @@ def _expand(text: str, where: str, environ: Mapping[str, str]) -> tuple[str, boo
 
 
 def _render(file: str | None, key: str | None, problem: str) -> str:
-    return _one_line(": ".join(part for part in (file, key, problem) if part))
+    return one_line(": ".join(part for part in (file, key, problem) if part))
 
 
 def _is_unprintable(ch: str) -> bool:
     # Cc control, Cf format (bidi overrides), Zl/Zp line and paragraph separators.
     return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
-
-
-def _one_line(text: str) -> str:
-    """Escape anything that could break the message over lines (or mislead a terminal)."""
-    return "".join(ch.encode("unicode_escape").decode("ascii") if _is_unprintable(ch) else ch for ch in text)
 
 
 def _show(value: object) -> str:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from exporter import __version__
 from exporter.exposition import Family, sample
 from exporter.logs import redact as scrub
-from exporter.model import BILLING_APIS, REASONS, STEREO_REC, one_line
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC
+from exporter.secret import one_line
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
 STEREO_REC_MINUTES = Family(
@@ -69,7 +70,7 @@ BILLING_USAGE = Family(
     "gauge",
     "Month-to-date usage of a wolkvox billing service (api) by the operation, as last fetched (cached; "
     "drops at the start of each month). The unit depends on the api: "
-    + "; ".join(f"{api.name}: {api.unit}" for api in BILLING_APIS.values())
+    + "; ".join(f"{api.name}: {api.measures}" for api in BILLING_APIS.values())
     + ".",
 )
 _CLOSED = (
@@ -268,9 +269,9 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
 
 # An operation's rendered lines are cached (until it changes) as one small bytes object: a table of
 # where each entry's lines start and end (little-endian uint32, 0 first), then the lines, all deflated
-# with a preset dictionary of the lines every operation has. At 10,000 operations the cache was ~15 MB
-# as lists of ten bytes objects; this way it is ~1.6 MB (~130 B per operation), and reading it back for a
-# new page costs ~1 µs per operation.
+# with a preset dictionary of the lines every operation has: the lines that repeat across operations cost
+# almost nothing, so the cache of 10,000 operations stays small at the price of a little CPU per re-render
+# (the figures are in benchmarks/README.md, memory).
 _ENDS = struct.Struct(f"<{len(OPERATION_FAMILIES) + 1}I")
 
 

@@ -9,33 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import time
-from collections.abc import Iterable
+
+from exporter.secret import Redactor
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("logfmt", "json")
-REDACTED = "<redacted>"
-
-
-class _Redactor:
-    def __init__(self) -> None:
-        self._secrets: tuple[str, ...] = ()
-        self._lock = threading.Lock()
-
-    def set(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a token that contains another is masked whole.
-        with self._lock:
-            self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-
-
-redact = _Redactor()
+redact = Redactor()  # app.py sets the configured tokens
 
 
 def _timestamp(record: logging.LogRecord) -> str:

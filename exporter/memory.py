@@ -31,7 +31,7 @@ def tune_malloc() -> None:
     operations) from mmap, so freeing one gives the memory back to the OS: glibc otherwise raises its
     mmap threshold after the first such free, and every later page grows the heap instead. And keep one
     malloc arena: glibc gives each thread that allocates an arena of its own, and the serving, refresher
-    and publisher threads each kept a partly used one (4-6 MB more at 10,000 operations). Python
+    and publisher threads would each keep a partly used one. Python
     allocates under the GIL, so the threads take turns anyway."""
     if _LIBC is None:
         return
@@ -45,7 +45,7 @@ def tune_malloc() -> None:
 
 class Trimmer:
     """Gives the free pages inside the heap back to the OS (``malloc_trim``), at most every
-    ``TRIM_EVERY_SECONDS``: one call takes ~6 ms at 10,000 operations (without the GIL)."""
+    ``TRIM_EVERY_SECONDS``: a call walks the whole heap (without the GIL), so not after every render."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

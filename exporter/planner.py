@@ -11,28 +11,51 @@ The rules, as the vendor states them (``docs/wolkvox-api.md``), and how they are
   than ``limit`` requests, whatever happens (failures and retries included). When the reports of a token
   would need more than the refill rate, every interval of the token is stretched by the same factor
   (``pace``): 14 reports at 1,000 a day are each refreshed about every 20 minutes.
+* **A first full picture at start:** the burst is the token's number of reports while that is at most half
+  its limit, so every report is fetched once at start (back to back); beyond half, the burst is half the
+  limit and the remaining reports follow at the refill rate. A larger burst leaves a smaller refill, so a
+  tight budget refreshes a little more slowly afterwards (10 a day and 4 reports: each about every 16 h
+  instead of every 11 h with a burst of one).
+* **A change of pace keeps the guarantee:** when a reload changes a token's burst or limit (or a restart
+  finds a different one saved), the bucket's level drops by what the burst or the limit shrank (it may go
+  below zero: a debt, paid by waiting, never longer than a day), so a window of 24 hours that spans the
+  change holds no more than the new limit either (or than the old requests it already held).
 * **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token; ``timeout``
   and ``connection`` pause every report sent to that server (``Job.server``); any other reason delays only
   the report that failed (an unknown api must not slow its token's other reports).
 
-No threads, no I/O, no sleeping: the caller passes nothing but calls, the clock is injected, and
-``take`` says either which job to run now or how long to wait. ``exporter/refresher.py`` carries it out.
+Time: every due time, pause and bucket level runs on the injected monotonic ``clock``; the ``wall`` clock
+(Unix time) is read only to show (``status``), save (``save``) and restore, so a step of the wall clock
+changes neither a due time nor the budget. What is restored from saved state is capped to what the rules
+could have produced: a report due at most one interval ahead, a token's pause at most its rule's longest
+(12 intervals after ``token_limit``, one interval of backoff after ``auth``), a bucket level at most its
+burst (and a debt at most the limit); a state saved "in the future" (the wall clock was ahead then, or is
+behind now) gets no refill for the time between. Anything capped beyond its rule is logged once, in one
+line.
+
+No threads, no I/O but that line, no sleeping: the caller passes nothing but calls, the clock is injected,
+and ``take`` says either which job to run now or how long to wait. ``exporter/refresher.py`` carries it out.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from exporter.clock import about
 from exporter.model import ReportStatus
+
+log = logging.getLogger(__name__)
 
 DAY = 86_400.0
 TOKEN_GAP = 1.0  # seconds between an answer and the next request on the same token
 FIRST_RETRY = 30.0
 TOKEN_LIMIT_PAUSE_INTERVALS = 12  # after TOKEN LIMIT EXCEEDED: 12 intervals, one hour at 5 m
-BURST_SHARE = 10  # the start-up burst is at most a tenth of the daily budget
+BURST_SHARE = 2  # the start-up burst: every report while they are at most half the daily budget
+AHEAD_TOLERANCE = 1.0  # seconds a saved time may lie ahead of what its rule allows before it is "capped"
 
 TOKEN_WIDE = frozenset({"auth", "token_limit"})
 SERVER_WIDE = frozenset({"timeout", "connection"})
@@ -57,15 +80,29 @@ class Pace:
     refill_per_second: float
     demand_per_day: float  # requests per day the configured intervals ask for
     stretch: float
+    limit: int = 0  # the daily_request_limit it was planned for
 
 
 def plan_pace(intervals: Sequence[float], daily_limit: int) -> Pace:
-    """The budget of one token serving jobs with these configured intervals."""
+    """The budget of one token serving jobs with these configured intervals: a burst of every job while
+    they are at most half the limit (a first full picture at start), else of half the limit."""
     burst = max(1, min(len(intervals), daily_limit // BURST_SHARE))
     refill = max(daily_limit - burst, 1) / DAY  # per second; a limit of 1 still refreshes once a day
     demand = sum(DAY / interval for interval in intervals)
     stretch = max(1.0, demand / (refill * DAY)) if demand > 0 else 1.0
-    return Pace(burst=burst, refill_per_second=refill, demand_per_day=demand, stretch=stretch)
+    return Pace(
+        burst=burst, refill_per_second=refill, demand_per_day=demand, stretch=stretch, limit=daily_limit
+    )
+
+
+def charged(level: float, old: Pace, new: Pace) -> float:
+    """A token's bucket level when its pace changes from ``old`` to ``new``. A smaller burst means a faster
+    refill from now on, a smaller limit a smaller allowance: either is paid for at once (the level drops
+    by the difference), or a window of 24 hours spanning the change could hold more than the limit. The
+    debt never asks for more than a day of waiting: after a day without a request, no window holds a
+    request of the old pace, and the new bucket alone keeps the guarantee."""
+    debt = min(0, new.burst - old.burst, new.limit - old.limit)
+    return max(min(level + debt, float(new.burst)), 1.0 - new.refill_per_second * DAY)
 
 
 def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
@@ -86,8 +123,8 @@ class _Report:
 
 @dataclass(slots=True)
 class _Token:
-    # A list, not a dict by (operation, api): most tokens have one or a few reports, ``take`` reads them
-    # all anyway, and a dict and a key tuple per token were ~2.5 MB at 10,000 tokens.
+    # A list, not a dict by (operation, api): most tokens have one or a few reports and ``take`` reads
+    # them all anyway, so a dict and its key tuples would only cost memory.
     reports: list[_Report]
     pace: Pace
     level: float  # requests left in the bucket
@@ -95,6 +132,7 @@ class _Token:
     busy: bool = False
     free_at: float = 0.0
     paused_until: float = 0.0
+    pause_intervals: int = 0  # the longest pause, in intervals, the rule behind the current one sets
     failures: int = 0  # token-wide failures (auth, token_limit) in a row
 
 
@@ -107,7 +145,13 @@ class _Server:
 @dataclass
 class SavedPacing:
     """What survives a restart (wall-clock times): per token its bucket and pause, per report its due
-    time. Keys are token keys (never tokens) and ``operation/api``."""
+    time. Keys are token keys (never tokens) and ``operation/api``.
+
+    A token's entry: ``level`` (requests left, may be negative: a debt), ``at`` (when it was saved),
+    ``paused_until``; and since this exporter caps what it restores, ``pause_intervals`` (the longest
+    pause, in intervals, of the rule behind ``paused_until``: 12 for token_limit, 1 for backoff),
+    ``burst`` and ``limit`` (the pace the level belongs to). Each of these three is optional: without
+    it the pause is capped at 12 intervals and the level taken as of the current pace."""
 
     tokens: dict[str, dict[str, float]] = field(default_factory=dict)
     reports: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -136,8 +180,10 @@ class Planner:
 
     def configure(self, jobs_by_token: Mapping[str, Sequence[Job]], daily_limit: int) -> dict[str, Pace]:
         """Take the jobs of every token (by token key). A token or report that stays keeps its state (a
-        reload never re-fetches or refills); new ones are due now, or when the restored state says."""
+        reload never re-fetches or refills; a change of pace is ``charged`` to the bucket); new ones
+        are due now, or when the restored state says, capped to what the rules allow."""
         now = self._clock()
+        capped = _Capped()
         tokens: dict[str, _Token] = {}
         paces: dict[str, Pace] = {}
         shared: dict[tuple[float, ...], Pace] = {}  # tokens with the same intervals share one Pace
@@ -146,15 +192,9 @@ class Planner:
             pace = shared.get(intervals) or shared.setdefault(intervals, plan_pace(intervals, daily_limit))
             paces[key] = pace
             old = self._tokens.get(key)
-            if old is None:
-                token = self._new_token(key, pace, now)
-            else:
-                token = old
-                self._refill(token, now)
-                token.pace = pace
-                token.level = min(token.level, pace.burst)
+            kept = {(r.job.operation, r.job.api): r for r in old.reports} if old is not None else {}
+            base = self._saved_base(key)
             reports: list[_Report] = []
-            kept = {(r.job.operation, r.job.api): r for r in token.reports}
             for job in jobs:
                 interval = job.interval * pace.stretch
                 previous = kept.get((job.operation, job.api))
@@ -164,35 +204,75 @@ class Planner:
                     previous.interval = interval
                     reports.append(previous)
                 else:
-                    due = self._restored_due(key, job, now)
+                    due = self._restored_due(key, job, now, base)
                     reports.append(_Report(job, interval, due=min(due, now + interval)))
-            token.reports = reports
+            if old is None:
+                token = self._new_token(key, pace, now, base, reports, capped)
+            else:
+                token = old
+                self._refill(token, now)
+                token.level = charged(token.level, token.pace, pace)
+                token.pace = pace
+                token.reports = reports
             tokens[key] = token
         self._tokens = tokens
         servers = {report.job.server for token in tokens.values() for report in token.reports}
         self._servers = {name: s for name, s in self._servers.items() if name in servers}
+        capped.log()
         return paces
 
     def restore(self, saved: SavedPacing) -> None:
         """Use pacing saved by an earlier run for the tokens and reports configured next."""
         self._saved = saved
 
-    def _new_token(self, key: str, pace: Pace, now: float) -> _Token:
-        token = _Token(reports=[], pace=pace, level=float(pace.burst), updated=now)
+    def _saved_base(self, key: str) -> float:
+        """The wall time that saved times of token ``key`` count from: now, or when they were saved if that
+        lies ahead of now (the clock was ahead then: no time is taken to have passed since)."""
+        wall = self._wall()
         saved = self._saved.tokens.get(key)
-        if saved is not None:
-            elapsed = max(0.0, self._wall() - saved.get("at", 0.0))
-            token.level = min(
-                float(pace.burst), max(0.0, saved.get("level", 0.0)) + elapsed * pace.refill_per_second
-            )
-            token.paused_until = now + max(0.0, saved.get("paused_until", 0.0) - self._wall())
+        return max(wall, _finite(saved, "at", wall)) if saved is not None else wall
+
+    def _new_token(
+        self, key: str, pace: Pace, now: float, base: float, reports: list[_Report], capped: _Capped
+    ) -> _Token:
+        token = _Token(reports=reports, pace=pace, level=float(pace.burst), updated=now)
+        saved = self._saved.tokens.get(key)
+        if saved is None:
+            return token
+        wall = self._wall()
+        at = _finite(saved, "at", wall)
+        if at > wall + AHEAD_TOLERANCE:
+            capped.note("saved_ahead", at - wall, reports)  # no refill for the time "between"
+        # The level as of the pace it was saved with (the current one when the file does not say), refilled
+        # at that pace for the time since, then charged for the change to the current pace.
+        burst = max(1, int(_finite(saved, "burst", pace.burst)))
+        limit = max(burst, int(_finite(saved, "limit", pace.limit)))
+        old = Pace(burst, max(limit - burst, 1) / DAY, 0.0, 1.0, limit)
+        level = _finite(saved, "level", math.nan)
+        if not -limit <= level <= burst:  # NaN too
+            capped.note("level", 0.0, reports)
+            level = min(max(level, -limit), burst) if math.isfinite(level) else 0.0
+        level = min(float(burst), level + max(0.0, wall - at) * old.refill_per_second)
+        token.level = charged(level, old, pace)
+        # A pause is at most its rule's longest: 12 intervals after token_limit, one after auth (backoff).
+        until = saved.get("paused_until", 0.0)
+        pause = max(0.0, until - base) if not math.isnan(until) else math.inf
+        most = float(TOKEN_LIMIT_PAUSE_INTERVALS)
+        rule = min(max(_finite(saved, "pause_intervals", most), 1.0), most)
+        longest = rule * max((r.interval for r in reports), default=0.0)
+        if pause > longest + AHEAD_TOLERANCE:
+            capped.note("pause", pause - longest, reports)
+            pause = longest
+        token.paused_until = now + pause
+        token.pause_intervals = int(rule) if pause > 0 else 0
         return token
 
-    def _restored_due(self, key: str, job: Job, now: float) -> float:
+    def _restored_due(self, key: str, job: Job, now: float, base: float) -> float:
+        """The saved due time on this clock (the caller caps it at one interval ahead)."""
         due_wall = self._saved.reports.get(key, {}).get(f"{job.operation}/{job.api}")
         if due_wall is None:
             return now
-        return now + max(0.0, due_wall - self._wall())
+        return now + max(0.0, due_wall - base) if not math.isnan(due_wall) else now
 
     # ----- carrying out ----------------------------------------------------------------------------
 
@@ -244,8 +324,10 @@ class Planner:
             token.failures += 1
             if reason == "token_limit":
                 pause = TOKEN_LIMIT_PAUSE_INTERVALS * interval * self._rng.uniform(0.9, 1.0)
+                token.pause_intervals = TOKEN_LIMIT_PAUSE_INTERVALS
             else:
                 pause = retry_delay(token.failures, interval, self._rng)
+                token.pause_intervals = 1
             token.paused_until = now + pause
             return  # the report stays due: it runs first when the pause ends
         if reason in SERVER_WIDE:
@@ -291,16 +373,63 @@ class Planner:
         saved = SavedPacing()
         for key, token in self._tokens.items():
             self._refill(token, now)
+            paused = token.paused_until > now
             saved.tokens[key] = {
                 "level": round(token.level, 6),
                 "at": wall,
                 "paused_until": wall + max(0.0, token.paused_until - now),
+                "pause_intervals": float(token.pause_intervals if paused else 0),
+                "burst": float(token.pace.burst),
+                "limit": float(token.pace.limit),
             }
             saved.reports[key] = {
                 f"{report.job.operation}/{report.job.api}": wall + max(0.0, report.due - now)
                 for report in token.reports
             }
         return saved
+
+
+class _Capped:
+    """What a ``configure`` capped of the restored state beyond its rule, logged in one line."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.furthest = 0.0
+        self.operations: list[str] = []
+
+    def note(self, what: str, ahead: float, reports: Sequence[_Report]) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+        if math.isfinite(ahead):
+            self.furthest = max(self.furthest, ahead)
+        for name in dict.fromkeys(r.job.operation for r in reports):
+            if len(self.operations) <= 5 and name not in self.operations:
+                self.operations.append(name)
+
+    def log(self) -> None:
+        if not self.counts:
+            return
+        parts = {
+            "saved_ahead": "token state(s) saved ahead of this clock (not refilled for that time)",
+            "pause": "pause(s) longer than their rule allows",
+            "level": "budget level(s) beyond the burst or the limit",
+        }
+        what = ", ".join(f"{count} {parts[name]}" for name, count in self.counts.items())
+        ahead = f", up to {about(self.furthest)} too far ahead" if self.furthest >= 1 else ""
+        more = " and more" if len(self.operations) > 5 else ""
+        log.warning(
+            "restored pacing capped to what the rules allow: %s%s (operations %s%s); the wall clock was "
+            "ahead when it was saved, or is behind now, or the state was edited",
+            what,
+            ahead,
+            ", ".join(self.operations[:5]),
+            more,
+        )
+
+
+def _finite(saved: Mapping[str, float], name: str, default: float) -> float:
+    """A saved number, or ``default`` when it is missing or not finite (a hand-edited file)."""
+    value = saved.get(name, default)
+    return value if math.isfinite(value) else default
 
 
 def _find(token: _Token, operation: str, api: str) -> _Report | None:

@@ -4,12 +4,11 @@ request in flight.
 The scheduler keeps a heap of the times at which tokens may have a job (the planner says how long to
 wait). When a token's time comes it asks the planner for the token's job and starts a task that sends
 it with the asynchronous client, hands the outcome to ``on_result`` (the store) and puts the token back
-on the heap. A token with nothing due costs a heap entry, not a task: at 10,000 tokens, a task, an event
-and a timer per idle token were ~20 MB. A hanging upstream costs a socket and a timer, never a thread,
-so no pool has to be sized.
+on the heap. A token with nothing due costs a heap entry, not a task, an event or a timer. A hanging
+upstream costs a socket and a timer, never a thread, so no pool has to be sized.
 
 At most ``MAX_YOUNG`` requests that started less than ``YOUNG_SECONDS`` ago are in flight at once: at
-start-up every report of every token is due, and 10,000 requests in flight together cost ~50 MB of
+start-up every report of every token is due, and thousands of requests in flight together leave
 request objects whose freed memory the allocator keeps for good. A request that has waited that long
 for its answer gives its place up (it is likely hanging until its read timeout), so hanging upstreams
 never hold back healthy ones, and no pool has to be sized either.
@@ -24,22 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import heapq
 import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter import __version__
 from exporter.client import WolkvoxClient
 from exporter.config import Config, OperationConfig, format_duration
 from exporter.model import TOKEN_INFO, FetchError, FetchResult, ReportStatus
 from exporter.planner import Job, Pace, Planner, SavedPacing, jobs_for
-from exporter.secret import Secret
+from exporter.secret import token_key
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +45,10 @@ YOUNG_SECONDS = 2.0  # a healthy answer takes well under this (250 ms is slow fo
 OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
 
 
-def token_key(token: Secret) -> str:
-    """A stable, non-reversible name for a token, for logs, the planner and the state file."""
-    # Interned: the planner and the store hold one string per token, not one each.
-    return sys.intern(hashlib.sha256(token.reveal().encode()).hexdigest()[:16])
-
-
 def server_of(op: OperationConfig) -> str:
     """The scope of a timeout or refused connection: the wolkvox server behind the base URL. Operations
     behind one proxy (or one simulator) share a base URL but not a server: one hanging server must not
-    pause the others (at 10,000 operations with a tenth hanging, it halved every healthy report's pace)."""
+    pause the others."""
     return f"{op.base_url} {op.server}"
 
 
@@ -101,7 +91,6 @@ class Refresher:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_body_bytes=config.max_body_bytes,
-            user_agent=f"wolkvox-exporter/{__version__}",
         )
         self._planner = Planner(clock=clock, wall=wall)
         if saved is not None:

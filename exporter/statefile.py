@@ -3,7 +3,7 @@ token's budget) and the month close (each report's last reading and its last clo
 
 So a crash-looping exporter neither re-fetches everything, nor spends more than its daily budget, nor
 starts with an empty page. Tokens are never written: a token is named by a truncated SHA-256 of it
-(``refresher.token_key``). The file is JSON, replaced atomically (write to a temporary file, then rename).
+(``secret.token_key``). The file is JSON, replaced atomically (write to a temporary file, then rename).
 Version 1 files (values and each token's last use) are still read: their values are kept. The
 ``month_close`` section is optional (version 2 files written before it existed have none, and an older
 exporter reading a newer file ignores it); entries are ``[value, fetched at, "YYYY-MM" or null]``.

@@ -6,17 +6,25 @@ The refresher hands each ``FetchResult`` to ``Store.record`` and the pace of eac
 in, so the store knows nothing of the exposition format); the status page reads ``report_rows``; the
 state file reads ``values``/``month_state``. One lock guards everything, held for dictionary updates and
 the rendering of the operations that changed, never for I/O.
+
+Time: the store holds wall times (fetched at, last success, next due) because they are shown, exported and
+saved; ``clock.WallSteps`` tells it when the wall clock stepped, and every time it holds moves with the
+step, so ages (``max_age``) stay monotonic ones and nothing exported lies ahead of the exporter's now. A
+result stamped later than now and a restored value "fetched" after now are taken as of now.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from exporter.clock import WallSteps, about
 from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
@@ -86,8 +94,8 @@ class ReportRow:
 
 @dataclass(slots=True)
 class ReportState:
-    """What the store knows of one report (operation, api). One object per report, not one dict per
-    field: at 10,000 operations, eight dicts per operation were ~10 MB."""
+    """What the store knows of one report (operation, api): one slotted object per report rather than a
+    dict per field, the smallest form of this state (benchmarks/README.md, memory)."""
 
     tried: bool = False
     last_reason: str | None = None  # of its last request; None after a success
@@ -108,6 +116,7 @@ class OperationState:
     last_success: float | None = None
     last_duration: float | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
+    restored: bool = False  # a value younger than max_age was restored from saved state (counts as ready)
 
     def report(self, api: str) -> ReportState:
         """The report's state, created on first use."""
@@ -141,10 +150,11 @@ class Store:
         *,
         max_age: float,
         wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         schedule: Schedule | None = None,
     ) -> None:
         self._lock = threading.Lock()
-        self._wall = wall
+        self._steps = WallSteps(wall, monotonic)
         self._max_age = max_age
         self._states: dict[str, OperationState] = {}
         self._dirty: set[str] = set()
@@ -173,19 +183,20 @@ class Store:
                 for api in [api for api in state.reports if api not in info.apis]:
                     del state.reports[api]
                 states[info.name] = state
+            self._removed = self._removed or not self._states.keys() <= states.keys()
             self._states = states
-            self._removed = self._removed or bool(set(self._states) - set(states))
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()
 
     def record(self, result: FetchResult) -> None:
         with self._lock:
+            at = min(result.finished_at, self._now())  # stamped before a step back: not in the future
             state = self._states.get(result.operation)
             if state is None:
                 return  # the operation was removed by a reload while its request was in flight
             if result.api == TOKEN_INFO:
-                self._record_token_info(state, result)
+                self._record_token_info(state, result, at)
                 return
             if result.api not in state.info.apis:
                 return
@@ -194,19 +205,14 @@ class Store:
             report = state.report(result.api)
             report.tried, report.last_reason = True, result.reason
             if result.ok and isinstance(result.value, Reading):
-                report.value = (result.value.value, result.finished_at)
-                self._track_month(
-                    state,
-                    result.api,
-                    report,
-                    Seen(result.value.value, result.finished_at, result.value.month),
-                )
-                report.last_success = result.finished_at
-                state.last_success = max(state.last_success or 0.0, result.finished_at)
-                self._next_expiry = min(self._next_expiry, result.finished_at + self._max_age)
+                report.value = (result.value.value, at)
+                self._track_month(state, result.api, report, Seen(result.value.value, at, result.value.month))
+                report.last_success = at
+                state.last_success = max(state.last_success or 0.0, at)
+                self._next_expiry = min(self._next_expiry, at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
-                report.last_failure = (result.reason, result.finished_at, result.detail)
+                report.last_failure = (result.reason, at, result.detail)
             self._dirty.add(result.operation)
         self.changed.set()
 
@@ -231,7 +237,7 @@ class Store:
             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.at)),
         )
 
-    def _record_token_info(self, state: OperationState, result: FetchResult) -> None:
+    def _record_token_info(self, state: OperationState, result: FetchResult, at: float) -> None:
         """A token_info read: counted as a request of the operation that made it; its answer is shown
         for every operation sharing the token. It does not change wolkvox_up."""
         state.requests += 1
@@ -244,9 +250,9 @@ class Store:
         info = result.value
         for other in self._states.values():
             if other.info.token_key == state.info.token_key:
-                other.token_info = (info.limit, info.used_today, result.finished_at)
+                other.token_info = (info.limit, info.used_today, at)
                 self._dirty.add(other.info.name)
-        self._next_expiry = min(self._next_expiry, result.finished_at + self._token_info_lifetime())
+        self._next_expiry = min(self._next_expiry, at + self._token_info_lifetime())
 
     def set_pace(self, statuses: dict[tuple[str, str], ReportStatus]) -> None:
         """The refresher's pace per (operation, api): shown on /metrics (interval) and the status page."""
@@ -265,16 +271,17 @@ class Store:
         with self._lock:
             self._reload_ok = 1 if ok else 0
             if ok:
-                self._reload_time = self._wall()
+                self._reload_time = self._now()
         self.changed.set()
 
     # ----- reads ------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """True once every operation has been tried at least once."""
+        """True once every operation has been tried at least once, or has a value restored from saved state
+        (a restored pause or due time must not hold a restarted exporter out of service)."""
         with self._lock:
-            return all(state.tried for state in self._states.values())
+            return all(state.tried or state.restored for state in self._states.values())
 
     def report_rows(self) -> list[ReportRow]:
         """One row per (operation, api), in configuration order: for the status page."""
@@ -310,8 +317,11 @@ class Store:
             }
 
     def restore_values(self, saved: dict[str, dict[str, tuple[float, float]]]) -> None:
-        """Put back values remembered from an earlier run (not counted as requests)."""
+        """Put back values remembered from an earlier run (not counted as requests). A value "fetched" after
+        now (the clock was ahead when it was saved, or the file was edited) is taken as fetched now."""
+        ahead: list[float] = []
         with self._lock:
+            now = self._now()
             for name, per_api in saved.items():
                 state = self._states.get(name)
                 if state is None:
@@ -319,13 +329,18 @@ class Store:
                 for api, (value, fetched_at) in per_api.items():
                     if api not in state.info.apis:
                         continue
+                    if not fetched_at <= now:  # NaN too
+                        ahead.append(fetched_at - now)
+                        fetched_at = now
                     report = state.report(api)
                     if report.value is None:
                         report.value = (value, fetched_at)
                         state.last_success = max(state.last_success or 0.0, fetched_at)
+                        state.restored = state.restored or fetched_at + self._max_age > now
                 self._dirty.add(name)
             self._next_expiry = 0.0
         self.changed.set()
+        _log_ahead("value(s)", ahead)
 
     def month_state(self) -> SavedMonths:
         """Last readings and closing values per operation and api: for the state file."""
@@ -343,25 +358,35 @@ class Store:
     def restore_months(self, saved: SavedMonths) -> None:
         """Put back the last readings and closing values of an earlier run (a restart on the 3rd keeps the
         month that closed on the 1st, and one on the 31st still notices the close)."""
+        ahead: list[float] = []
         with self._lock:
+            now = self._now()
+
+            def capped(seen: Seen | None) -> Seen | None:
+                if seen is None or seen.at <= now:
+                    return seen
+                ahead.append(seen.at - now)
+                return dataclasses.replace(seen, at=now)
+
             for name, state in self._states.items():
                 for api in state.info.apis:
                     seen, closed = saved.seen.get(name, {}).get(api), saved.closed.get(name, {}).get(api)
                     if seen is None and closed is None:
                         continue
                     report = state.report(api)
-                    report.seen = report.seen or seen
-                    report.closed = report.closed or closed
+                    report.seen = report.seen or capped(seen)
+                    report.closed = report.closed or capped(closed)
                 self._dirty.add(name)
         self.changed.set()
+        _log_ahead("month-close reading(s)", ahead)
 
     # ----- rendering (the page thread) -------------------------------------------------------
 
     def changes(self, render: Callable[[OperationState], T]) -> Changes[T]:
         """Under the lock: drop what is older than max_age, ``render`` every operation changed since the
         last call, and return those with the order of all operations and the global facts."""
-        now = self._wall()
         with self._lock:
+            now = self._now()
             if now >= self._next_expiry:
                 self._expire(now)
             rendered = {name: render(self._states[name]) for name in self._dirty}
@@ -394,6 +419,55 @@ class Store:
                     next_expiry = min(next_expiry, expires)
         self._next_expiry = next_expiry
 
+    def _now(self) -> float:
+        """The wall clock now (under the lock); after a step of it, every wall time held moves with it."""
+        now, step = self._steps.read()
+        if step:
+            self._shift(step)
+        return now
+
+    def _shift(self, step: float) -> None:
+        """Move every wall time held by ``step`` seconds: what happened 10 minutes ago still did, and a
+        value fetched while the clock was ahead is as old as it is, not "from the future"."""
+
+        def moved(seen: Seen | None) -> Seen | None:
+            return dataclasses.replace(seen, at=seen.at + step) if seen is not None else None
+
+        for state in self._states.values():
+            if state.last_success is not None:
+                state.last_success += step
+            if state.token_info is not None:
+                limit, used, at = state.token_info
+                state.token_info = (limit, used, at + step)
+            for report in state.reports.values():
+                if report.value is not None:
+                    report.value = (report.value[0], report.value[1] + step)
+                if report.last_success is not None:
+                    report.last_success += step
+                if report.last_failure is not None:
+                    reason, at, detail = report.last_failure
+                    report.last_failure = (reason, at + step, detail)
+                if report.pace is not None:
+                    report.pace = dataclasses.replace(report.pace, next_due=report.pace.next_due + step)
+                report.seen, report.closed = moved(report.seen), moved(report.closed)
+        self._reload_time += step
+        self._dirty = set(self._states)
+        self._next_expiry = 0.0
+        self.changed.set()
+
     def _token_info_lifetime(self) -> float:
         """token_info is read every token_info_interval: keep an answer for two reads or max_age."""
         return max(self._max_age, 2 * (self._schedule.token_info_interval or 0.0))
+
+
+def _log_ahead(what: str, ahead: list[float]) -> None:
+    """One line for the restored times that lay after now (taken as now)."""
+    if ahead:
+        furthest = max((a for a in ahead if math.isfinite(a)), default=0.0)
+        log.warning(
+            "%d restored %s lay up to %s ahead of this clock (it was ahead when they were saved, or is "
+            "behind now, or the state was edited): taken as of now",
+            len(ahead),
+            what,
+            about(furthest),
+        )

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
-# Below this a page goes out with its headers in one send (aiohttp joins them: a copy, but on loopback
-# one send instead of two nearly doubled the scrapes per second at 1,000 operations, ~35-70 KB gzip);
-# above it, headers then the page as it is, never copied (the 10,000-operation page, or plain text).
+# Below this a page goes out with its headers in one send (aiohttp joins them: a copy of a small page
+# costs less than a second send); above it, headers then the page as it is, never copied (the
+# 10,000-operation page, or plain text). benchmarks/README.md has the measurements.
 STREAM_ABOVE_BYTES = 256 * 1024
 TLS_HANDSHAKE_SECONDS = 10.0
 # The live web config, for the site that starts TLS on each connection (set by WebApp.build()).
@@ -257,7 +257,6 @@ class LimitedSite(web.BaseSite):
         self._host = host
         self._port = port
         self._max_connections = max_connections
-        self.rejected = 0
         self.bound: list[tuple[str, int]] = []
         self.handshakes = 0  # TLS handshakes in progress
         self.tasks: set[asyncio.Task[None]] = set()
@@ -328,7 +327,6 @@ class _Gate(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self._server.connections) + self._site.handshakes >= self._limit:
-            self._site.rejected += 1
             transport.close()
             return
         context, config = self._site.context()

@@ -25,27 +25,15 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as mp
 
+from exporter.model import BILLING_APIS
+
 OUT = Path(__file__).resolve().parent / "dashboards"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 OP = 'operation=~"$operation"'
 MINUTES = "suffix: min"
-# Units per billing api, shown next to its name in "Usage per service" (the exporter's HELP says the same).
-API_UNITS = {
-    "stereo_rec": "minutes",
-    "ivr_minutes": "minutes",
-    "ivr_calls": "calls",
-    "amd_ai": "detections",
-    "rec_screen": "screen-recording time",
-    "rsync_s3_mp3": "audio files",
-    "interactions": "interactions",
-    "agent_script": "licences",
-    "intelligent_dial": "licences",
-    "amazon_s3": "licences",
-    "chat_licenses": "licences",
-    "interaction_licenses": "licences",
-    "wp_connectors": "connectors",
-    "wp_connectors_official": "connectors",
-}
+# Units per billing api, shown next to its name in "Usage per service": the exporter's table of billing
+# services (exporter/model.py), which its HELP text is written from too.
+API_UNITS = {api.name: api.unit for api in BILLING_APIS.values()}
 NEEDS_BUDGET = " Needs budget_minutes on the operation (config); empty for operations without one."
 NEEDS_PRICES = " Needs prices (config: prices or operations[].prices)."
 NEEDS_COST_BUDGET = " Needs prices and cost_budget on the operation (config)."

@@ -1,5 +1,5 @@
 """The one test harness: outside programs, free ports, condition waits, child processes, and the exporter
-and the simulator, as real processes or (the exporter) inside the test process.
+and the simulator, as real processes or inside the test process.
 
 Every test and the benchmark start and stop things through here; conftest.py only wraps these in fixtures.
 
@@ -385,6 +385,34 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+@dataclass
+class InProcessSimulator:
+    """The simulator inside the test process, on a free loopback port: real HTTP, no process start.
+    ``sim`` is its state (``exporter.simulator.Simulator``); ``stop()`` ends it."""
+
+    url: str
+    sim: Any
+    runner: Any
+    loop: LoopThread
+
+    def stop(self) -> None:
+        self.loop.run(self.runner.cleanup())
+        self.loop.close()
+
+
+def start_simulator_in_process(**options: Any) -> InProcessSimulator:
+    """The simulator with these ``SimulatorOptions`` (port 0 unless given), serving on its own loop thread."""
+    from exporter.simulator import SIMULATOR_KEY, SimulatorOptions, start_server
+
+    loop = LoopThread()
+    try:
+        runner, url = loop.run(start_server(SimulatorOptions(**{"port": 0, **options})))
+    except BaseException:
+        loop.close()
+        raise
+    return InProcessSimulator(url, runner.app[SIMULATOR_KEY], runner, loop)
 
 
 @dataclass

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
-from harness import Simulator, holds, value, wait_until
+from harness import REPO, Simulator, holds, value, wait_until
 
 from exporter.config import ConfigError, load_config
+from exporter.families import BILLING_USAGE
+from exporter.model import BILLING_APIS
+from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, description, usage_value
 
 SERVICES = ["stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"]
 
@@ -179,11 +183,12 @@ def test_a_token_past_its_daily_budget_stops_at_its_burst_and_exports_the_stretc
         ],
     }
     exporter = start_exporter(config)
-    # A burst of a tenth of the budget (2), then 18 a day shared by 7 reports: one every 9.3 hours each.
+    # 7 reports are at most half the budget: a burst of all 7 (a first full picture), then 13 a day
+    # shared by the 7: one every 12.9 hours each.
     samples = exporter.wait_for(
-        lambda s: value(s, "wolkvox_scrape_requests_total", operation="a") == 2, what="the start-up burst"
+        lambda s: value(s, "wolkvox_scrape_requests_total", operation="a") == 7, what="the start-up burst"
     )
-    stretched = len(apis) * 86_400 / (limit - 2)
+    stretched = len(apis) * 86_400 / (limit - 7)
     for api in apis:
         assert value(samples, "wolkvox_refresh_interval_seconds", operation="a", api=api) == pytest.approx(
             stretched
@@ -191,9 +196,9 @@ def test_a_token_past_its_daily_budget_stops_at_its_burst_and_exports_the_stretc
     assert value(samples, "wolkvox_token_planned_requests_per_day") == len(apis) * 86_400
     assert "daily_request_limit 20 does not allow every report every 1s" in exporter.process.log()
     # Nothing more is sent for a while (the next request is hours away).
-    holds(lambda: simulator.stats()["tokens"]["tok-a"]["requests"] == 2, 3.0, what="only the burst sent")
+    holds(lambda: simulator.stats()["tokens"]["tok-a"]["requests"] == 7, 3.0, what="only the burst sent")
     status = exporter.get("/").text
-    assert "every 9h" in status
+    assert "every 12h55m" in status
 
 
 def test_token_info_is_read_and_exported_for_every_operation_of_the_token(
@@ -223,3 +228,29 @@ def test_token_info_is_read_and_exported_for_every_operation_of_the_token(
     stats = simulator.stats()["tokens"]["shared"]
     assert stats["apis"]["token_info"] == 1  # at most hourly
     assert stats["max_in_flight"] == 1
+
+
+def test_one_table_of_billing_services_feeds_the_help_the_simulator_and_the_dashboards() -> None:
+    """model.BILLING_APIS is the one place a billing service is named: what reads it says the same."""
+    board = json.loads((REPO / "grafana" / "dashboards" / "wolkvox-billing.json").read_text())
+    mappings = {
+        api: option["text"]
+        for panel in board["panels"]
+        for override in panel.get("fieldConfig", {}).get("overrides", [])
+        if override["matcher"].get("options") == "Service (unit)"
+        for prop in override["properties"]
+        for mapping in prop["value"]
+        for api, option in mapping["options"].items()
+    }
+    assert set(KNOWN_APIS) == set(BILLING_APIS) == set(mappings)
+    month = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    for name, api in BILLING_APIS.items():
+        assert mappings[name] == f"{name} ({api.unit})"
+        assert f"{name}: {api.measures}" in BILLING_USAGE.help
+        assert description(name) == api.description
+        assert (name in LICENCE_APIS) == (api.kind == "level")
+        if api.kind == "usage":  # grows at the table's rate: 10 hours at 100 per hour
+            grown = usage_value(name, "t", "wv1", month + 36_000, 100) - usage_value(
+                name, "t", "wv1", month, 100
+            )
+            assert grown == pytest.approx(1000 * api.simulated_rate)

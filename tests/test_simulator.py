@@ -1,10 +1,13 @@
-"""Tests of the fake wolkvox API (exporter/simulator.py), run as a real subprocess on 127.0.0.1."""
+"""Tests of the fake wolkvox API (exporter/simulator/): a fresh simulator per test inside the test process,
+on a free loopback port, spoken to over real HTTP. Three tests start the real process, for what only a
+process shows: the one line it announces its port with, the exit status when the port is taken, and
+stopping on SIGTERM/SIGINT while a request hangs."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import logging
 import re
 import signal
 import socket
@@ -19,11 +22,21 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
-from harness import REPO, Simulator, start_simulator, timed, wait_until
+from harness import (
+    REPO,
+    InProcessSimulator,
+    Simulator,
+    free_port,
+    start_simulator,
+    start_simulator_in_process,
+    timed,
+    wait_until,
+)
 
 from exporter import simulator
+from exporter.secret import token_key
 from exporter.simulator import cli as simulator_cli
-from exporter.simulator.api import format_items
+from exporter.simulator.api import ApiRules, format_items
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -101,17 +114,29 @@ class Background:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def sim_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
-    """One simulator for the module's tests, at debug level."""
-    shared = start_simulator(tmp_path_factory.mktemp("simulator") / "simulator.log", "--log.level", "debug")
-    yield shared
-    assert shared.stop(STOP_TIMEOUT) == 0
+@pytest.fixture
+def simulators() -> Iterator[Callable[..., InProcessSimulator]]:
+    """Factory: a simulator of the test's own, in this process, with these ``SimulatorOptions``."""
+    started: list[InProcessSimulator] = []
+
+    def start(**options: Any) -> InProcessSimulator:
+        started.append(start_simulator_in_process(**options))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
 
 
 @pytest.fixture
-def simulators(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
-    """Factory: a simulator of the test's own with these flags; each must stop cleanly."""
+def sim(simulators: Callable[..., InProcessSimulator]) -> str:
+    """Base URL of a simulator with the default options."""
+    return simulators().url
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
+    """Factory: the real ``python -m exporter.simulator`` with these flags; each must stop cleanly."""
     started: list[Simulator] = []
 
     def start(*flags: str) -> Simulator:
@@ -124,16 +149,6 @@ def simulators(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
 
 
 @pytest.fixture
-def sim(sim_proc: Simulator) -> str:
-    """Base URL of the shared simulator, with no faults and zeroed stats."""
-    base = sim_proc.url
-    requests.delete(base + "/-/faults", timeout=HTTP_TIMEOUT).raise_for_status()
-    requests.delete(base + "/-/clock", timeout=HTTP_TIMEOUT).raise_for_status()
-    requests.post(base + "/-/stats/reset", timeout=HTTP_TIMEOUT).raise_for_status()
-    return base
-
-
-@pytest.fixture
 def token(request: pytest.FixtureRequest) -> str:
     return "tok-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
 
@@ -141,9 +156,10 @@ def token(request: pytest.FixtureRequest) -> str:
 # --------------------------------------------------------------------------- startup and the happy path
 
 
-def test_listen_line_is_exact_and_has_the_real_port(sim_proc: Simulator) -> None:
-    base = sim_proc.url
-    announced = [line for line in sim_proc.process.log().splitlines() if "listening" in line]
+def test_listen_line_is_exact_and_has_the_real_port(processes: Callable[..., Simulator]) -> None:
+    real = processes()
+    base = real.url
+    announced = [line for line in real.process.log().splitlines() if "listening" in line]
     assert len(announced) == 1
     match = re.fullmatch(r"simulator listening on http://127\.0\.0\.1:(\d+)", announced[0])
     assert match is not None
@@ -210,8 +226,8 @@ def test_sequential_requests_are_never_violations(sim: str, token: str) -> None:
     assert stats["violations"] == 0
 
 
-def test_values_grow_and_use_the_items_format(simulators: Callable[..., Simulator]) -> None:
-    base = simulators("--minutes-per-hour", "3600000", "--items-format", "comma").url
+def test_values_grow_and_use_the_items_format(simulators: Callable[..., InProcessSimulator]) -> None:
+    base = simulators(minutes_per_hour=3_600_000, items_format="comma").url
     seen: list[float] = []
 
     def read() -> float:
@@ -271,8 +287,8 @@ def test_concurrent_requests_on_one_token_are_a_violation(sim: str, token: str) 
     assert doc["total_violations"] == 1
 
 
-def test_daily_limit(simulators: Callable[..., Simulator]) -> None:
-    base = simulators("--daily-limit", "3").url
+def test_daily_limit(simulators: Callable[..., InProcessSimulator]) -> None:
+    base = simulators(daily_limit=3).url
     for _ in range(3):
         assert api_get(base, "limited").status_code == 200
     assert_error(api_get(base, "limited"), 403, "FORBIDDEN", "TOKEN LIMIT EXCEEDED")
@@ -284,8 +300,8 @@ def test_daily_limit(simulators: Callable[..., Simulator]) -> None:
     assert token_stats(base, "limited")["requests_today"] == 5
 
 
-def test_daily_limit_counts_over_a_rolling_day_length(simulators: Callable[..., Simulator]) -> None:
-    base = simulators("--daily-limit", "2", "--day-length", "1s").url
+def test_daily_limit_counts_over_a_rolling_day_length(simulators: Callable[..., InProcessSimulator]) -> None:
+    base = simulators(daily_limit=2, day_length=1.0).url
     assert [api_get(base, "t").status_code for _ in range(3)] == [200, 200, 403]
     started = time.monotonic()
     # /-/stats is not a request: watch the window empty without adding to it
@@ -295,8 +311,8 @@ def test_daily_limit_counts_over_a_rolling_day_length(simulators: Callable[..., 
     assert token_stats(base, "t")["requests"] == 6
 
 
-def test_reports_count_requests_and_the_smallest_gap(simulators: Callable[..., Simulator]) -> None:
-    base = simulators("--report-interval", "1h").url
+def test_reports_count_requests_and_the_smallest_gap(simulators: Callable[..., InProcessSimulator]) -> None:
+    base = simulators(report_interval=3600.0).url
     for server, api in [
         ("wv1", "stereo_rec"),
         ("wv1", "stereo_rec"),
@@ -663,7 +679,7 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
         "last_request_unix",
     }
     assert (stats["requests"], stats["requests_today"], stats["apis"]) == (1, 1, {"stereo_rec": 1})
-    # no --report-interval on the shared simulator: gaps are measured, never counted as violations
+    # no report_interval by default: gaps are measured, never counted as violations
     assert stats["reports"] == {"127.0.0.1/stereo_rec": {"requests": 1, "min_gap_seconds": None}}
     assert stats["report_violations"] == 0
     assert before - 1 <= stats["last_request_unix"] <= time.time() + 1
@@ -677,42 +693,40 @@ def test_stats_shape_and_reset(sim: str, token: str) -> None:
     }
 
 
-def test_debug_log_names_a_hash_never_the_token(sim_proc: Simulator, sim: str) -> None:
-    log = sim_proc.process.log
+def test_debug_log_names_the_token_key_never_the_token(sim: str, caplog: pytest.LogCaptureFixture) -> None:
     secret = "s3cr3t-token-value-0123456789"
-    short = hashlib.sha256(secret.encode()).hexdigest()[:8]
-    set_fault(sim, mode="none", token=secret)
-    assert api_get(sim, secret).status_code == 200
-    wait_until(
-        lambda: any(f"token={short}" in line and "status=200" in line for line in log().splitlines()),
-        what="the debug line of the request",
-    )
-    assert not any(secret in line for line in log().splitlines())
+    short = token_key(secret)
+    with caplog.at_level(logging.DEBUG, logger="exporter.simulator"):
+        set_fault(sim, mode="none", token=secret)
+        assert api_get(sim, secret).status_code == 200
+        wait_until(
+            lambda: any(f"token={short}" in m and "status=200" in m for m in caplog.messages),
+            what="the debug line of the request",
+        )
+    assert caplog.messages and not any(secret in message for message in caplog.messages)
 
 
-def test_latency_is_added_to_api_answers(simulators: Callable[..., Simulator]) -> None:
-    base = simulators("--latency", "300ms").url
+def test_latency_is_added_to_api_answers(simulators: Callable[..., InProcessSimulator]) -> None:
+    base = simulators(latency=0.3).url
     started = time.monotonic()
     response = api_get(base, "latency-token")
     assert time.monotonic() - started >= 0.3
     assert response.status_code == 200
 
 
-def test_port_in_use_exits_non_zero(sim_proc: Simulator) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter.simulator",
-            "--web.listen-address",
-            f"127.0.0.1:{sim_proc.process.port}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
-    )
+def test_port_in_use_exits_non_zero() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "exporter.simulator", "--web.listen-address", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
     assert done.returncode == 1
     assert "cannot listen" in done.stderr
     assert "listening on" not in done.stderr
@@ -722,8 +736,8 @@ def test_port_in_use_exits_non_zero(sim_proc: Simulator) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_quickly_while_a_request_hangs(sig: int, simulators: Callable[..., Simulator]) -> None:
-    hanging = simulators("--hang-fraction", "1")  # every token hangs, no fault needed
+def test_signal_stops_quickly_while_a_request_hangs(sig: int, processes: Callable[..., Simulator]) -> None:
+    hanging = processes("--hang-fraction", "1")  # every token hangs, no fault needed
     hung = Background(lambda: api_get(hanging.url, "hanging-token", timeout=30.0))
     wait_until(
         lambda: token_stats(hanging.url, "hanging-token").get("in_flight") == 1, what="the hanging request"
@@ -780,16 +794,62 @@ def test_usage_value_is_stable_monotonic_and_restarts_each_month() -> None:
     assert simulator.usage_value("stereo_rec", "tok", "wv1", next_month, 600) < values[-1]
 
 
-def test_build_app_runs_in_process() -> None:
-    async def scenario() -> tuple[int, dict[str, Any]]:
-        runner, base = await simulator.start_server(simulator.SimulatorOptions(port=0))
-        try:
-            response = await asyncio.to_thread(api_get, base, "in-process")
-            return response.status_code, runner.app[simulator.SIMULATOR_KEY].snapshot()
-        finally:
-            await runner.cleanup()
+# --------------------------------------------------------------------------- the API's rules, on a fake clock
 
-    status, stats = asyncio.run(scenario())
-    assert status == 200
-    assert stats["total_requests"] == 1
-    assert stats["tokens"]["in-process"]["requests"] == 1
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rules_one_request_at_a_time_until_the_first_leaves_or_its_client_goes() -> None:
+    rules = ApiRules(clock=FakeClock())
+    connected = {"first": True}
+    first, violation = rules.arrive("t", "wv1", "stereo_rec", lambda: connected["first"], 0.0)
+    assert not violation and rules.in_flight("t") == 1
+    _, violation = rules.arrive("t", "wv1", "ivr_calls", lambda: True, 0.0)
+    assert violation  # a second request while the first is in flight, whatever its report
+    assert rules.arrive("other", "wv1", "stereo_rec", lambda: True, 0.0)[1] is False
+    connected["first"] = False  # the first one's client went away: no longer in flight
+    assert rules.in_flight("t") == 1
+    rules.leave("t", first)  # leaving after that changes nothing
+    snapshot = rules.snapshot()["tokens"]["t"]
+    assert (snapshot["violations"], snapshot["max_in_flight"]) == (1, 2)
+
+
+def test_rules_daily_limit_is_a_rolling_window() -> None:
+    clock = FakeClock()
+    rules = ApiRules(daily_limit=2, day_length=100.0, clock=clock)
+
+    def request() -> bool:
+        flight, _ = rules.arrive("t", "wv1", "stereo_rec", lambda: True, 0.0)
+        rules.leave("t", flight)
+        return rules.over_daily_limit("t")
+
+    assert [request(), request()] == [False, False]
+    clock.now += 60
+    assert request() is True  # the third within 100 s, refused ones count too
+    clock.now += 40  # the first two have left the window, the refused third has not
+    assert rules.requests_today("t") == 1
+    assert request() is False
+    assert request() is True
+
+
+def test_rules_count_a_report_asked_again_within_the_interval() -> None:
+    clock = FakeClock()
+    rules = ApiRules(report_interval=300.0, clock=clock)
+    for server, api, advance in [
+        ("wv1", "stereo_rec", 0),
+        ("wv1", "stereo_rec", 299),
+        ("wv1", "stereo_rec", 300),
+    ]:
+        clock.now += advance
+        rules.leave("t", rules.arrive("t", server, api, lambda: True, 0.0)[0])
+    rules.leave("t", rules.arrive("t", "wv2", "stereo_rec", lambda: True, 0.0)[0])  # another report
+    stats = rules.snapshot()["tokens"]["t"]
+    assert stats["report_violations"] == 1
+    assert stats["reports"]["wv1/stereo_rec"] == {"requests": 3, "min_gap_seconds": 299.0}
+    assert stats["reports"]["wv2/stereo_rec"] == {"requests": 1, "min_gap_seconds": None}

@@ -22,8 +22,7 @@ from harness import Exporter, Simulator, holds, value, wait_until
 
 from exporter.monthclose import SavedMonths, Seen
 from exporter.planner import SavedPacing
-from exporter.refresher import token_key
-from exporter.secret import Secret
+from exporter.secret import Secret, token_key
 from exporter.statefile import StateFile, StateSaver
 
 VALUES = {

@@ -67,7 +67,12 @@ def test_everything_from_config_or_upstream_is_escaped_and_scrubbed() -> None:
 
 
 def test_the_store_gives_one_row_per_report_with_its_pace() -> None:
-    store = Store([OperationInfo("a", apis=("stereo_rec", "ivr_calls"))], max_age=3600, wall=lambda: NOW)
+    store = Store(
+        [OperationInfo("a", apis=("stereo_rec", "ivr_calls"))],
+        max_age=3600,
+        wall=lambda: NOW,
+        monotonic=lambda: NOW,
+    )
     store.set_pace({("a", "ivr_calls"): ReportStatus(interval=600.0, next_due=NOW + 60, failures=0)})
     rows = store.report_rows()
     assert [(r.operation, r.api) for r in rows] == [("a", "stereo_rec"), ("a", "ivr_calls")]

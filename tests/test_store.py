@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-from collections.abc import Iterable
+import logging
+import zlib
 from typing import Any
 
 import pytest
 from harness import labelled, parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.model import REASONS, FetchResult, Reading
+from exporter.model import REASONS, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen
 from exporter.page import Pages, RenderedPage
 from exporter.store import OperationInfo, Store
@@ -47,7 +47,7 @@ def make_store(clock: Clock, max_age: float = 3600.0, **kwargs: Any) -> PagedSto
         OperationInfo("bogota", budget_minutes=40000),
         OperationInfo('li"ma\\x'),
     ]
-    return PagedStore(operations, max_age=max_age, wall=clock, **kwargs)
+    return PagedStore(operations, max_age=max_age, wall=clock, monotonic=clock, **kwargs)
 
 
 def ok(op: str, minutes: float, at: float, api: str = "stereo_rec", month: str | None = None) -> FetchResult:
@@ -156,13 +156,18 @@ def test_ready_once_every_operation_was_tried() -> None:
     assert store.ready
 
 
-def test_every_family_has_help_and_type_and_gzip_matches_plain() -> None:
+def test_every_family_has_help_and_type_and_the_page_is_one_gzip_member() -> None:
     clock = Clock()
     store = make_store(clock)
     store.record(ok("bogota", 1, clock.now))
     page = store.render()
-    assert gzip.decompress(page.gzipped) == page.plain
-    text = page.plain.decode()
+    # One complete gzip member (a client that reads only the first member must get the whole page).
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    text = reader.decompress(page.gzipped).decode()
+    assert reader.eof and reader.unused_data == b""
+    # The operations' part, then the exporter's own lines (the tail compressed on its own).
+    assert 'wolkvox_stereo_rec_minutes{operation="bogota"} 1\n' in text
+    assert text.index("# HELP wolkvox_up ") < text.index("# HELP wolkvox_exporter_build_info ")
     families = list(text_string_to_metric_families(text))
     assert families
     for family in families:
@@ -212,6 +217,7 @@ def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does(
         [OperationInfo("op", apis=("stereo_rec", "no_such_api", "ivr_calls"))],
         max_age=3600,
         wall=clock,
+        monotonic=clock,
     )
     store.record(ok("op", 1, clock.now))
     store.record(FetchResult("op", "no_such_api", clock.now, 0.1, reason="unknown_api"))
@@ -222,7 +228,7 @@ def test_an_unknown_api_does_not_take_the_operation_down_but_a_failing_one_does(
     store.record(FetchResult("op", "ivr_calls", clock.now, 0.1, reason="timeout"))
     assert value(parse_samples(store.render().plain.decode()), "wolkvox_up", operation="op") == 0
     # Only unknown apis: nothing succeeded, so not up.
-    only_unknown = PagedStore([OperationInfo("x", apis=("nope",))], max_age=60, wall=clock)
+    only_unknown = PagedStore([OperationInfo("x", apis=("nope",))], max_age=60, wall=clock, monotonic=clock)
     only_unknown.record(FetchResult("x", "nope", clock.now, 0.1, reason="unknown_api"))
     assert value(parse_samples(only_unknown.render().plain.decode()), "wolkvox_up", operation="x") == 0
 
@@ -240,6 +246,7 @@ def test_token_info_is_shared_by_the_token_and_expires() -> None:
         ],
         max_age=600,
         wall=clock,
+        monotonic=clock,
         schedule=Schedule(token_info_interval=3600),
     )
     store.record(FetchResult("a", "token_info", clock.now, 0.1, value=TokenInfo(1000, 12, 40)))
@@ -262,7 +269,7 @@ APIS = ("stereo_rec", "ivr_minutes", "chat_licenses")
 
 
 def month_store(clock: Clock, max_age: float = 3600.0) -> Store:
-    return PagedStore([OperationInfo("bogota", apis=APIS)], max_age=max_age, wall=clock)
+    return PagedStore([OperationInfo("bogota", apis=APIS)], max_age=max_age, wall=clock, monotonic=clock)
 
 
 def previous_month(store: Store) -> dict[tuple[str, ...], float]:
@@ -316,16 +323,21 @@ def test_a_month_closes_once_and_its_value_stays_until_the_next_close() -> None:
     must not replace November's value with December's; January replaces it."""
     clock = Clock(NOV_30)
     store = month_store(clock)
-    store.record(ok("bogota", 43_000, NOV_30))
-    store.record(ok("bogota", 50, NOV_30 + 600))
-    store.record(ok("bogota", 20, NOV_30 + 2 * 3600))
+
+    def at(when: float, minutes: float) -> None:
+        clock.now = when
+        store.record(ok("bogota", minutes, when))
+
+    at(NOV_30, 43_000)
+    at(NOV_30 + 600, 50)
+    at(NOV_30 + 2 * 3600, 20)
     closed = {("wolkvox_stereo_rec_minutes_previous_month", "", "2026-11"): 43_000}
     assert {k: v for k, v in previous_month(store).items() if k[1] == ""} == closed
-    store.record(ok("bogota", 30_000, NOV_30 + 20 * 86400))  # Dec 20: month-to-date again
+    at(NOV_30 + 20 * 86400, 30_000)  # Dec 20: month-to-date again
     assert {k: v for k, v in previous_month(store).items() if k[1] == ""} == closed
     dec_31 = NOV_30 + 31 * 86400
-    store.record(ok("bogota", 44_000, dec_31))
-    store.record(ok("bogota", 9, dec_31 + 600))
+    at(dec_31, 44_000)
+    at(dec_31 + 600, 9)
     # One series at a time: December replaced November.
     assert previous_month(store) == {
         ("wolkvox_stereo_rec_minutes_previous_month", "", "2026-12"): 44_000,
@@ -398,60 +410,119 @@ def test_an_api_removed_by_a_reload_loses_its_closing_value() -> None:
     assert previous_month(store) == {("wolkvox_billing_usage_previous_month", "ivr_minutes", "2026-11"): 100}
 
 
-def test_an_unchanged_state_is_not_compressed_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Idle CPU stays near zero: a render with nothing new compresses only the small tail."""
-    import exporter.page
-
-    heads: list[int] = []
-
-    class Counting(exporter.page.GzipWithTail):
-        def __init__(self, head: Iterable[bytes | bytearray], level: int = 6) -> None:
-            heads.append(1)
-            super().__init__(head, level)
-
-    monkeypatch.setattr(exporter.page, "GzipWithTail", Counting)
-    clock = Clock()
-    store = make_store(clock)
-    store.record(ok("bogota", 1, clock.now))
-    first = store.render()
-    compressed = len(heads)
-    clock.now += 1
-    second = store.render()
-    assert len(heads) == compressed  # nothing changed: the operations' part was reused
-    operations_part = gzip.decompress(first.gzipped).split(b"# HELP wolkvox_exporter_build_info")[0]
-    assert gzip.decompress(second.gzipped).startswith(operations_part)
-    store.record(ok("bogota", 2, clock.now))
-    store.render()
-    assert len(heads) == compressed + 1
+# ----- time: wall-clock steps ------------------------------------------------------------------------------
 
 
-def test_each_operations_cached_lines_read_back_family_by_family() -> None:
-    """The page cache keeps an operation's lines deflated with a table of byte offsets: reading it back
-    gives every family's lines exactly, multi-byte names and a long error detail included."""
-    from exporter.families import OPERATION_FAMILIES, lines_by_family, render_operation
-    from exporter.store import OperationState
+class SteppingClock:
+    """A fake monotonic clock and a wall clock that follows it, shifted by ``skew`` (a wall-clock step)."""
 
-    state = OperationState(
-        OperationInfo("São Paulo ñandú", apis=("stereo_rec", "ivr_minutes"), budget_minutes=9)
+    def __init__(self) -> None:
+        self.mono = 5_000.0
+        self.skew = 0.0
+
+    def wall(self) -> float:
+        return 1_800_000_000.0 + self.mono + self.skew
+
+    def store(self, max_age: float = 3600.0) -> PagedStore:
+        return PagedStore(
+            [OperationInfo("bogota")], max_age=max_age, wall=self.wall, monotonic=lambda: self.mono
+        )
+
+
+def step_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "wall clock stepped" in r.getMessage()]
+
+
+def test_after_a_step_back_nothing_exported_lies_ahead_and_ages_stay_monotonic(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = SteppingClock()
+    clock.skew = 2 * 86400.0  # the wall clock runs two days ahead for a while...
+    store = clock.store(max_age=1800)
+    store.record(ok("bogota", 10, clock.wall()))
+    fetched_during_skew = clock.wall()
+    clock.mono += 600
+    caplog.set_level(logging.WARNING, logger="exporter.clock")
+    clock.skew = -25 * 3600.0  # ...then steps back to 25 hours behind: 3d1h
+    samples = parse_samples(store.render().plain.decode())
+    last = value(samples, "wolkvox_last_success_timestamp_seconds", operation="bogota")
+    assert last == pytest.approx(clock.wall() - 600)  # ten minutes ago, on the clock as it is now
+    assert last < clock.wall() < fetched_during_skew
+    assert store.report_rows()[0].last_success == pytest.approx(clock.wall() - 600)
+    [line] = step_lines(caplog)
+    assert line.levelname == "WARNING" and "stepped back by 3d1h (" in line.getMessage()
+    assert "-262800 s" in line.getMessage()
+    # The value fetched during the skew is as old as it is: gone max_age after its fetch, not 3 days on.
+    clock.mono += 1199
+    assert (
+        value(parse_samples(store.render().plain.decode()), "wolkvox_stereo_rec_minutes", operation="bogota")
+        == 10
     )
-    state.report("stereo_rec").value = (1234.5, 1_800_000_000.0)
-    failed = state.report("ivr_minutes")
-    failed.tried, failed.last_reason = True, "timeout"
-    failed.last_failure = ("timeout", 1_800_000_000.0, "no data within the read timeout 10s ñ " + "x" * 400)
-    state.errors["timeout"] = 3
-    expected = [entry.render(state).encode() for entry in OPERATION_FAMILIES]
-    assert sum(1 for lines in expected if lines) >= 4  # the case exercises several families
-    assert lines_by_family(render_operation(state)) == expected
+    clock.mono += 2
+    assert (
+        value(parse_samples(store.render().plain.decode()), "wolkvox_stereo_rec_minutes", operation="bogota")
+        is None
+    )
+    assert len(step_lines(caplog)) == 1  # once per step
 
 
-def test_the_page_gives_memory_back_at_most_every_ten_seconds() -> None:
-    from exporter import memory
+def test_a_step_forward_moves_the_times_shown_and_expires_nothing_early(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = SteppingClock()
+    store = clock.store(max_age=1800)
+    store.record(ok("bogota", 10, clock.wall()))
+    store.set_pace({("bogota", "stereo_rec"): ReportStatus(300.0, clock.wall() + 300, 0)})
+    caplog.set_level(logging.WARNING, logger="exporter.clock")
+    clock.mono += 60
+    clock.skew = 2 * 86400.0
+    samples = parse_samples(store.render().plain.decode())
+    assert (
+        value(samples, "wolkvox_stereo_rec_minutes", operation="bogota") == 10
+    )  # two days "later", but a minute old
+    assert value(samples, "wolkvox_last_success_timestamp_seconds", operation="bogota") == pytest.approx(
+        clock.wall() - 60
+    )
+    assert store.report_rows()[0].next_due == pytest.approx(clock.wall() + 240)
+    [line] = step_lines(caplog)
+    assert "stepped forward by 2d" in line.getMessage()
 
-    clock = Clock(0.0)
-    trimmer = memory.Trimmer(clock)
-    available = memory._LIBC is not None  # glibc: Debian, CI
-    assert trimmer.after_burst() is available
-    clock.now = 9.9
-    assert trimmer.after_burst() is False
-    clock.now = 10.0
-    assert trimmer.after_burst() is available
+
+def test_slewing_and_small_steps_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    clock = SteppingClock()
+    store = clock.store()
+    caplog.set_level(logging.INFO, logger="exporter.clock")
+    for _ in range(100):  # NTP slewing: 0.5 ms per second, for 100 minutes
+        clock.mono += 60
+        clock.skew += 0.03
+        store.render()
+    clock.skew += 59  # a step, but under a minute: the times move, no line
+    store.record(ok("bogota", 1, clock.wall()))
+    store.render()
+    assert step_lines(caplog) == []
+
+
+def test_restored_values_from_the_future_are_taken_as_of_now_and_count_as_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = SteppingClock()
+    store = clock.store(max_age=600)
+    assert not store.ready
+    caplog.set_level(logging.WARNING, logger="exporter.store")
+    store.restore_values({"bogota": {"stereo_rec": (77.0, clock.wall() + 2 * 86400)}})
+    assert store.ready  # a restored pause must not keep a restarted exporter out of service
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_last_success_timestamp_seconds", operation="bogota") == clock.wall()
+    assert "1 restored value(s) lay up to 2d ahead of this clock" in caplog.text
+    clock.mono += 601
+    assert (
+        value(parse_samples(store.render().plain.decode()), "wolkvox_stereo_rec_minutes", operation="bogota")
+        is None
+    )
+
+
+def test_a_restored_value_older_than_max_age_does_not_make_ready() -> None:
+    clock = SteppingClock()
+    store = clock.store(max_age=600)
+    store.restore_values({"bogota": {"stereo_rec": (77.0, clock.wall() - 601)}})
+    assert not store.ready

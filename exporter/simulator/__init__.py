@@ -36,12 +36,13 @@ Flags
 ``--items-format {int,dot,comma}``
     How ``items`` is written: ``1234``, ``1234.56`` or ``1234,56`` (default ``int``).
 ``--log.level {debug,info,warning,error}``
-    Default ``info``. No access log; ``debug`` logs one line per request, with a short hash of the
-    token, never the token.
+    Default ``info``. No access log; ``debug`` logs one line per request, with the token's key
+    (``exporter.secret.token_key``, the exporter's too), never the token.
 
 API endpoints
 -------------
-``GET /api/v2/billing.php?api=NAME`` with header ``wolkvox-token``, checked in this order:
+``GET /api/v2/billing.php?api=NAME`` with header ``wolkvox-token``, checked in this order (the API's
+rules, one request at a time, the daily limit and the report interval, are ``ApiRules`` in api.py):
 
 1. no or empty token: 401 ``PLEASE ENTER THE WOLKVOX-TOKEN``;
 2. another request of the same token still in flight: 403
@@ -59,9 +60,8 @@ The operation is the ``wolkvox_server`` header (or ``wolkvox-server``), else the
 Host header (the whole address when Host is an IP address). Values are month-to-date (UTC) and
 stable across restarts: ``stereo_rec`` is ``offset(token, server) + minutes_per_hour * hours since the
 start of the month``, with ``offset`` a hash-derived number in [0, 500); licence apis are a stable
-small integer; the other counters grow at a stable per-api rate. Known apis: agent_script,
-intelligent_dial, ivr_minutes, amazon_s3, rsync_s3_mp3, rec_screen, interactions, chat_licenses,
-interaction_licenses, ivr_calls, amd_ai, stereo_rec, wp_connectors, wp_connectors_official.
+small integer; the other counters grow at their ``simulated_rate``. The known apis, their kinds,
+row descriptions and rates are the exporter's table of billing services, ``exporter.model.BILLING_APIS``.
 
 ``GET /api/v2/information.php?api=token_info``: same rules (and it counts as a request); answers
 ``data: [{"token_limit", "token_use_today", "all_token_today"}]`` (``token_limit`` is ``"0"`` when
@@ -93,30 +93,10 @@ Control endpoints
 
 Fault modes
 -----------
-``none``          answer normally (use it to exempt one token from a ``*`` fault)
-``hang``          never answer, until the client disconnects; with ``seconds``, close the
-                  connection without an answer after that long
-``slow``          answer normally after ``seconds``
-``reset``         send the status line, headers with a Content-Length larger than the body, part
-                  of the body, then abort the connection
-``http_500``      500 with a plain-text body
-``html``          502 with an HTML error page (a proxy in the way)
-``badjson``       200, body ``{"code": "200", "data": [``
-``wrongshape``    200, valid JSON of the wrong shape (a list holding the document)
-``oversize``      200, a valid JSON document of exactly 5 MiB (padded)
-``garbage_items`` 200 with ``"items": "n/a"``
-``multi_rows``    200 with two rows, items ``"100"`` and ``"23"``
-``empty_data``    200 with ``"data": []``
-``token_limit``   403 ``TOKEN LIMIT EXCEEDED``
-``invalid_token`` 403 ``PLEASE VALIDATE TOKEN``
-``busy``          403 ``EXCEEDS THE LIMIT OF SIMULTANEOUS REQUESTS PER TOKEN (2)`` (not a violation)
-``unknown_api``   400 ``THE API YOU WANT TO CONSULT DOES NOT EXIST``
-``maintenance``   403 with an empty body
-``no_token``      401 as if the token header were missing
-``redirect``      302 to ``location`` (to check that a client does not forward the token)
-``correction``    200 with ``items`` at half the month-to-date value, same ``date``: the vendor correcting
-                  a value within the month (which is not a month change)
-``no_date``       200 with rows that have no ``date`` field
+One table, ``FAULTS`` in exporter/simulator/faults.py, maps each mode to what it plays; ``python -m
+exporter.simulator --help`` prints it. ``none`` answers normally (to exempt one token from a ``*``
+fault) and ``slow`` answers normally after ``seconds``; the others answer in the ways a client must
+survive: hangs, resets, HTTP errors, HTML, broken or oversized JSON, odd rows and every documented error.
 
 SIGTERM and SIGINT stop it within a second or two, even with hanging connections (they get a 503).
 In-process: ``build_app(SimulatorOptions(...))`` or ``await start_server(options)``.
@@ -124,11 +104,12 @@ In-process: ``build_app(SimulatorOptions(...))`` or ``await start_server(options
 
 from __future__ import annotations
 
-from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, stable_unit, token_hash, usage_value
+from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, stable_unit, usage_value
 from exporter.simulator.app import SIMULATOR_KEY, Simulator, SimulatorOptions, build_app, start_server
-from exporter.simulator.faults import FAULT_MODES, Fault, parse_fault
+from exporter.simulator.faults import FAULT_MODES, FAULTS, Fault, parse_fault
 
 __all__ = [
+    "FAULTS",
     "FAULT_MODES",
     "KNOWN_APIS",
     "LICENCE_APIS",
@@ -140,6 +121,5 @@ __all__ = [
     "parse_fault",
     "stable_unit",
     "start_server",
-    "token_hash",
     "usage_value",
 ]

@@ -16,6 +16,7 @@ from exporter.config import ConfigError, parse_duration, parse_listen_address
 from exporter.fdlimit import raise_fd_limit
 from exporter.simulator.api import ITEMS_FORMATS
 from exporter.simulator.app import SimulatorOptions, start_server, url_of
+from exporter.simulator.faults import modes_help
 
 logger = logging.getLogger("exporter.simulator")
 
@@ -77,7 +78,9 @@ def _non_negative_float(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m exporter.simulator",
-        description="A fake wolkvox billing API (see the module docstring for faults and /-/ endpoints).",
+        description="A fake wolkvox billing API (see the module docstring for the /-/ endpoints).",
+        epilog="fault modes (POST /-/faults):\n" + modes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--web.listen-address",
