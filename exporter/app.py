@@ -25,6 +25,7 @@ from exporter.planner import plan_pace
 from exporter.refresher import Refresher, plan_jobs
 from exporter.secret import token_key
 from exporter.statefile import StateFile, StateSaver
+from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
 from exporter.webconfig import WebConfigError, load_web_config
@@ -48,6 +49,7 @@ class WebSettings:
     telemetry_path: str = "/metrics"
     web_config_file: str | None = None
     max_connections: int = 512
+    runbook_url: str = DEFAULT_RUNBOOK_URL
 
 
 def operation_infos(config: Config) -> list[OperationInfo]:
@@ -141,6 +143,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            runbook_url=settings.runbook_url,
         ).build()
         runner = web.AppRunner(
             app,
@@ -194,8 +197,9 @@ class App:
             try:
                 config = await loop.run_in_executor(None, self._load_config)
             except ConfigError as error:
-                self.store.set_reload_status(False)
-                log.error("reload failed, keeping the running configuration: %s", error)
+                self.store.set_reload_status(False, redact(str(error)))
+                for line in error.lines():
+                    log.error("reload failed, keeping the running configuration: %s", line)
                 return False, f"reload failed: {redact(str(error))}"
             use_config(config)
             self.store.reconfigure(

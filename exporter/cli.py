@@ -16,45 +16,85 @@ from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
+from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (off switches, unset files)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or isinstance(action, argparse._VersionAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wolkvox-exporter",
+        formatter_class=_DefaultsFormatter,
         description="Prometheus exporter for wolkvox billing usage. Values are fetched in the background, "
         "within the API's limits, and served from a cache.",
     )
-    parser.add_argument("--config.file", dest="config_file", default="config.yml", help="YAML configuration")
+    parser.add_argument(
+        "--config.file", dest="config_file", metavar="FILE", default="config.yml", help="YAML configuration"
+    )
     parser.add_argument(
         "--config.check", dest="config_check", action="store_true", help="validate the config file and exit"
     )
     parser.add_argument(
         "--web.listen-address",
         dest="listen_address",
+        metavar="ADDRESS",
         default=f":{DEFAULT_PORT}",
-        help=f"address to listen on, host:port (default :{DEFAULT_PORT}, all interfaces)",
+        help="address to listen on, host:port (:port listens on all interfaces)",
     )
     parser.add_argument(
-        "--web.telemetry-path", dest="telemetry_path", default="/metrics", help="path of the metrics page"
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        metavar="PATH",
+        default="/metrics",
+        help="path of the metrics page",
     )
     parser.add_argument(
         "--web.config.file",
         dest="web_config_file",
+        metavar="FILE",
         default=None,
-        help="TLS and basic-auth settings, in the exporter-toolkit format",
+        help="TLS and basic-auth settings, in the exporter-toolkit format (default: none, plain HTTP)",
     )
     parser.add_argument(
         "--web.max-connections",
         dest="max_connections",
+        metavar="N",
         type=int,
         default=512,
-        help="open HTTP connections beyond this are closed at once (default 512)",
+        help="open HTTP connections beyond this are closed at once",
     )
-    parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
-    parser.add_argument("--log.format", dest="log_format", choices=FORMATS, default="logfmt")
+    parser.add_argument(
+        "--web.runbook-url",
+        dest="runbook_url",
+        metavar="URL",
+        default=DEFAULT_RUNBOOK_URL,
+        help="the runbook the landing page's hints link to (#reason-<reason>, #config-reload)",
+    )
+    parser.add_argument(
+        "--log.level",
+        dest="log_level",
+        choices=list(LEVELS),
+        default="info",
+        help="least severe level logged",
+    )
+    parser.add_argument(
+        "--log.format",
+        dest="log_format",
+        choices=FORMATS,
+        default="logfmt",
+        help="log lines as logfmt key=value pairs or JSON objects; fields such as operation, api and reason "
+        "are keys of their own in both",
+    )
     parser.add_argument("--version", action="version", version=f"wolkvox-exporter {__version__}")
     return parser
 
@@ -94,11 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config_isolated(args.config_file)
     except ConfigError as error:
-        log.error("%s", error)
+        for line in error.lines():  # every problem of the file, one line each
+            log.error("%s", line)
         return 1
     use_config(config)
     if args.config_check:
-        print(f"{args.config_file}: OK, {len(config.operations)} operation(s)")
+        warned = f", {len(config.warnings)} warning(s) above" if config.warnings else ""
+        print(f"{args.config_file}: OK, {len(config.operations)} operation(s){warned}")
         if args.web_config_file:  # empty: no web config, as in the exporter-toolkit
             try:
                 web_config = load_web_config(args.web_config_file)
@@ -117,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         telemetry_path=args.telemetry_path,
         web_config_file=args.web_config_file,
         max_connections=args.max_connections,
+        runbook_url=args.runbook_url,
     )
     app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
     return asyncio.run(serve(app))

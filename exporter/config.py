@@ -7,20 +7,24 @@ never contains a token. Problems that do not stop the exporter end up in :attr:`
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
 import stat
 import unicodedata
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 from yaml.constructor import ConstructorError
 
+from exporter.model import BILLING_APIS, STEREO_REC
 from exporter.secret import Secret, one_line, sendable
+
+T = TypeVar("T")
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -80,6 +84,7 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
 _UNITS = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}  # units must come largest first
+MAX_REPORTED_ERRORS = 50  # of one file, in one run (a 10,000-operation file may repeat one mistake)
 _DURATION_HELP = "use seconds (300) or ms, s, m, h, d largest first (500ms, 30s, 5m, 1h30m)"
 
 
@@ -87,20 +92,73 @@ class ConfigError(Exception):
     """An invalid configuration. ``str()`` is one line: ``<file>: <key path>: <problem>``.
 
     ``file`` is None while the error travels up from a helper (e.g. :func:`parse_duration`) and is filled
-    in by :func:`load_config`; ``key`` is None for problems with the file as a whole.
+    in by :func:`load_config`; ``key`` is None for problems with the file as a whole. A file with several
+    problems raises one error carrying all of them (``errors``): ``str()`` is the first with a count of
+    the others, ``lines()`` one line per problem.
     """
 
-    def __init__(self, problem: str, key: str | None = None, file: str | None = None) -> None:
+    def __init__(
+        self,
+        problem: str,
+        key: str | None = None,
+        file: str | None = None,
+        more: tuple[ConfigError, ...] = (),
+    ) -> None:
         self.problem = problem
         self.key = key
         self.file = file
+        self.more = more
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return _render(self.file, self.key, self.problem)
+        first = _render(self.file, self.key, self.problem)
+        others = len(self.more)
+        return f"{first} (and {others} more problem{'s' if others > 1 else ''})" if others else first
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[object, ...]]:
+        # Pickled whole (configproc sends it from the child interpreter), not rebuilt from str().
+        return (ConfigError, (self.problem, self.key, self.file, self.more))
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Every problem, in the order found: this one first."""
+        return (ConfigError(self.problem, self.key, self.file), *self.more)
+
+    def lines(self, limit: int = MAX_REPORTED_ERRORS) -> list[str]:
+        """One line per problem (at most ``limit``, then a line saying how many more)."""
+        lines = [str(error) for error in self.errors[:limit]]
+        if len(self.errors) > limit:
+            lines.append(_render(self.file, None, f"... and {len(self.errors) - limit} more problems"))
+        return lines
 
     def with_file(self, file: str) -> ConfigError:
-        return ConfigError(self.problem, self.key, file)
+        return ConfigError(self.problem, self.key, file, tuple(error.with_file(file) for error in self.more))
+
+    @staticmethod
+    def of(errors: list[ConfigError]) -> ConfigError:
+        """One error carrying ``errors`` (flattened), the first in front."""
+        flat = [one for error in errors for one in error.errors]
+        first = flat[0]
+        return ConfigError(first.problem, first.key, first.file, tuple(flat[1:]))
+
+
+class _Problems:
+    """Collects the problems of a file, so one run reports all of them, not only the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def get(self, read: Callable[[], T], fallback: T) -> T:
+        """``read()``, or ``fallback`` (to go on checking) after noting its error."""
+        try:
+            return read()
+        except ConfigError as error:
+            self.errors.append(error)
+            return fallback
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ConfigError.of(self.errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,56 +346,65 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {_type_name(data)}")
     base_dir = os.path.dirname(os.path.abspath(file))
-    top = _Section(data, "", environ, TOP_LEVEL_KEYS | RETIRED_KEYS)
-    refresh_interval = top.duration("refresh_interval", DEFAULT_REFRESH_INTERVAL)
-    max_age = top.duration("max_age", DEFAULT_MAX_AGE)
-    retired = _retired_keys(top)
-    connect_timeout = top.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
-    read_timeout = top.duration("read_timeout", DEFAULT_READ_TIMEOUT)
-    max_body_bytes = top.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
-    daily_request_limit = top.integer("daily_request_limit", DEFAULT_DAILY_REQUEST_LIMIT, minimum=1)
-    token_info_interval = top.optional_duration("token_info_interval")
-    if token_info_interval is not None and token_info_interval < MIN_TOKEN_INFO_INTERVAL:
-        raise ConfigError(
-            f"must be at least {format_duration(MIN_TOKEN_INFO_INTERVAL)}; read at most hourly",
-            "token_info_interval",
-        )
-    currency = top.string("currency") or DEFAULT_CURRENCY
-    if not re.fullmatch(r"[A-Za-z]{1,8}", currency):
-        raise ConfigError(
-            f"expected a currency code of letters (e.g. USD, COP), got {_show(currency)}", "currency"
-        )
-    prices = top.prices("prices")
-    state_file = top.string("state_file")
-    if state_file is not None:
-        _require_nonempty(state_file, "state_file")
-        state_file = os.path.join(base_dir, state_file)
+    problems = _Problems()
+    top = _Section(data, "", environ, TOP_LEVEL_KEYS | RETIRED_KEYS, problems)
+    get = problems.get
+    refresh_interval = get(lambda: top.duration("refresh_interval", DEFAULT_REFRESH_INTERVAL), 300.0)
+    max_age = get(lambda: top.duration("max_age", DEFAULT_MAX_AGE), DEFAULT_MAX_AGE)
+    retired: list[tuple[str, str]] = get(lambda: _retired_keys(top), [])
+    connect_timeout = get(lambda: top.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT), 1.0)
+    read_timeout = get(lambda: top.duration("read_timeout", DEFAULT_READ_TIMEOUT), DEFAULT_READ_TIMEOUT)
+    max_body_bytes = get(lambda: top.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1), 1)
+    daily_request_limit = get(
+        lambda: top.integer("daily_request_limit", DEFAULT_DAILY_REQUEST_LIMIT, minimum=1), 1
+    )
+    token_info_interval = get(lambda: _token_info_interval(top), None)
+    currency = get(lambda: _currency(top), DEFAULT_CURRENCY)
+    prices: dict[str, float] = get(lambda: top.prices("prices"), {})
+    state_file = get(lambda: _state_file(top, base_dir), None)
 
     items = data.get("operations")
     if "operations" not in data:
-        raise ConfigError("missing; list at least one operation", "operations")
-    if not isinstance(items, list):
-        raise ConfigError(f"expected a list of operations, got {_type_name(items)}", "operations")
-    if not items:
-        raise ConfigError("is empty; list at least one operation", "operations")
+        problems.errors.append(ConfigError("missing; list at least one operation", "operations"))
+    elif not isinstance(items, list):
+        problems.errors.append(
+            ConfigError(f"expected a list of operations, got {_type_name(items)}", "operations")
+        )
+    elif not items:
+        problems.errors.append(ConfigError("is empty; list at least one operation", "operations"))
     operations: list[OperationConfig] = []
+    own_prices: list[dict[str, float]] = []
     first_index: dict[str, int] = {}
-    for index, item in enumerate(items):
+    for index, item in enumerate(items if isinstance(items, list) else []):
         where = f"operations[{index}]"
         if not isinstance(item, dict):
-            raise ConfigError(f"expected a mapping, got {_type_name(item)}", where)
-        operation = _operation(_Section(item, where, environ, OPERATION_KEYS), base_dir, prices)
+            problems.errors.append(ConfigError(f"expected a mapping, got {_type_name(item)}", where))
+            continue
+        section = _Section(item, where, environ, OPERATION_KEYS, problems)
+        mine: dict[str, float] = get(functools.partial(section.prices, "prices"), {})
+        operation = _operation(section, base_dir, prices, mine, problems)
+        if operation is None:
+            continue
         if operation.name in first_index:
             origin = "" if "name" in item and item["name"] is not None else " (the name defaults to server)"
-            raise ConfigError(
-                f"duplicate operation name {_show(operation.name)}, already used by "
-                f"operations[{first_index[operation.name]}]{origin}",
-                f"{where}.name",
+            problems.errors.append(
+                ConfigError(
+                    f"duplicate operation name {_show(operation.name)}, already used by "
+                    f"operations[{first_index[operation.name]}]{origin}",
+                    f"{where}.name",
+                )
             )
+            continue
         first_index[operation.name] = index
         operations.append(operation)
+        own_prices.append(mine)
+    problems.raise_any()
 
-    warnings = retired + _warnings(refresh_interval, max_age, read_timeout, operations)
+    warnings = (
+        retired
+        + _warnings(refresh_interval, max_age, read_timeout, operations)
+        + _api_warnings(operations, prices, own_prices)
+    )
     config = Config(
         path=file,
         refresh_interval=refresh_interval,
@@ -353,6 +420,33 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         currency=currency,
     )
     return config
+
+
+def _token_info_interval(top: _Section) -> float | None:
+    interval = top.optional_duration("token_info_interval")
+    if interval is not None and interval < MIN_TOKEN_INFO_INTERVAL:
+        raise ConfigError(
+            f"must be at least {format_duration(MIN_TOKEN_INFO_INTERVAL)}; read at most hourly",
+            "token_info_interval",
+        )
+    return interval
+
+
+def _currency(top: _Section) -> str:
+    currency = top.string("currency") or DEFAULT_CURRENCY
+    if not re.fullmatch(r"[A-Za-z]{1,8}", currency):
+        raise ConfigError(
+            f"expected a currency code of letters (e.g. USD, COP), got {_show(currency)}", "currency"
+        )
+    return currency
+
+
+def _state_file(top: _Section, base_dir: str) -> str | None:
+    state_file = top.string("state_file")
+    if state_file is None:
+        return None
+    _require_nonempty(state_file, "state_file")
+    return os.path.join(base_dir, state_file)
 
 
 def _retired_keys(top: _Section) -> list[tuple[str, str]]:
@@ -375,7 +469,40 @@ def _retired_keys(top: _Section) -> list[tuple[str, str]]:
     return warnings
 
 
-def _operation(section: _Section, base_dir: str, default_prices: dict[str, float]) -> OperationConfig:
+def _operation(
+    section: _Section,
+    base_dir: str,
+    default_prices: dict[str, float],
+    own_prices: dict[str, float],
+    problems: _Problems,
+) -> OperationConfig | None:
+    """The operation, or None when it has a problem (each noted in ``problems``)."""
+    before = len(problems.errors)
+    get = problems.get
+    server = get(lambda: _server(section), None)
+    name = get(lambda: _name(section, server), None)
+    base_url = get(lambda: _base_url(section, server), "")
+    budget = get(lambda: section.number("budget_minutes"), None)
+    apis: tuple[str, ...] = get(lambda: section.api_list("apis"), DEFAULT_APIS)
+    ca_file = get(lambda: _ca_file(section, base_dir), None)
+    token = get(lambda: _token(section, base_dir), None)
+    cost_budget = get(lambda: section.number("cost_budget"), None)
+    if len(problems.errors) > before or server is None or name is None or token is None:
+        return None
+    return OperationConfig(
+        name=name,
+        server=server,
+        token=token,
+        base_url=base_url,
+        budget_minutes=budget,
+        apis=apis,
+        ca_file=ca_file,
+        prices=tuple(sorted({**default_prices, **own_prices}.items())),
+        cost_budget=cost_budget,
+    )
+
+
+def _server(section: _Section) -> str:
     server = section.string("server")
     if server is None:
         raise ConfigError(
@@ -386,39 +513,35 @@ def _operation(section: _Section, base_dir: str, default_prices: dict[str, float
             f"invalid server {_show(server)}; expected letters, digits and '-' (e.g. wv9901)",
             section.where("server"),
         )
+    return server
+
+
+def _name(section: _Section, server: str | None) -> str | None:
     name = section.string("name")
     if name is None:
-        name = server
-    elif not name.strip() or any(_is_unprintable(ch) for ch in name):
+        return server
+    if not name.strip() or any(_is_unprintable(ch) for ch in name):
         raise ConfigError(
             f"must be a non-empty string without control characters, got {_show(name)}", section.where("name")
         )
+    return name
 
+
+def _base_url(section: _Section, server: str | None) -> str:
     base_url = section.string("base_url")
-    base_url = (
-        f"https://{server}.wolkvox.com"
-        if base_url is None
-        else _check_url(base_url, section.where("base_url"))
-    )
+    if base_url is None:
+        return f"https://{server}.wolkvox.com"
+    return _check_url(base_url, section.where("base_url"))
 
-    budget = section.number("budget_minutes")
-    apis = section.api_list("apis")
+
+def _ca_file(section: _Section, base_dir: str) -> str | None:
     ca_file = section.string("ca_file")
-    if ca_file is not None:
-        _require_nonempty(ca_file, section.where("ca_file"))
-        ca_file = os.path.join(base_dir, ca_file)
-        _read_file(ca_file, section.where("ca_file"), limit=1)
-    return OperationConfig(
-        name=name,
-        server=server,
-        token=_token(section, base_dir),
-        base_url=base_url,
-        budget_minutes=budget,
-        apis=apis,
-        ca_file=ca_file,
-        prices=tuple(sorted({**default_prices, **section.prices("prices")}.items())),
-        cost_budget=section.number("cost_budget"),
-    )
+    if ca_file is None:
+        return None
+    _require_nonempty(ca_file, section.where("ca_file"))
+    ca_file = os.path.join(base_dir, ca_file)
+    _read_file(ca_file, section.where("ca_file"), limit=1)
+    return ca_file
 
 
 def _token(section: _Section, base_dir: str) -> Secret:
@@ -522,6 +645,53 @@ def _warnings(
     return warnings
 
 
+def _api_warnings(
+    operations: list[OperationConfig], prices: dict[str, float], own_prices: list[dict[str, float]]
+) -> list[tuple[str, str]]:
+    """An api the exporter does not know (wolkvox would answer unknown_api), and a price or a budget for
+    an api no operation queries (it would never be used): likely typos, named with the closest match."""
+    warnings: list[tuple[str, str]] = []
+    queried = {api for op in operations for api in op.apis}
+    for index, (op, mine) in enumerate(zip(operations, own_prices, strict=True)):
+        where = f"operations[{index}]"
+        for position, api in enumerate(op.apis):
+            if api not in BILLING_APIS:
+                warnings.append(
+                    (
+                        f"{where}.apis[{position}]",
+                        f"unknown api {_show(api)}{_did_you_mean(api, BILLING_APIS)}; wolkvox will most "
+                        "likely answer THE API YOU WANT TO CONSULT DOES NOT EXIST (reason unknown_api)",
+                    )
+                )
+        for api in mine:
+            if api not in op.apis:
+                hint = _did_you_mean(api, op.apis)
+                warnings.append(
+                    (f"{where}.prices.{api}", f"this operation does not query {_show(api)}{hint}; unused")
+                )
+        if op.budget_minutes is not None and STEREO_REC not in op.apis:
+            warnings.append(
+                (
+                    f"{where}.budget_minutes",
+                    f"is a budget of {STEREO_REC} minutes, which this operation does not query; unused",
+                )
+            )
+        if op.cost_budget is not None and not any(api in op.apis for api, _ in op.prices):
+            warnings.append(
+                (f"{where}.cost_budget", "no api of this operation has a price, so it has no cost; unused")
+            )
+    for api in prices:
+        if api not in queried:
+            hint = _did_you_mean(api, queried | set(BILLING_APIS))
+            warnings.append((f"prices.{api}", f"no operation queries {_show(api)}{hint}; unused"))
+    return warnings
+
+
+def _did_you_mean(word: str, candidates: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _is_wolkvox_host(base_url: str) -> bool:
     host = (urlsplit(base_url).hostname or "").lower()
     return host == "wolkvox.com" or host.endswith(".wolkvox.com")
@@ -537,18 +707,27 @@ class _Section:
     """
 
     def __init__(
-        self, data: dict[Any, Any], prefix: str, environ: Mapping[str, str], keys: Collection[str]
+        self,
+        data: dict[Any, Any],
+        prefix: str,
+        environ: Mapping[str, str],
+        keys: Collection[str],
+        problems: _Problems | None = None,
     ) -> None:
         self._data = data
         self._prefix = prefix
         self._environ = environ
+        unknown: list[ConfigError] = []
         for key in data:
             if key not in keys:
-                close = difflib.get_close_matches(str(key), sorted(keys), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ConfigError(
-                    f"unknown key{hint}; known keys: {', '.join(sorted(keys))}", self.where(key)
+                hint = _did_you_mean(str(key), keys)
+                unknown.append(
+                    ConfigError(f"unknown key{hint}; known keys: {', '.join(sorted(keys))}", self.where(key))
                 )
+        if unknown and problems is not None:
+            problems.errors.extend(unknown)
+        elif unknown:
+            raise ConfigError.of(unknown)
 
     def get(self, key: str) -> object:
         """The raw value (None when absent or null), for presence checks."""

@@ -2,6 +2,10 @@
 
 Code never logs a token on purpose (tokens are ``Secret`` objects); the redaction here catches the
 unforeseen, e.g. an upstream that echoes a token inside an error message or a traceback.
+
+Structured fields: a call site passes them with ``extra=`` (``log.warning("fetch failed",
+extra=fields(operation=name, api=api, reason=reason))``); they become JSON keys with ``--log.format json``
+and ``key=value`` pairs after ``msg`` with logfmt. Every field is scrubbed like the message.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from exporter.secret import Redactor
 
@@ -23,16 +28,50 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{seconds}.{int(record.msecs):03d}Z"
 
 
-def _fields(record: logging.LogRecord) -> dict[str, str]:
-    fields = {
+# What every LogRecord has (and `message`, `asctime` that formatters add): anything else came in `extra=`.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_BASE_KEYS = ("ts", "level", "logger", "msg", "exc")
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """Structured fields for a log call: ``log.info("...", extra=fields(operation=..., api=...))``. A
+    field named like a base key (``msg``, ``level``...) or an attribute of the log record (``name``,
+    ``args``..., which ``logging`` refuses to overwrite) is renamed with a ``field_`` prefix."""
+    taken = _BASE_KEYS + tuple(_RECORD_ATTRIBUTES)
+    return {f"field_{key}" if key in taken else key: value for key, value in values.items()}
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a call site passed with ``extra=``, scrubbed: strings (and anything rendered as one)
+    pass through the redactor; numbers, booleans and null stay as they are unless they hold a token."""
+    extra: dict[str, Any] = {}
+    for key, value in vars(record).items():
+        if key in _RECORD_ATTRIBUTES or key.startswith("_"):
+            continue
+        name = f"field_{key}" if key in _BASE_KEYS else key
+        if value is None or isinstance(value, bool | int | float):
+            text = redact(json.dumps(value))
+            extra[name] = value if text == json.dumps(value) else text
+        else:
+            extra[name] = redact(str(value))
+    return extra
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "ts": _timestamp(record),
         "level": "warn" if record.levelname == "WARNING" else record.levelname.lower(),
         "logger": record.name,
         "msg": redact(record.getMessage()),
     }
+    out.update(_extra(record))
     if record.exc_info:
-        fields["exc"] = redact(logging.Formatter().formatException(record.exc_info))
-    return fields
+        out["exc"] = redact(logging.Formatter().formatException(record.exc_info))
+    return out
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -45,7 +84,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), ensure_ascii=False)
 
 
-def _logfmt_value(value: str) -> str:
+def _logfmt_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    value = str(value)
     if value and not any(c in value for c in ' "=\n\t\\'):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'

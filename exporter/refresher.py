@@ -33,6 +33,7 @@ from typing import Any
 
 from exporter.client import WolkvoxClient
 from exporter.config import Config, OperationConfig, format_duration
+from exporter.logs import fields
 from exporter.model import TOKEN_INFO, FetchError, FetchResult, ReportStatus
 from exporter.planner import Job, Pace, Planner, SavedPacing, jobs_for
 from exporter.secret import token_key
@@ -318,18 +319,15 @@ class Refresher:
         except FetchError as error:
             reason, detail = error.reason, error.detail
             log.warning(
-                "fetch failed: operation=%s api=%s reason=%s detail=%s",
-                job.operation,
-                job.api,
-                reason,
-                detail,
+                "fetch failed",
+                extra=fields(operation=job.operation, api=job.api, reason=reason, detail=detail),
             )
         except Exception:
             # A bug of ours, not an upstream answer: keep serving, count it, and show where it happened.
             reason, detail = "invalid_response", "unexpected error in the exporter (see the log)"
-            log.exception("unexpected error fetching operation=%s api=%s", job.operation, job.api)
+            log.exception("unexpected error fetching", extra=fields(operation=job.operation, api=job.api))
         else:
-            log.debug("fetched operation=%s api=%s value=%s", job.operation, job.api, value)
+            log.debug("fetched", extra=fields(operation=job.operation, api=job.api, value=value))
         return FetchResult(
             operation=job.operation,
             api=job.api,

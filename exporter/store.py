@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from exporter.clock import WallSteps, about
+from exporter.logs import fields
 from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
@@ -90,6 +91,17 @@ class ReportRow:
     next_due: float | None
     interval: float | None
     last_month: Seen | None = None  # the closing value of the report's last closed month
+    failing_since: float | None = None  # the first failure since its last success (None: not failing)
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    """The last configuration reload, for the status page: None ``at`` means none since the start."""
+
+    ok: bool
+    at: float | None  # when it was attempted
+    error: str  # its one-line error (empty on success); never a token (the caller redacts)
+    loaded_at: float  # when the configuration in force was loaded (start or last good reload)
 
 
 @dataclass(slots=True)
@@ -105,6 +117,7 @@ class ReportState:
     pace: ReportStatus | None = None  # interval in use, next due
     seen: Seen | None = None  # last good reading (never expires)
     closed: Seen | None = None  # closing value of its last closed month
+    failing_since: float | None = None  # first failure since the last success
 
 
 @dataclass(slots=True)
@@ -116,6 +129,9 @@ class OperationState:
     last_success: float | None = None
     last_duration: float | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
+    # The last token_info read of this operation, when it failed: (reason, at, detail), and since when.
+    token_failure: tuple[str, float, str] | None = None
+    token_failing_since: float | None = None
     restored: bool = False  # a value younger than max_age was restored from saved state (counts as ready)
 
     def report(self, api: str) -> ReportState:
@@ -162,6 +178,7 @@ class Store:
         self._next_expiry = float("inf")
         self._reload_ok = 1
         self._reload_time = wall()
+        self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
@@ -208,11 +225,14 @@ class Store:
                 report.value = (result.value.value, at)
                 self._track_month(state, result.api, report, Seen(result.value.value, at, result.value.month))
                 report.last_success = at
+                report.failing_since = None
                 state.last_success = max(state.last_success or 0.0, at)
                 self._next_expiry = min(self._next_expiry, at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
                 report.last_failure = (result.reason, at, result.detail)
+                if report.failing_since is None:
+                    report.failing_since = at
             self._dirty.add(result.operation)
         self.changed.set()
 
@@ -229,12 +249,15 @@ class Store:
             return
         report.closed = Seen(last.value, last.at, month)
         log.info(
-            "month %s closed: operation=%s api=%s final value=%s (fetched at %s)",
+            "month %s closed",
             month,
-            state.info.name,
-            api,
-            last.value,
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.at)),
+            extra=fields(
+                operation=state.info.name,
+                api=api,
+                month=month,
+                final_value=last.value,
+                fetched_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
+            ),
         )
 
     def _record_token_info(self, state: OperationState, result: FetchResult, at: float) -> None:
@@ -246,7 +269,12 @@ class Store:
         if not result.ok:
             if result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
+                # Shown on the status page: a token refused on its token_info read pauses its reports too.
+                state.token_failure = (result.reason, at, result.detail)
+                if state.token_failing_since is None:
+                    state.token_failing_since = at
             return
+        state.token_failure = state.token_failing_since = None
         info = result.value
         for other in self._states.values():
             if other.info.token_key == state.info.token_key:
@@ -267,12 +295,22 @@ class Store:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
         self.changed.set()
 
-    def set_reload_status(self, ok: bool) -> None:
+    def set_reload_status(self, ok: bool, error: str = "") -> None:
+        """The outcome of a reload; ``error`` is its one-line message, already free of tokens."""
         with self._lock:
+            now = self._now()
             self._reload_ok = 1 if ok else 0
             if ok:
-                self._reload_time = self._now()
+                self._reload_time = now
+            self._reload_last = (ok, now, "" if ok else error)
         self.changed.set()
+
+    def reload_status(self) -> ReloadStatus:
+        with self._lock:
+            if self._reload_last is None:
+                return ReloadStatus(ok=True, at=None, error="", loaded_at=self._reload_time)
+            ok, at, error = self._reload_last
+            return ReloadStatus(ok=ok, at=at, error=error, loaded_at=self._reload_time)
 
     # ----- reads ------------------------------------------------------------------------------
 
@@ -304,6 +342,23 @@ class Store:
                             next_due=pace.next_due if pace is not None else None,
                             interval=pace.interval if pace is not None else None,
                             last_month=report.closed,
+                            failing_since=report.failing_since
+                            if report.tried and report.last_reason is not None
+                            else None,
+                        )
+                    )
+                if state.token_failure is not None:  # a failing token_info read: a row of its own
+                    rows.append(
+                        ReportRow(
+                            operation=name,
+                            api=TOKEN_INFO,
+                            value=None,
+                            last_success=state.token_info[2] if state.token_info is not None else None,
+                            failing=True,
+                            last_failure=state.token_failure,
+                            next_due=None,
+                            interval=None,
+                            failing_since=state.token_failing_since,
                         )
                     )
         return rows
@@ -406,7 +461,7 @@ class Store:
                 if expires <= now:
                     report.value = None
                     self._dirty.add(name)
-                    log.warning("dropping %s value of operation %s: older than max_age", api, name)
+                    log.warning("dropping a value older than max_age", extra=fields(operation=name, api=api))
                 else:
                     next_expiry = min(next_expiry, expires)
             if state.token_info is not None:

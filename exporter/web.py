@@ -79,6 +79,7 @@ class WebApp:
         reload: ReloadHook | None = None,
         web_config: WebConfig | LiveWebConfig | None = None,
         operations_count: Callable[[], int] = lambda: 0,
+        runbook_url: str = statuspage.DEFAULT_RUNBOOK_URL,
     ) -> None:
         self._store = store
         self._pages = pages or Pages(store)
@@ -89,6 +90,7 @@ class WebApp:
             web_config = LiveWebConfig(web_config or WebConfig())
         self._live = web_config
         self._operations_count = operations_count
+        self._runbook_url = runbook_url
         self._generation = -1
         self._auth: BasicAuth | None = None
         self._bucket: TokenBucket | None = None
@@ -147,6 +149,8 @@ class WebApp:
             telemetry_path=self._telemetry_path,
             ready=self._store.ready,
             scrub=redact,
+            reload=self._store.reload_status() if self._reload is not None else None,
+            runbook_url=self._runbook_url,
         )
         return web.Response(text=body, content_type="text/html")
 

@@ -609,7 +609,7 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
             token_file: secrets/lima
             budget_minutes: 40000
             base_url: http://127.0.0.1:8080/proxy/
-            apis: [stereo_rec, mono_rec]
+            apis: [stereo_rec, ivr_calls]
             ca_file: ca.pem
         """
     )
@@ -627,7 +627,7 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
     assert lima.token.reveal() == TOKEN  # surrounding whitespace stripped
     assert lima.base_url == "http://127.0.0.1:8080/proxy"  # trailing slash stripped
     assert lima.budget_minutes == 40000.0 and isinstance(lima.budget_minutes, float)
-    assert lima.apis == ("stereo_rec", "mono_rec")
+    assert lima.apis == ("stereo_rec", "ivr_calls")
     assert lima.ca_file == str(tmp_path / "ca.pem")
     assert config.warnings == ()
 
@@ -871,7 +871,7 @@ def warning_keys(config: Config) -> list[str]:
         pytest.param("read_timeout: 61s", "", ["read_timeout"], id="read-timeout-above"),
         pytest.param("max_age: 5m", "", ["max_age"], id="max-age-equals-interval"),
         # Each report is refreshed every interval, whatever the number of apis of its token.
-        pytest.param("max_age: 10m", "apis: [stereo_rec, mono_rec]", [], id="two-apis-one-token"),
+        pytest.param("max_age: 10m", "apis: [stereo_rec, ivr_calls]", [], id="two-apis-one-token"),
         pytest.param(
             "refresh_interval: 1m\nmax_age: 1m\nread_timeout: 2m",
             "",
@@ -930,3 +930,89 @@ def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     for key in TOP_LEVEL_KEYS | OPERATION_KEYS:
         assert re.search(rf"^\s*(# )?(- )?{key}:", text, re.MULTILINE), f"{key} missing from {EXAMPLE.name}"
+
+
+# ----- likely typos: warnings, not errors -------------------------------------------------------------
+
+
+def test_an_unknown_api_and_an_unused_price_warn_with_the_closest_name(write: Write) -> None:
+    config = load_config(write(minimal("prices: {stereo: 0.004}", "apis: [stereo_rec, ivr_minute]")), {})
+    assert warning_keys(config) == [f"{OP0}.apis[1]", "prices.stereo"]
+    unknown, price = config.warnings
+    assert "unknown api 'ivr_minute' (did you mean ivr_minutes?)" in unknown and "unknown_api" in unknown
+    assert "no operation queries 'stereo' (did you mean stereo_rec?)" in price
+
+
+def test_prices_and_budgets_that_nothing_uses_warn(write: Write) -> None:
+    text = minimal(
+        "prices: {ivr_calls: 0.02}",
+        "apis: [ivr_calls]\nbudget_minutes: 1000\nprices: {ivr_call: 0.03}\ncost_budget: 50",
+    )
+    config = load_config(write(text), {})
+    assert warning_keys(config) == [f"{OP0}.prices.ivr_call", f"{OP0}.budget_minutes"]
+    assert "(did you mean ivr_calls?)" in config.warnings[0]
+    assert "stereo_rec" in config.warnings[1]
+    # Without any priced api, a cost budget is unused too; a far-off name gets no suggestion.
+    config = load_config(write(minimal("", "apis: [ivr_calls]\ncost_budget: 50\nprices: {zzz: 1}")), {})
+    assert warning_keys(config) == [f"{OP0}.prices.zzz", f"{OP0}.cost_budget"]
+    assert "did you mean" not in config.warnings[0]
+
+
+def test_known_apis_with_prices_all_used_do_not_warn(write: Write) -> None:
+    text = minimal("prices: {stereo_rec: 0.004, ivr_calls: 0.02}", "apis: [stereo_rec, ivr_calls]")
+    assert load_config(write(text + "    budget_minutes: 10\n    cost_budget: 5\n"), {}).warnings == ()
+
+
+# ----- every error of a file in one run ---------------------------------------------------------------
+
+SEVERAL_ERRORS = f"""
+refresh_interval: 5 minutes
+max_agee: 1h
+currency: "US$"
+operations:
+  - server: wv9901
+    token: {TOKEN}
+    budget_minutes: lots
+    colour: blue
+  - token: {TOKEN}
+  - 42
+  - server: wv0042
+    token: {TOKEN}
+"""
+SEVERAL_KEYS = [
+    "max_agee",
+    "refresh_interval",
+    "currency",
+    f"{OP0}.colour",
+    f"{OP0}.budget_minutes",
+    "operations[1].server",
+    "operations[2]",
+]
+
+
+def test_every_error_of_a_file_is_reported_in_one_run(write: Write) -> None:
+    path = write(SEVERAL_ERRORS)
+    error = load_error(path)
+    assert [one.key for one in error.errors] == SEVERAL_KEYS
+    lines = error.lines()
+    assert len(lines) == len(SEVERAL_KEYS)
+    for one, line in zip(error.errors, lines, strict=True):
+        assert line == check_message(one, path, one.key)
+    # str() stays one line: the first problem and how many more.
+    assert str(error) == f"{lines[0]} (and {len(SEVERAL_KEYS) - 1} more problems)"
+    assert "did you mean max_age" in lines[0]
+
+
+def test_a_long_list_of_errors_is_cut_with_a_count(write: Write) -> None:
+    ops = "".join(f"  - {{server: wv{n}, token: t, colour: {n}}}\n" for n in range(60))
+    path = write(f"operations:\n{ops}")
+    lines = load_error(path).lines()
+    assert len(lines) == 51 and lines[-1] == f"{path}: ... and 10 more problems"
+
+
+def test_an_error_with_several_problems_survives_pickling(write: Write) -> None:
+    import pickle
+
+    error = load_error(write(SEVERAL_ERRORS))
+    copy = pickle.loads(pickle.dumps(error))  # noqa: S301 (our own bytes)
+    assert copy.lines() == error.lines() and str(copy) == str(error)

@@ -49,3 +49,43 @@ def test_child_entry_point_exit_codes(tmp_path: Path, capsysbinary: pytest.Captu
     good.write_text("operations: [{server: wv1, token: abc}]\n")
     assert configproc.main([str(good)]) == 0
     assert configproc.main([str(tmp_path / "missing.yml")]) == configproc.CONFIG_ERROR_EXIT
+
+
+TYPOS = "prices: {stereo: 0.004}\noperations: [{server: wv1, token: abc, apis: [stereo_rec, ivr_minute]}]\n"
+SEVERAL_ERRORS = "refresh_interval: soon\noperations: [{server: wv1, token: abc, colour: blue}, {token: x}]\n"
+
+
+def test_warnings_and_every_error_come_back_from_the_child(tmp_path: Path) -> None:
+    typos = tmp_path / "typos.yml"
+    typos.write_text(TYPOS)
+    assert load_config_isolated(typos).warnings == load_config(typos).warnings
+    assert len(load_config(typos).warnings) == 2
+    bad = tmp_path / "bad.yml"
+    bad.write_text(SEVERAL_ERRORS)
+    with pytest.raises(ConfigError) as in_process:
+        load_config(bad)
+    with pytest.raises(ConfigError) as isolated:
+        load_config_isolated(bad)
+    assert isolated.value.lines() == in_process.value.lines() and len(isolated.value.lines()) == 3
+
+
+def test_config_check_warns_with_exit_0_and_lists_every_error_with_exit_1(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    typos = tmp_path / "typos.yml"
+    typos.write_text(TYPOS)
+    done = run_cli("--config.file", str(typos), "--config.check")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "level=warn" in line]
+    assert len(warnings) == 2, done.stderr
+    assert "did you mean ivr_minutes?" in warnings[0] and "did you mean stereo_rec?" in warnings[1]
+    assert "OK, 1 operation(s), 2 warning(s)" in done.stdout
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text(SEVERAL_ERRORS)
+    done = run_cli("--config.file", str(bad), "--config.check")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "level=error" in line]
+    keys = ("refresh_interval", "operations[0].colour", "operations[1].server")
+    assert len(errors) == len(keys), done.stderr
+    assert all(key in line for key, line in zip(keys, errors, strict=True)), errors
