@@ -413,6 +413,21 @@ def test_runbook_links_within_the_page_resolve() -> None:
     assert {f"reason-{reason}" for reason in REASONS} <= anchors
 
 
+def test_the_status_page_links_the_same_runbook_and_existing_sections() -> None:
+    """The landing page's hints link #reason-<reason> and #config-reload of the page the alerts link."""
+    from exporter import statuspage
+    from exporter.model import REASONS
+
+    assert statuspage.DEFAULT_RUNBOOK_URL == RUNBOOK_DEFAULT
+    anchors = _github_anchors(RUNBOOK.read_text(encoding="utf-8"))
+    source = Path(statuspage.__file__).read_text(encoding="utf-8")
+    linked = set(re.findall(r'f"\{runbook_url\}#([a-z-]+)', source))  # the links it builds
+    assert linked == {"reason-", "config-reload"}
+    linked = {"config-reload"} | {f"reason-{reason}" for reason in REASONS}
+    assert linked - anchors == set(), "the status page links sections the runbook does not have"
+    assert set(statuspage.HINTS) == set(REASONS)
+
+
 def test_runbook_timings_are_the_rules() -> None:
     """The runbook's table of how soon each alert fires states each alert's severity and `for` as the
     rules have them."""
