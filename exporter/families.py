@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from exporter import __version__
 from exporter.exposition import Family, sample
 from exporter.logs import redact as scrub
-from exporter.model import BILLING_APIS, REASONS, STEREO_REC
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO
 from exporter.secret import one_line
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
@@ -42,8 +42,9 @@ LAST_ERROR_MESSAGE_CHARS = 120
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
-    "Always 1, one series per report (operation x api) whose last request failed, gone after its next "
-    "success: the failure reason, the host asked, and the start of the error message (at most "
+    "Always 1, one series per report (operation x api, or api token_info for the token's daily-budget "
+    "read) whose last request failed, gone after its next success: the failure reason, the host asked, "
+    "and the start of the error message (at most "
     f"{LAST_ERROR_MESSAGE_CHARS} characters, tokens masked). An api wolkvox does not know (reason "
     "unknown_api) is shown here while wolkvox_up stays 1.",
 )
@@ -206,12 +207,17 @@ def _token_info(state: OperationState, index: int) -> float | None:
 
 def _last_errors(state: OperationState) -> str:
     info = state.info
+    failures = [
+        (api, report.last_failure)
+        for api in info.apis
+        if (report := state.reports.get(api)) is not None
+        and report.last_reason is not None
+        and report.last_failure is not None
+    ]
+    if state.token_failure is not None:  # a refused token_info read pauses the token's reports too
+        failures.append((TOKEN_INFO, state.token_failure))
     lines = []
-    for api in info.apis:
-        report = state.reports.get(api)
-        if report is None or report.last_reason is None or report.last_failure is None:
-            continue
-        reason, _, detail = report.last_failure
+    for api, (reason, _, detail) in failures:
         # The detail was redacted where it was made (the client knows the token); the log scrubber is
         # the last defence here as on every log line.
         message = one_line(scrub(detail), limit=LAST_ERROR_MESSAGE_CHARS)
