@@ -1132,6 +1132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-refresh", action="store_true", help="skip part 2 (refresh capacity)")
     parser.add_argument(
+        "--store", type=int, default=0, help="also run benchmarks/store_bench.py at this many operations"
+    )
+    parser.add_argument(
         "--steady",
         action="store_true",
         help="part 1 also measures the exporter with every operation answered (values on the page)",
@@ -1311,6 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
                     results["refresh"].append(
                         refresh_run(label, ops, hang_fraction, run_window, apis, observe, args, workdir, log)
                     )
+            if args.store:  # the state store at scale: benchmarks/store_bench.py (runnable alone)
+                from store_bench import run as store_run
+
+                results["store"] = store_run(args.store, 60.0, log)
             results["goals"] = goals(results)
             results["background_after"] = background_load()
     except (

@@ -1,3 +1,3 @@
 """wolkvox-exporter: wolkvox billing usage as Prometheus metrics."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

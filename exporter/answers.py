@@ -4,7 +4,7 @@
 ``parse_token_info`` a ``token_info`` answer into a :class:`TokenInfo`; anything else is a
 :class:`FetchError` whose ``reason`` is one of :data:`REASONS` and whose ``detail`` is one line, safe to
 log, with the token redacted. The transport (exporter/client.py) raises the first two reasons below;
-this module raises the others. This docstring is the source of the README's table of reasons.
+this module raises the others. This docstring is the source of docs/fetching.md's table of reasons.
 
 The value of a reading is the SUM of ``items`` over all rows of ``data``. The API documents one row
 per operation; if it ever splits the month into several rows, the total is what is billed. An empty

@@ -1,15 +1,16 @@
-"""The whole exporter built from a ``Config``: store, refresher, publisher, state saver and web server,
+"""The whole exporter built from a ``Config``: store, refresher, publisher, state store and web server,
 with reload and an orderly stop. It runs in any event loop, so tests start it in-process on a free port;
 ``cli.py`` adds only flags, logging and signals.
 
 Threads: the serving event loop (the caller's), the refresher's own event loop thread, the publisher
-thread (renders /metrics), the state saver thread. Data flows one way: refresher -> store -> publisher ->
-page -> web.
+thread (renders /metrics), the state store's writer thread. Data flows one way: refresher -> store ->
+publisher -> page -> web.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,15 +21,19 @@ from aiohttp import web
 from exporter import __version__
 from exporter.config import Config, ConfigError, format_duration, parse_listen_address
 from exporter.logs import redact
+from exporter.model import TOKEN_INFO
+from exporter.monthclose import Seen
 from exporter.page import Pages, Publisher
-from exporter.planner import plan_pace
+from exporter.planner import TOKEN_WIDE, Job, SavedPacing, plan_pace
 from exporter.refresher import Refresher, plan_jobs
 from exporter.secret import token_key
-from exporter.statefile import StateFile, StateSaver
+from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
+from exporter.statestore import Health, StateStore, StoreError, read_month_totals
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -63,6 +68,8 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             cost_budget=op.cost_budget,
             currency=config.currency,
             host=urlsplit(op.base_url).netloc,
+            server=op.server,
+            labels=op.labels,
         )
         for op in config.operations
     ]
@@ -89,8 +96,41 @@ def use_config(config: Config) -> None:
         log.warning("%s", warning)
 
 
+class Persist:
+    """The refresher's ledger over the state store: each spend is committed before its request is sent,
+    each answer's report row (value, next due time, last reading) is written after the store took it."""
+
+    def __init__(self, state: StateStore, store: Store) -> None:
+        self._state = state
+        self._store = store
+        store.on_month_closed = self.month_closed
+
+    def spend(self, key: str, saved: SavedPacing) -> concurrent.futures.Future[None] | None:
+        token = saved.tokens.get(key)
+        if token is None:
+            return None
+        return self._state.spend(key, token["level"], token["at"], token["paused_until"], token)
+
+    def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
+        token = saved.tokens.get(key)
+        if token is not None and reason in TOKEN_WIDE:  # the token's pause changed
+            self._state.put_token(key, token["level"], token["at"], token["paused_until"], token)
+        if job.api == TOKEN_INFO:
+            return
+        due = saved.reports.get(key, {}).get(f"{job.operation}/{job.api}")
+        value, seen = self._store.saved_report(job.operation, job.api)
+        self._state.put_report(job.operation, job.api, key, due, value, seen)
+
+    def month_closed(self, operation: str, api: str, closed: Seen) -> None:
+        self._state.put_month(operation, api, closed)
+
+    def health(self, health: Health) -> None:
+        self._store.set_state_health(health.write_errors, health.last_write)
+
+
 class App:
-    """One exporter. ``load_config`` re-reads the configuration for a reload (SIGHUP, POST /-/reload)."""
+    """One exporter. ``load_config`` re-reads the configuration for a reload (SIGHUP, POST /-/reload).
+    Raises StartError for a state_store path that cannot be a store (a directory, a FIFO)."""
 
     def __init__(
         self,
@@ -102,28 +142,32 @@ class App:
         self.config = config
         self.settings = settings or WebSettings()
         self._load_config = load_config
-        self.state_file = StateFile(config.state_file) if config.state_file else None
-        saved = self.state_file.load() if self.state_file else None
         self.store = Store(operation_infos(config), max_age=config.max_age, schedule=schedule_of(config))
-        if saved is not None:
+        self.state: StateStore | None = None
+        persist: Persist | None = None
+        saved = None
+        if config.state_store:
+            legacy = config.state_file if config.state_file != config.state_store else None
+            self.state = StateStore(config.state_store, legacy_json=legacy)
+            persist = Persist(self.state, self.store)
+            self.state.on_health = persist.health
+            self.state.sink = self.store  # values and months go straight into the store, row by row
+            try:
+                saved = self.state.load()
+            except StoreError as error:
+                raise StartError(str(error)) from None
             self.store.restore_values(saved.values)
             self.store.restore_months(saved.months)
+            self.store.restored()
         self.pages = Pages(self.store)  # rendered now: the very first scrape shows restored values
         self.refresher = Refresher(
             config,
             self.store.record,
             on_pace=self.store.set_pace,
             saved=saved.pacing if saved is not None else None,
+            ledger=persist,
         )
         self.publisher = Publisher(self.pages, self.store)
-        self.saver = (
-            StateSaver(
-                self.state_file,
-                lambda: (self.store.values(), self.refresher.save(), self.store.month_state()),
-            )
-            if self.state_file
-            else None
-        )
         self._reload_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -143,6 +187,7 @@ class App:
             reload=self.reload if self._load_config is not None else None,
             web_config=web_config,
             operations_count=lambda: len(self.config.operations),
+            statement=self.statement,
             runbook_url=settings.runbook_url,
         ).build()
         runner = web.AppRunner(
@@ -154,7 +199,12 @@ class App:
         )
         await runner.setup()
         site = LimitedSite(
-            runner, host, port, ssl_context=web_config.ssl_context, max_connections=settings.max_connections
+            runner,
+            host,
+            port,
+            ssl_context=web_config.ssl_context,
+            max_connections=settings.max_connections,
+            on_reject=self.store.connection_rejected,
         )
         try:
             await site.start()
@@ -173,9 +223,9 @@ class App:
             format_duration(self.config.refresh_interval),
         )
         self.publisher.start()
+        if self.state is not None:
+            self.state.start()  # before the refresher: its first requests wait for their spends
         self.refresher.start()
-        if self.saver is not None:
-            self.saver.start()
         return self.url
 
     async def stop(self) -> None:
@@ -185,8 +235,25 @@ class App:
             self._runner = None
         await asyncio.get_running_loop().run_in_executor(None, self.refresher.stop, SHUTDOWN_SECONDS)
         self.publisher.stop()
-        if self.saver is not None:
-            self.saver.stop()
+        if self.state is not None:
+            self.state.stop()
+
+    def month_totals(self, month: str) -> list[MonthTotalLike]:
+        """The figures of the statement: the one place they come from. Today, what this exporter holds in
+        memory: each report's latest reading (its month to date) and its last closed month (restored
+        from the state store after a restart); an older month from the state store (closed months are
+        kept 25 months there)."""
+        totals: list[MonthTotalLike] = list(totals_in_memory(self.store.month_state(), month))
+        if not totals and self.state is not None and self.config.state_store:
+            try:
+                totals = list(read_month_totals(self.config.state_store, month))
+            except StoreError as error:
+                log.warning("statement of %s: %s", month, error)
+        return totals
+
+    def statement(self, month: str, group: str | None) -> Statement:
+        """/statement: the month's figures with the running configuration's prices and labels."""
+        return build(self.month_totals(month), terms_of(self.config), month, group)
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the configuration; on an error keep the running one. (ok, one-line message)."""

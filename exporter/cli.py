@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from exporter import __version__
 from exporter.app import DEFAULT_PORT, App, StartError, WebSettings, use_config
-from exporter.config import ConfigError
+from exporter.config import ConfigError, load_config
 from exporter.configproc import load_config_isolated
 from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
+from exporter.monthclose import utc_month
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError
+from exporter.weblive import load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -37,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
         description="Prometheus exporter for wolkvox billing usage. Values are fetched in the background, "
         "within the API's limits, and served from a cache.",
+        epilog="wolkvox-exporter statement --help: print a month's statement from the state store.",
     )
     parser.add_argument(
         "--config.file", dest="config_file", metavar="FILE", default="config.yml", help="YAML configuration"
@@ -126,7 +131,63 @@ async def serve(app: App) -> int:
     return 0
 
 
+def statement_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wolkvox-exporter statement",
+        formatter_class=_DefaultsFormatter,
+        description="Print a month's statement (usage and cost per operation and service) from the state "
+        "store (state_store), without a running exporter and without the tokens. The same output as "
+        "/statement (docs/statement.md).",
+    )
+    parser.add_argument(
+        "--config.file", dest="config_file", metavar="FILE", default="config.yml", help="YAML configuration"
+    )
+    parser.add_argument(
+        "--month", metavar="YYYY-MM", default=None, help="the month (default: this month, UTC)"
+    )
+    parser.add_argument("--format", default="csv", help="csv, json or html")
+    parser.add_argument("--group", metavar="LABEL", default=None, help="a subtotal per value of this label")
+    return parser
+
+
+def statement_main(argv: Sequence[str]) -> int:
+    """``wolkvox-exporter statement ...``: the statement on stdout; one line on stderr and exit 1 when
+    something is wrong or the month has no data."""
+    from exporter import statement
+
+    args = statement_parser().parse_args(argv)
+
+    def fail(problem: str) -> int:
+        print(f"wolkvox-exporter statement: {problem}", file=sys.stderr)
+        return 1
+
+    try:
+        config = load_config(args.config_file, tokens=False)  # a statement needs no token
+        month = statement.parse_month(args.month or utc_month(time.time()))
+        fmt = statement.pick_format(args.format, None)
+        if config.state_store is None:
+            return fail(f"{args.config_file}: state_store is not set; the statement reads the state store")
+        try:
+            store = importlib.import_module("exporter.statestore")  # the SQLite store: read only
+        except ImportError:
+            return fail("this build has no state store (exporter/statestore.py) to read a statement from")
+        try:
+            totals = store.read_month_totals(config.state_store, month)
+        except store.StoreError as error:
+            return fail(f"{config.state_store}: {error}")
+        built = statement.build(totals, statement.terms_of(config), month, args.group or None)
+    except (ConfigError, statement.StatementError) as error:
+        return fail(str(error))
+    if not built.lines:
+        return fail(f"no data for month {month} in {config.state_store}")
+    sys.stdout.write(statement.render(built, fmt))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["statement"]:
+        return statement_main(argv[1:])
     tune_malloc()
     raise_fd_limit()
     args = build_parser().parse_args(argv)
@@ -161,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         runbook_url=args.runbook_url,
     )
-    app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    try:
+        app = App(config, settings, load_config=lambda: load_config_isolated(args.config_file))
+    except StartError as error:
+        log.error("%s", error)
+        return 1
     return asyncio.run(serve(app))
 
 

@@ -24,7 +24,7 @@ default CA bundle (``REQUESTS_CA_BUNDLE`` is a requests-only variable and no lon
 Open sockets are bounded by ``max_connections`` (aiohttp's default of 100 would make a hundred hanging
 upstreams starve every healthy one). Its default is derived from the process's open-files limit:
 ``min(4096, soft_limit - 1024)``, at least 64, leaving 1,024 descriptors for the exporter's own
-listening socket, scrapers, files and the state file. Call :func:`raise_fd_limit` first (as Go
+listening socket, scrapers, files and the state store. Call :func:`raise_fd_limit` first (as Go
 exporters do at start; it lives in exporter/fdlimit.py) so that the soft
 limit is the hard one.
 """

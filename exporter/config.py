@@ -34,10 +34,12 @@ TOP_LEVEL_KEYS = frozenset(
         "read_timeout",
         "max_body_bytes",
         "state_file",
+        "state_store",
         "daily_request_limit",
         "token_info_interval",
         "currency",
         "prices",
+        "labels",
         "operations",
     }
 )
@@ -55,6 +57,7 @@ OPERATION_KEYS = frozenset(
         "ca_file",
         "prices",
         "cost_budget",
+        "labels",
     }
 )
 
@@ -79,6 +82,12 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _API = re.compile(r"[a-z0-9_]+")
+# Operation labels (`labels:`): Prometheus label names, minus the ones the exporter's own series carry
+# or Prometheus attaches (a join on the info metric would clash with them); `month` labels the closed
+# months' series.
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+RESERVED_LABELS = frozenset({"operation", "server", "api", "reason", "currency", "job", "instance", "month"})
+MAX_LABEL_VALUE_CHARS = 200
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
@@ -175,6 +184,9 @@ class OperationConfig:
     # Unit price per api (top-level `prices` overlaid with the operation's own), and a monthly cost budget.
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
+    # User labels (top-level `labels` overlaid with the operation's own), sorted by name: exported once,
+    # on wolkvox_operation_info, and the statement's columns.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,9 +199,10 @@ class Config:
     connect_timeout: float
     read_timeout: float
     max_body_bytes: int
-    state_file: str | None
+    state_file: str | None  # a JSON state file of an earlier version, migrated into the store once
     operations: tuple[OperationConfig, ...]
     warnings: tuple[str, ...]
+    state_store: str | None = None  # the SQLite state store; with only state_file: its name, .db
     daily_request_limit: int = DEFAULT_DAILY_REQUEST_LIMIT
     token_info_interval: float | None = None
     currency: str = DEFAULT_CURRENCY
@@ -268,11 +281,17 @@ def format_duration(seconds: float) -> str:
 # ----- loading ----------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values."""
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, tokens: bool = True
+) -> Config:
+    """Read and validate ``path``. ``environ`` (default ``os.environ``) supplies ``${VAR}`` values.
+
+    ``tokens=False`` leaves ``token`` and ``token_file`` unread (each operation's token is then empty): for
+    what needs no token, such as printing a statement where the tokens' variables or files are absent.
+    """
     file = os.fsdecode(path)
     try:
-        return _build(file, _read_yaml(file), os.environ if environ is None else environ)
+        return _build(file, _read_yaml(file), os.environ if environ is None else environ, tokens)
     except ConfigError as error:
         # `from None`: the chained exception could carry file content (a token) into a logged traceback.
         raise error.with_file(file) from None
@@ -340,7 +359,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
+def _build(file: str, data: object, environ: Mapping[str, str], tokens: bool = True) -> Config:
     if data is None:
         raise ConfigError("the file is empty; expected a mapping with at least `operations`")
     if not isinstance(data, dict):
@@ -361,7 +380,9 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
     token_info_interval = get(lambda: _token_info_interval(top), None)
     currency = get(lambda: _currency(top), DEFAULT_CURRENCY)
     prices: dict[str, float] = get(lambda: top.prices("prices"), {})
+    default_labels: dict[str, str] = get(lambda: top.labels("labels", None), {})
     state_file = get(lambda: _state_file(top, base_dir), None)
+    state_store = get(lambda: _state_store(top, base_dir, state_file), None)
 
     items = data.get("operations")
     if "operations" not in data:
@@ -382,7 +403,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
             continue
         section = _Section(item, where, environ, OPERATION_KEYS, problems)
         mine: dict[str, float] = get(functools.partial(section.prices, "prices"), {})
-        operation = _operation(section, base_dir, prices, mine, problems)
+        operation = _operation(section, base_dir, prices, mine, problems, default_labels, tokens)
         if operation is None:
             continue
         if operation.name in first_index:
@@ -405,6 +426,14 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         + _warnings(refresh_interval, max_age, read_timeout, operations)
         + _api_warnings(operations, prices, own_prices)
     )
+    if state_file is not None and state_store != state_file:
+        warnings.append(
+            (
+                "state_file",
+                f"the state now lives in the SQLite state_store {state_store}; a JSON state file here "
+                "is migrated into it once (then renamed .migrated); set state_store instead",
+            )
+        )
     config = Config(
         path=file,
         refresh_interval=refresh_interval,
@@ -413,6 +442,7 @@ def _build(file: str, data: object, environ: Mapping[str, str]) -> Config:
         read_timeout=read_timeout,
         max_body_bytes=max_body_bytes,
         state_file=state_file,
+        state_store=state_store,
         operations=tuple(operations),
         warnings=tuple(_render(file, key, text) for key, text in warnings),
         daily_request_limit=daily_request_limit,
@@ -449,6 +479,22 @@ def _state_file(top: _Section, base_dir: str) -> str | None:
     return os.path.join(base_dir, state_file)
 
 
+def _state_store(top: _Section, base_dir: str, state_file: str | None) -> str | None:
+    state_store = top.string("state_store")
+    if state_store is None:
+        return store_path_for(state_file) if state_file is not None else None
+    _require_nonempty(state_store, "state_store")
+    return os.path.join(base_dir, state_store)
+
+
+def store_path_for(state_file: str) -> str:
+    """The state store a ``state_file`` alone stands for: ``x.json`` -> ``x.db`` (the JSON file is
+    migrated into it once); any other name is the store itself (a JSON file found there is migrated in
+    place)."""
+    root, extension = os.path.splitext(state_file)
+    return root + ".db" if extension == ".json" else state_file
+
+
 def _retired_keys(top: _Section) -> list[tuple[str, str]]:
     """Keys of earlier versions: still accepted (and checked), with a warning saying what they do now."""
     warnings: list[tuple[str, str]] = []
@@ -475,6 +521,8 @@ def _operation(
     default_prices: dict[str, float],
     own_prices: dict[str, float],
     problems: _Problems,
+    default_labels: dict[str, str] | None = None,
+    tokens: bool = True,
 ) -> OperationConfig | None:
     """The operation, or None when it has a problem (each noted in ``problems``)."""
     before = len(problems.errors)
@@ -485,8 +533,9 @@ def _operation(
     budget = get(lambda: section.number("budget_minutes"), None)
     apis: tuple[str, ...] = get(lambda: section.api_list("apis"), DEFAULT_APIS)
     ca_file = get(lambda: _ca_file(section, base_dir), None)
-    token = get(lambda: _token(section, base_dir), None)
+    token = get(lambda: _token(section, base_dir), None) if tokens else Secret("")
     cost_budget = get(lambda: section.number("cost_budget"), None)
+    labels: dict[str, str] = get(lambda: section.labels("labels", name), {})
     if len(problems.errors) > before or server is None or name is None or token is None:
         return None
     return OperationConfig(
@@ -499,6 +548,7 @@ def _operation(
         ca_file=ca_file,
         prices=tuple(sorted({**default_prices, **own_prices}.items())),
         cost_budget=cost_budget,
+        labels=tuple(sorted({**(default_labels or {}), **labels}.items())),
     )
 
 
@@ -820,6 +870,46 @@ class _Section:
             if price is not None:
                 prices[api] = price
         return prices
+
+    def labels(self, key: str, operation: str | None) -> dict[str, str]:
+        """A mapping of label name -> value (``labels:``); ``operation`` names the operation in errors."""
+        value = self._data.get(key)
+        if value is None:
+            return {}
+        of = f" (operation {_show(operation)})" if operation is not None else ""
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"expected a mapping of label name: value{of}, got {_type_name(value)}", self.where(key)
+            )
+        labels: dict[str, str] = {}
+        for name, raw in value.items():
+            where = f"{self.where(key)}.{name}" if isinstance(name, str) else self.where(key)
+            if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"invalid label name {_show(name)}{of}; expected [a-zA-Z_][a-zA-Z0-9_]*", where
+                )
+            if name.startswith("__") or name in RESERVED_LABELS:
+                raise ConfigError(
+                    f"label name {_show(name)} is reserved{of}; the exporter or Prometheus sets it "
+                    f"(reserved: {', '.join(sorted(RESERVED_LABELS))} and names starting with __)",
+                    where,
+                )
+            if isinstance(raw, str):
+                raw, _ = _expand(raw, where, self._environ)
+            elif isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)  # cost_center: 12
+            else:
+                raise ConfigError(f"expected a string value, got {_type_name(raw)}{of}", where)
+            if not raw.strip():
+                raise ConfigError(f"is empty{of}; give a value or leave the label out", where)
+            if any(_is_unprintable(ch) for ch in raw):
+                raise ConfigError(f"contains control characters{of}", where)
+            if len(raw) > MAX_LABEL_VALUE_CHARS:
+                raise ConfigError(
+                    f"is longer than {MAX_LABEL_VALUE_CHARS} characters{of} ({len(raw)})", where
+                )
+            labels[name] = raw
+        return labels
 
     def api_list(self, key: str) -> tuple[str, ...]:
         value = self._data.get(key)

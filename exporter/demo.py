@@ -36,6 +36,7 @@ DEMO_OPERATIONS: list[dict[str, Any]] = [
         "apis": ["stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"],
         "budget_minutes": 60000,
         "cost_budget": 1000,
+        "labels": {"client": "acme"},  # bogota and lima are one client's (/statement?group=client)
     },
     # Forecast over both budgets (about 45,000 of 40,000 minutes, 600 of 500 USD): the forecast alerts.
     {
@@ -45,9 +46,10 @@ DEMO_OPERATIONS: list[dict[str, Any]] = [
         "prices": {"stereo_rec": 0.0035},
         "budget_minutes": 40000,
         "cost_budget": 500,
+        "labels": {"client": "acme"},
     },
     # No budget at all: the info alert WolkvoxStereoRecBudgetNotConfigured; priced, no cost budget.
-    {"name": "medellin", "server": "wv0107"},
+    {"name": "medellin", "server": "wv0107", "labels": {"client": "globex"}},
 ]
 # Demo prices, not wolkvox's: usage per unit, licences per licence per month.
 DEMO_PRICES = {
@@ -60,7 +62,8 @@ DEMO_PRICES = {
 }
 DEMO_INTERVAL = "15s"
 # The simulator runs with this daily limit per token (token_info reports it), and a 15 s pace makes at
-# most 4 x 5,760 requests per token a day: the config's own limit is the same, far above that.
+# most 4 x 5,760 requests per token a day (plus 24 token_info reads): the config's own limit is the same,
+# far above that.
 DEMO_DAILY_REQUEST_LIMIT = 100_000
 # The operation the banner's curl commands break and repair. Its token is the demo's own, fake one.
 FAULT_OPERATION = "lima"
@@ -107,6 +110,7 @@ def banner(listen: str, simulator: str) -> str:
             f"  landing page: http://{listen}/",
             f"  simulator:    http://{simulator}/-/stats (requests it answered; faults: POST /-/faults,"
             " see exporter/simulator/faults.py)",
+            f"  statement:    http://{listen}/statement?group=client (usage and cost per client, this month)",
             "Prices, minute and cost budgets are set (USD, demo prices); the first round is answered as of"
             " last month's end, so a month closes at once.",
             f"Make {FAULT_OPERATION} fail (its token refused, reason auth; the demo's tokens are fake):",
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(banner(args.listen, args.simulator), file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="wolkvox-demo-") as tmp:
             config = Path(tmp) / "demo.yml"
-            config.write_text(yaml.safe_dump(demo_config(f"http://{args.simulator}")), encoding="utf-8")
+            document = demo_config(f"http://{args.simulator}")
+            document["state_store"] = str(Path(tmp) / "state.db")  # the store's metrics, /statement's months
+            config.write_text(yaml.safe_dump(document), encoding="utf-8")
             return cli.main(["--config.file", str(config), "--web.listen-address", args.listen])
     finally:
         stop.set()

@@ -1,7 +1,7 @@
 """Every metric family of /metrics and how it is rendered from the state: one table.
 
 A new per-operation metric is one ``Family`` and one entry in ``OPERATION_FAMILIES`` (a function from an
-operation's state to its sample lines), plus its row in the README. The order of the table is the order
+operation's state to its sample lines), plus its row in docs/metrics.md. The order of the table is the order
 of the page. Sample output::
 
     # HELP wolkvox_stereo_rec_minutes Month-to-date stereo-recording minutes ...
@@ -20,15 +20,24 @@ from dataclasses import dataclass
 from exporter import __version__
 from exporter.exposition import Family, sample
 from exporter.logs import redact as scrub
-from exporter.model import BILLING_APIS, REASONS, STEREO_REC, TOKEN_INFO
+from exporter.model import BILLING_APIS, REASONS, STEREO_REC
 from exporter.secret import one_line
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
+OPERATION_INFO = Family(
+    "wolkvox_operation_info",
+    "gauge",
+    "Always 1, one series per operation: its server and the labels given to it in the configuration "
+    "(labels, top-level and per operation). Join it on operation to group other series by a label, e.g. "
+    "sum by (client) (wolkvox_billing_usage * on (operation) group_left (client) "
+    "max by (operation, client) (wolkvox_operation_info)).",
+)
 STEREO_REC_MINUTES = Family(
     "wolkvox_stereo_rec_minutes",
     "gauge",
     "Month-to-date stereo-recording minutes used by the operation (unit: minutes), as last fetched from "
-    "the wolkvox billing API: a cached value, refreshed every refresh_interval, that drops at the start "
+    "the wolkvox billing API: a cached value, refreshed every wolkvox_refresh_interval_seconds "
+    "(refresh_interval, or longer when the token's daily budget requires it), that drops at the start "
     "of each month. Absent when the last good value is older than max_age.",
 )
 BUDGET = Family(
@@ -36,15 +45,20 @@ BUDGET = Family(
     "gauge",
     "Monthly stereo-recording budget of the operation in minutes, from the exporter's configuration.",
 )
-UP = Family("wolkvox_up", "gauge", "1 if the last fetch for the operation succeeded, else 0.")
+UP = Family(
+    "wolkvox_up",
+    "gauge",
+    "1 if the last fetch of every api of the operation succeeded, else 0 (also before the first fetch); "
+    "an api wolkvox does not know (unknown_api) is left out while another api succeeded. 0 while its "
+    "token is refused (auth, token_limit) on any request, token_info included.",
+)
 # The vendor's message is a label: one line, at most this many characters, tokens masked.
 LAST_ERROR_MESSAGE_CHARS = 120
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
-    "Always 1, one series per report (operation x api, or api token_info for the token's daily-budget "
-    "read) whose last request failed, gone after its next success: the failure reason, the host asked, "
-    "and the start of the error message (at most "
+    "Always 1, one series per report (operation x api) whose last request failed, gone after its next "
+    "success: the failure reason, the host asked, and the start of the error message (at most "
     f"{LAST_ERROR_MESSAGE_CHARS} characters, tokens masked). An api wolkvox does not know (reason "
     "unknown_api) is shown here while wolkvox_up stays 1.",
 )
@@ -77,7 +91,7 @@ BILLING_USAGE = Family(
 _CLOSED = (
     "the last value fetched before the first answer of the next month, labelled with the month it "
     "closes (month, YYYY-MM, the vendor's month from the answers' date). Kept from that first answer until "
-    "the next month closes, and across restarts when state_file is set; never expires."
+    "the next month closes, and across restarts when state_store is set; never expires."
 )
 STEREO_REC_PREVIOUS_MONTH = Family(
     "wolkvox_stereo_rec_minutes_previous_month",
@@ -119,6 +133,12 @@ REFRESH_INTERVAL = Family(
 BUILD_INFO = Family(
     "wolkvox_exporter_build_info", "gauge", "Always 1; the version label says which exporter is running."
 )
+CONNECTIONS_REJECTED = Family(
+    "wolkvox_exporter_connections_rejected_total",
+    "counter",
+    "Connections to the exporter closed unserved because --web.max-connections were open (TLS "
+    "handshakes in progress included); scrapes refused so fail at once.",
+)
 RELOAD_OK = Family(
     "wolkvox_config_last_reload_successful",
     "gauge",
@@ -145,6 +165,18 @@ RELOAD_TIME = Family(
     "wolkvox_config_last_reload_success_timestamp_seconds",
     "gauge",
     "Unix time of the last successful configuration load.",
+)
+STATE_WRITE_ERRORS = Family(
+    "wolkvox_state_write_errors_total",
+    "counter",
+    "Failed writes (or opens) of the state store (state_store): a read-only directory or a full disk. "
+    "While it fails, values, pacing and the daily budget live in memory only. Absent without a store.",
+)
+STATE_LAST_WRITE = Family(
+    "wolkvox_state_last_write_timestamp_seconds",
+    "gauge",
+    "Unix time of the last transaction committed to the state store; 0 before the first. Nothing is "
+    "written while nothing changes. Absent without a store.",
 )
 
 
@@ -214,8 +246,6 @@ def _last_errors(state: OperationState) -> str:
         and report.last_reason is not None
         and report.last_failure is not None
     ]
-    if state.token_failure is not None:  # a refused token_info read pauses the token's reports too
-        failures.append((TOKEN_INFO, state.token_failure))
     lines = []
     for api, (reason, _, detail) in failures:
         # The detail was redacted where it was made (the client knows the token); the log scrubber is
@@ -239,7 +269,14 @@ def _errors(state: OperationState) -> str:
     )
 
 
+def _operation_info(state: OperationState) -> str:
+    info = state.info
+    labels = {"operation": info.name, "server": info.server, **dict(info.labels)}
+    return sample(OPERATION_INFO.name, labels, 1)
+
+
 OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
+    OperationFamily(OPERATION_INFO, _operation_info),
     OperationFamily(STEREO_REC_MINUTES, lambda s: _one(STEREO_REC_MINUTES, s, s.current().get(STEREO_REC))),
     OperationFamily(BILLING_USAGE, lambda s: _per_api(BILLING_USAGE, s, s.current())),
     OperationFamily(STEREO_REC_PREVIOUS_MONTH, _stereo_rec_previous_month),
@@ -270,6 +307,19 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
     (CONFIGURED_INTERVAL, lambda g: sample(CONFIGURED_INTERVAL.name, {}, g.schedule.refresh_interval)),
+    (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
+    (
+        STATE_WRITE_ERRORS,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_WRITE_ERRORS.name, {}, g.state_write_errors)
+        ),
+    ),
+    (
+        STATE_LAST_WRITE,
+        lambda g: (
+            "" if g.state_write_errors is None else sample(STATE_LAST_WRITE.name, {}, g.state_last_write or 0)
+        ),
+    ),
 )
 
 
@@ -306,4 +356,5 @@ def lines_by_family(rendered: bytes) -> list[bytes]:
 
 
 def render_global(facts: GlobalFacts) -> bytes:
-    return "".join(family.header().decode() + render(facts) for family, render in GLOBAL_FAMILIES).encode()
+    rendered = ((family, render(facts)) for family, render in GLOBAL_FAMILIES)
+    return "".join(family.header().decode() + lines for family, lines in rendered if lines).encode()

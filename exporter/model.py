@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from exporter.secret import Secret, one_line
 
-# Why a request failed, in the order the README's table lists them (see exporter/answers.py for when
+# Why a request failed, in the order docs/fetching.md's table lists them (see exporter/answers.py for when
 # each one is raised).
 REASONS: tuple[str, ...] = (
     "timeout",
@@ -27,6 +27,10 @@ REASONS: tuple[str, ...] = (
     "invalid_response",
     "parse",
 )
+
+# Failures of the token itself, whichever request met them: they pause the whole token (planner) and put
+# every operation of the token down (store).
+TOKEN_WIDE: frozenset[str] = frozenset({"auth", "token_limit"})
 
 # The API's two documents, under an operation's base_url (the client asks them, the simulator answers them).
 BILLING_PATH = "/api/v2/billing.php"

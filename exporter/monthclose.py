@@ -38,7 +38,7 @@ class Seen:
 
 @dataclass
 class SavedMonths:
-    """What the state file keeps per operation and api: the last reading (to notice the next close, also
+    """What the state store keeps per operation and api: the last reading (to notice the next close, also
     across a restart) and the closing value of the last month that closed."""
 
     seen: dict[str, dict[str, Seen]] = field(default_factory=dict)

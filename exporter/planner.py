@@ -20,9 +20,13 @@ The rules, as the vendor states them (``docs/wolkvox-api.md``), and how they are
   finds a different one saved), the bucket's level drops by what the burst or the limit shrank (it may go
   below zero: a debt, paid by waiting, never longer than a day), so a window of 24 hours that spans the
   change holds no more than the new limit either (or than the old requests it already held).
-* **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token; ``timeout``
-  and ``connection`` pause every report sent to that server (``Job.server``); any other reason delays only
-  the report that failed (an unknown api must not slow its token's other reports).
+* **Failures back off where they belong:** ``auth`` and ``token_limit`` pause the whole token, for a time
+  counted in its reports' interval whichever job met them (token_info included); the job that failed is
+  due again when the pause ends, behind those that fell due before, so the first request after the pause
+  (the probe) is the token's most overdue job: a token refused on its token_info read still has each
+  report tried as it falls due (one per pause). ``timeout`` and ``connection`` pause every report sent to
+  that server (``Job.server``); any other reason delays only the report that failed (an unknown api must
+  not slow its token's other reports).
 
 Time: every due time, pause and bucket level runs on the injected monotonic ``clock``; the ``wall`` clock
 (Unix time) is read only to show (``status``), save (``save``) and restore, so a step of the wall clock
@@ -46,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.clock import about
-from exporter.model import ReportStatus
+from exporter.model import TOKEN_WIDE, ReportStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,6 @@ TOKEN_LIMIT_PAUSE_INTERVALS = 12  # after TOKEN LIMIT EXCEEDED: 12 intervals, on
 BURST_SHARE = 2  # the start-up burst: every report while they are at most half the daily budget
 AHEAD_TOLERANCE = 1.0  # seconds a saved time may lie ahead of what its rule allows before it is "capped"
 
-TOKEN_WIDE = frozenset({"auth", "token_limit"})
 SERVER_WIDE = frozenset({"timeout", "connection"})
 
 
@@ -175,6 +178,9 @@ class Planner:
         self._tokens: dict[str, _Token] = {}
         self._servers: dict[str, _Server] = {}
         self._saved = SavedPacing()
+        # Tokens a reload removed, with when: re-added within a day, a token keeps its bucket and pause
+        # (removing and re-adding an operation must not refill its budget).
+        self._retired: dict[str, tuple[_Token, float]] = {}
 
     # ----- configuration ---------------------------------------------------------------------------
 
@@ -192,6 +198,10 @@ class Planner:
             pace = shared.get(intervals) or shared.setdefault(intervals, plan_pace(intervals, daily_limit))
             paces[key] = pace
             old = self._tokens.get(key)
+            if old is None and key in self._retired:  # removed by a reload less than a day ago
+                old, since = self._retired.pop(key)
+                if now - since >= DAY:
+                    old = None
             kept = {(r.job.operation, r.job.api): r for r in old.reports} if old is not None else {}
             base = self._saved_base(key)
             reports: list[_Report] = []
@@ -215,6 +225,10 @@ class Planner:
                 token.pace = pace
                 token.reports = reports
             tokens[key] = token
+        for key, token in self._tokens.items():
+            if key not in tokens:
+                self._retired[key] = (token, now)
+        self._retired = {key: kept for key, kept in self._retired.items() if now - kept[1] < DAY}
         self._tokens = tokens
         servers = {report.job.server for token in tokens.values() for report in token.reports}
         self._servers = {name: s for name, s in self._servers.items() if name in servers}
@@ -307,8 +321,12 @@ class Planner:
         """Record the answer to a job that ``take`` gave out (``reason`` None on success)."""
         now = self._clock()
         token = self._tokens.get(key)
-        if token is None:
-            return  # the token was removed by a reload while its request was in flight
+        if token is None:  # the token was removed by a reload while its request was in flight
+            retired = self._retired.get(key)
+            if retired is not None:
+                retired[0].busy = False
+                retired[0].free_at = now + self._gap
+            return
         token.busy = False
         token.free_at = now + self._gap
         report = _find(token, job.operation, job.api)
@@ -322,6 +340,9 @@ class Planner:
             return
         if reason in TOKEN_WIDE:
             token.failures += 1
+            # The token's pause counts in its reports' interval, whichever job met the failure: a refused
+            # token_info read (read hourly) must not pause the token for 12 hours.
+            interval = min((r.interval for r in token.reports), default=interval)
             if reason == "token_limit":
                 pause = TOKEN_LIMIT_PAUSE_INTERVALS * interval * self._rng.uniform(0.9, 1.0)
                 token.pause_intervals = TOKEN_LIMIT_PAUSE_INTERVALS
@@ -329,7 +350,11 @@ class Planner:
                 pause = retry_delay(token.failures, interval, self._rng)
                 token.pause_intervals = 1
             token.paused_until = now + pause
-            return  # the report stays due: it runs first when the pause ends
+            if report is not None:
+                # Due again when the pause ends, behind the jobs that fell due before: the probe after the
+                # pause is the token's most overdue job, so a refused token_info read starves no report.
+                report.due = max(report.due, token.paused_until)
+            return
         if reason in SERVER_WIDE:
             server = self._servers.setdefault(job.server, _Server())  # only servers that fail have one
             server.failures += 1
@@ -367,11 +392,13 @@ class Planner:
         due = max(report.due, token.paused_until, server.paused_until if server else 0.0)
         return ReportStatus(report.interval, wall + max(0.0, due - now), report.failures)
 
-    def save(self) -> SavedPacing:
-        """The pacing state in wall-clock time, for the state file."""
+    def save(self, keys: Iterable[str] | None = None) -> SavedPacing:
+        """The pacing state in wall-clock time, for the state store: of every token, or of ``keys``."""
         now, wall = self._clock(), self._wall()
         saved = SavedPacing()
-        for key, token in self._tokens.items():
+        tokens = self._tokens
+        chosen = tokens.items() if keys is None else ((k, tokens[k]) for k in keys if k in tokens)
+        for key, token in chosen:
             self._refill(token, now)
             paused = token.paused_until > now
             saved.tokens[key] = {

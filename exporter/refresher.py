@@ -22,6 +22,7 @@ Knows nothing of HTTP serving or metrics: results go to ``on_result``, pacing to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import heapq
 import logging
@@ -29,7 +30,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from exporter.client import WolkvoxClient
 from exporter.config import Config, OperationConfig, format_duration
@@ -44,6 +45,17 @@ MAX_YOUNG = 256  # requests started less than YOUNG_SECONDS ago, in flight at on
 YOUNG_SECONDS = 2.0  # a healthy answer takes well under this (250 ms is slow for the API)
 
 OnPace = Callable[[dict[tuple[str, str], ReportStatus]], None]
+
+
+class Ledger(Protocol):
+    """Where the refresher records what the budget needs to survive a crash (the state store)."""
+
+    def spend(self, key: str, saved: SavedPacing) -> concurrent.futures.Future[None] | None:
+        """A request was taken from token ``key`` (``saved``: its bucket after it); the request is sent
+        only once the returned future is done (the spend is durable)."""
+
+    def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
+        """The job answered (after the store recorded the result); ``saved``: the token's pacing now."""
 
 
 def server_of(op: OperationConfig) -> str:
@@ -74,6 +86,7 @@ class Refresher:
         *,
         on_pace: OnPace | None = None,
         saved: SavedPacing | None = None,
+        ledger: Ledger | None = None,
         client: WolkvoxClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -86,6 +99,7 @@ class Refresher:
         self._young: asyncio.Semaphore | None = None
         self._on_result = on_result
         self._on_pace = on_pace
+        self._ledger = ledger
         self._clock = clock
         self._wall = wall
         self._client = client or WolkvoxClient(
@@ -138,7 +152,7 @@ class Refresher:
         self._call(lambda: self._apply(config))
 
     def save(self) -> SavedPacing:
-        """The planner's state for the state file (an empty one before start or after stop)."""
+        """The planner's state for the state store (an empty one before start or after stop)."""
         saved = self._call(self._planner.save)
         return saved if saved is not None else self._last_saved
 
@@ -171,6 +185,11 @@ class Refresher:
         self._young = asyncio.Semaphore(self._max_young)
         self._wake = asyncio.Event()
         self._apply(self._config)
+        # The restored due times have been used: keep only the tokens' saved buckets (a token a later
+        # reload adds may still find its own). 140,000 due times were ~30 MB for the life of the process.
+        restored = self._last_saved
+        self._planner.restore(SavedPacing(tokens=restored.tokens))
+        self._last_saved = SavedPacing(tokens=restored.tokens)
         self._scheduler = loop.create_task(self._schedule(), name="scheduler")
         self._ready.set()
         try:
@@ -252,17 +271,30 @@ class Refresher:
                 if not math.isinf(wait):
                     self._schedule_at(key, self._clock() + wait)
                 continue  # infinite: busy or removed; ``finished`` or a reload schedules it again
-            self._in_flight[key] = loop.create_task(self._run_job(key, job), name=f"request-{key}")
+            durable = self._ledger.spend(key, self._planner.save((key,))) if self._ledger else None
+            self._in_flight[key] = loop.create_task(self._run_job(key, job, durable), name=f"request-{key}")
 
-    async def _run_job(self, key: str, job: Job) -> None:
-        """Send one job (its young place is already taken), record the outcome, schedule the token again."""
+    async def _run_job(
+        self, key: str, job: Job, durable: concurrent.futures.Future[None] | None = None
+    ) -> None:
+        """Send one job (its young place is already taken) once its spend is durable, record the
+        outcome, schedule the token again."""
         try:
+            if durable is not None:
+                try:
+                    await asyncio.wrap_future(durable)
+                except BaseException:
+                    assert self._young is not None  # the scheduler took this request's place
+                    self._young.release()
+                    raise
             result = await self._young_request(job)
         finally:
             self._in_flight.pop(key, None)
         self._planner.finished(key, job, result.reason)
         try:
             self._on_result(result)
+            if self._ledger is not None:
+                self._ledger.finished(key, job, result.reason, self._planner.save((key,)))
         except Exception:
             log.exception("recording a result failed")
         if self._on_pace is not None:

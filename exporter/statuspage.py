@@ -212,6 +212,7 @@ Page rendered {iso_utc(now)} (times in UTC).</p>
 {_reload(reload, now, scrub, runbook_url)}
 <p><a href="{path}">{path}</a> (metrics) &middot; <a href="/-/healthy">/-/healthy</a> &middot;
 <a href="/-/ready">/-/ready</a> &middot; POST /-/reload re-reads the configuration &middot;
+<a href="/statement">/statement</a> (usage and cost of the month, by operation and label) &middot;
 <a href="{runbook}">Runbook</a></p>
 <h2>Reports</h2>
 <table>

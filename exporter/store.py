@@ -4,8 +4,8 @@ The refresher hands each ``FetchResult`` to ``Store.record`` and the pace of eac
 ``Store.set_pace``; that only updates the operation's state and marks it changed. The page thread asks
 ``Store.changes`` for what changed since its last visit (rendered under the lock by a function it passes
 in, so the store knows nothing of the exposition format); the status page reads ``report_rows``; the
-state file reads ``values``/``month_state``. One lock guards everything, held for dictionary updates and
-the rendering of the operations that changed, never for I/O.
+state store reads ``saved_report`` and hears of closed months (``on_month_closed``). One lock guards
+everything, held for dictionary updates and the rendering of the operations that changed, never for I/O.
 
 Time: the store holds wall times (fetched at, last success, next due) because they are shown, exported and
 saved; ``clock.WallSteps`` tells it when the wall clock stepped, and every time it holds moves with the
@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from exporter.clock import WallSteps, about
 from exporter.logs import fields
-from exporter.model import STEREO_REC, TOKEN_INFO, FetchResult, Reading, ReportStatus
+from exporter.model import STEREO_REC, TOKEN_INFO, TOKEN_WIDE, FetchResult, Reading, ReportStatus
 from exporter.monthclose import SavedMonths, Seen, closed_month, kind_of
 
 T = TypeVar("T")
@@ -46,6 +46,8 @@ class OperationInfo:
     cost_budget: float | None = None
     currency: str = "USD"
     host: str = ""  # host[:port] of its base URL: named by wolkvox_last_error_info (never a secret)
+    server: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # the user's labels (config `labels:`), sorted by name
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class GlobalFacts:
     reload_ok: bool
     reload_time: float
     schedule: Schedule
+    connections_rejected: int = 0  # closed at --web.max-connections since start
+    state_write_errors: int | None = None  # None: no state store configured
+    state_last_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class Store:
         self._steps = WallSteps(wall, monotonic)
         self._max_age = max_age
         self._states: dict[str, OperationState] = {}
+        self._by_token: dict[str, list[str]] = {}
         self._dirty: set[str] = set()
         self._removed = False  # an operation left since the last changes() (the page must drop it)
         self._next_expiry = float("inf")
@@ -180,6 +186,13 @@ class Store:
         self._reload_time = wall()
         self._reload_last: tuple[bool, float, str] | None = None  # (ok, at, error) of the last reload
         self._schedule = schedule or Schedule()
+        self._connections_rejected = 0
+        self._state_health: tuple[int | None, float | None] = (None, None)
+        # Restored times after now (values, readings), until restored() logs them.
+        self._ahead: tuple[list[float], list[float]] = ([], [])
+        # Called (under the store's lock: keep it short) with (operation, api, closing value) when a
+        # month closes: the state store keeps every closed month.
+        self.on_month_closed: Callable[[str, str, Seen], None] | None = None
         self.changed = threading.Event()  # set whenever a re-render is wanted
         self.reconfigure(operations, max_age=max_age, schedule=schedule)
 
@@ -202,6 +215,9 @@ class Store:
                 states[info.name] = state
             self._removed = self._removed or not self._states.keys() <= states.keys()
             self._states = states
+            self._by_token = {}  # token key -> the operations sharing it
+            for name, state in states.items():
+                self._by_token.setdefault(state.info.token_key, []).append(name)
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()
@@ -223,7 +239,13 @@ class Store:
             report.tried, report.last_reason = True, result.reason
             if result.ok and isinstance(result.value, Reading):
                 report.value = (result.value.value, at)
-                self._track_month(state, result.api, report, Seen(result.value.value, at, result.value.month))
+                self._track_month(
+                    self.on_month_closed,
+                    state,
+                    result.api,
+                    report,
+                    Seen(result.value.value, at, result.value.month),
+                )
                 report.last_success = at
                 report.failing_since = None
                 state.last_success = max(state.last_success or 0.0, at)
@@ -233,11 +255,19 @@ class Store:
                 report.last_failure = (result.reason, at, result.detail)
                 if report.failing_since is None:
                     report.failing_since = at
+                if result.reason in TOKEN_WIDE:
+                    self._fail_token(state, result, at)
             self._dirty.add(result.operation)
         self.changed.set()
 
     @staticmethod
-    def _track_month(state: OperationState, api: str, report: ReportState, new: Seen) -> None:
+    def _track_month(
+        on_closed: Callable[[str, str, Seen], None] | None,
+        state: OperationState,
+        api: str,
+        report: ReportState,
+        new: Seen,
+    ) -> None:
         """Keep the previous reading as the closing value when ``new`` is the first of a new month. A month
         closes once: a later drop near the same 1st (a correction) does not replace its value."""
         last, report.seen = report.seen, new
@@ -248,6 +278,8 @@ class Store:
         if month is None or (kept is not None and kept.month is not None and month <= kept.month):
             return
         report.closed = Seen(last.value, last.at, month)
+        if on_closed is not None:
+            on_closed(state.info.name, api, report.closed)
         log.info(
             "month %s closed",
             month,
@@ -273,6 +305,8 @@ class Store:
                 state.token_failure = (result.reason, at, result.detail)
                 if state.token_failing_since is None:
                     state.token_failing_since = at
+                if result.reason in TOKEN_WIDE:
+                    self._fail_token(state, result, at)
             return
         state.token_failure = state.token_failing_since = None
         info = result.value
@@ -281,6 +315,24 @@ class Store:
                 other.token_info = (info.limit, info.used_today, at)
                 self._dirty.add(other.info.name)
         self._next_expiry = min(self._next_expiry, at + self._token_info_lifetime())
+
+    def _fail_token(self, state: OperationState, result: FetchResult, at: float) -> None:
+        """``auth`` and ``token_limit`` are failures of the token, whichever request met them: every report
+        of every operation sharing it fails with that reason until its own next answer (the planner pauses
+        the token and then asks one job per pause). Only the request that was made is counted."""
+        reason = result.reason or ""
+        detail = f"{result.detail} (the token was refused on {result.operation} {result.api})".strip()
+        names = self._by_token.get(state.info.token_key, ()) if state.info.token_key else ()
+        for other in [self._states[name] for name in names] or [state]:
+            for api in other.info.apis:
+                if other is state and api == result.api:
+                    continue  # recorded as it is by the caller
+                report = other.report(api)
+                report.tried, report.last_reason = True, reason
+                report.last_failure = (reason, at, detail)
+                if report.failing_since is None:
+                    report.failing_since = at
+            self._dirty.add(other.info.name)
 
     def set_pace(self, statuses: dict[tuple[str, str], ReportStatus]) -> None:
         """The refresher's pace per (operation, api): shown on /metrics (interval) and the status page."""
@@ -293,6 +345,27 @@ class Store:
                 old, report.pace = report.pace, status
                 if old is None or old.interval != status.interval:
                     self._dirty.add(name)  # next_due alone changes nothing on /metrics
+        self.changed.set()
+
+    def set_state_health(self, write_errors: int, last_write: float | None) -> None:
+        """The state store's health, for /metrics."""
+        with self._lock:
+            self._state_health = (write_errors, last_write)
+        self.changed.set()
+
+    def saved_report(self, operation: str, api: str) -> tuple[tuple[float, float] | None, Seen | None]:
+        """A report's (value, fetched at) and last reading: what the state store keeps of it."""
+        with self._lock:
+            state = self._states.get(operation)
+            report = state.reports.get(api) if state is not None else None
+            return (report.value, report.seen) if report is not None else (None, None)
+
+    def connection_rejected(self) -> None:
+        """The web server closed a connection at --web.max-connections. The page shows it within a
+        second: a flood costs no more than a re-render of the small tail per second (the publisher's
+        pace), as the operations did not change."""
+        with self._lock:
+            self._connections_rejected += 1
         self.changed.set()
 
     def set_reload_status(self, ok: bool, error: str = "") -> None:
@@ -364,7 +437,7 @@ class Store:
         return rows
 
     def values(self) -> dict[str, dict[str, tuple[float, float]]]:
-        """Last good values per operation and api, (value, fetched at): for the state file."""
+        """Last good values per operation and api, (value, fetched at)."""
         with self._lock:
             return {
                 name: {api: r.value for api, r in state.reports.items() if r.value is not None}
@@ -397,8 +470,56 @@ class Store:
         self.changed.set()
         _log_ahead("value(s)", ahead)
 
+    def restore_report(
+        self, operation: str, api: str, value: tuple[float, float] | None, seen: Seen | None
+    ) -> None:
+        """Put back one report's value and last reading from the state store, row by row (a newer row
+        replaces an older one; not counted as a request). Times after now are taken as now, as in
+        ``restore_values``; ``restored`` logs them once."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            now = self._now()
+            report = state.report(api)
+            if value is not None:
+                fetched_at = value[1]
+                if not fetched_at <= now:  # NaN too
+                    self._ahead[0].append(fetched_at - now)
+                    fetched_at = now
+                report.value = (value[0], fetched_at)
+                state.last_success = max(state.last_success or 0.0, fetched_at)
+                state.restored = state.restored or fetched_at + self._max_age > now
+            if seen is not None:
+                if not seen.at <= now:
+                    self._ahead[1].append(seen.at - now)
+                    seen = dataclasses.replace(seen, at=now)
+                report.seen = seen
+            self._dirty.add(operation)
+            self._next_expiry = 0.0
+        self.changed.set()
+
+    def restore_closed(self, operation: str, api: str, closed: Seen) -> None:
+        """Put back a closed month from the state store (the latest month is kept)."""
+        with self._lock:
+            state = self._states.get(operation)
+            if state is None or api not in state.info.apis:
+                return
+            report = state.report(api)
+            if report.closed is None or (report.closed.month or "") <= (closed.month or ""):
+                report.closed = closed
+            self._dirty.add(operation)
+        self.changed.set()
+
+    def restored(self) -> None:
+        """The state store's rows are all in: one line for the times that lay after now."""
+        with self._lock:
+            (values, readings), self._ahead = self._ahead, ([], [])
+        _log_ahead("value(s)", values)
+        _log_ahead("month-close reading(s)", readings)
+
     def month_state(self) -> SavedMonths:
-        """Last readings and closing values per operation and api: for the state file."""
+        """Last readings and closing values per operation and api."""
         with self._lock:
             saved = SavedMonths()
             for name, state in self._states.items():
@@ -447,7 +568,13 @@ class Store:
             rendered = {name: render(self._states[name]) for name in self._dirty}
             self._dirty.clear()
             removed, self._removed = self._removed, False
-            facts = GlobalFacts(self._reload_ok == 1, self._reload_time, self._schedule)
+            facts = GlobalFacts(
+                self._reload_ok == 1,
+                self._reload_time,
+                self._schedule,
+                self._connections_rejected,
+                *self._state_health,
+            )
             return Changes(now, rendered, list(self._states), removed, facts)
 
     def _expire(self, now: float) -> None:

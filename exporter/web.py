@@ -16,26 +16,29 @@ import asyncio
 import base64
 import binascii
 import logging
-import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from exporter import statuspage
+from exporter import aiohttp_compat, statement, statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
+from exporter.monthclose import utc_month
 from exporter.page import Pages
 from exporter.store import Store
-from exporter.webconfig import BasicAuth, LiveWebConfig, TokenBucket, WebConfig, sans_allowed
+from exporter.webauth import BasicAuth, TokenBucket
+from exporter.weblive import LiveWebConfig, WebConfig
+from exporter.webtls import sans_allowed
 
 log = logging.getLogger(__name__)
 
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
+# The statement of a month (YYYY-MM), grouped by a label or not; raises statement.StatementError.
+StatementHook = Callable[[str, str | None], statement.Statement]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
 # Below this a page goes out with its headers in one send (aiohttp joins them: a copy of a small page
@@ -46,9 +49,7 @@ TLS_HANDSHAKE_SECONDS = 10.0
 # The live web config, for the site that starts TLS on each connection (set by WebApp.build()).
 LIVE_WEB_CONFIG = web.AppKey("live_web_config", LiveWebConfig)
 # The web config a request is served under (aiohttp >= 3.13 wants a typed key for request storage).
-_REQUEST_CONFIG: Any = (
-    web.RequestKey("wolkvox_web_config", WebConfig) if hasattr(web, "RequestKey") else "wolkvox_web_config"
-)
+_REQUEST_CONFIG = aiohttp_compat.request_key("wolkvox_web_config", WebConfig)
 
 
 def accepts_gzip(header: str | None) -> bool:
@@ -79,8 +80,12 @@ class WebApp:
         reload: ReloadHook | None = None,
         web_config: WebConfig | LiveWebConfig | None = None,
         operations_count: Callable[[], int] = lambda: 0,
+        statement: StatementHook | None = None,
+        clock: Callable[[], float] = time.time,
         runbook_url: str = statuspage.DEFAULT_RUNBOOK_URL,
     ) -> None:
+        self._statement = statement
+        self._clock = clock
         self._store = store
         self._pages = pages or Pages(store)
         self._telemetry_path = telemetry_path
@@ -111,6 +116,7 @@ class WebApp:
         app[LIVE_WEB_CONFIG] = self._live
         app.router.add_get(self._telemetry_path, self.metrics)
         app.router.add_get("/", self.landing)
+        app.router.add_get("/statement", self.statement)
         app.router.add_get("/-/healthy", self.healthy)
         app.router.add_get("/-/ready", self.ready)
         app.router.add_post("/-/reload", self.reload)
@@ -153,6 +159,30 @@ class WebApp:
             runbook_url=self._runbook_url,
         )
         return web.Response(text=body, content_type="text/html")
+
+    async def statement(self, request: web.Request) -> web.Response:
+        """The monthly statement (docs/statement.md): ?month=YYYY-MM (default: this UTC month),
+        format=csv|json|html (default: HTML for a browser), group=<label>. 400 for a bad parameter,
+        404 when the month has no data; each with one line."""
+        if self._statement is None:
+            return web.Response(text="the statement is not available\n", status=501)
+        query = request.query
+        try:
+            month = statement.parse_month(query.get("month") or utc_month(self._clock()))
+            fmt = statement.pick_format(query.get("format"), request.headers.get("Accept"))
+            group = query.get("group") or None
+            # Off the serving loop: thousands of operations take a while to sum and render.
+            loop = asyncio.get_running_loop()
+            built = await loop.run_in_executor(None, self._statement, month, group)
+        except statement.StatementError as error:
+            return web.Response(text=f"{redact(str(error))}\n", status=400)
+        if not built.lines:
+            return web.Response(text=f"no data for month {month}\n", status=404)
+        body = await loop.run_in_executor(None, statement.render, built, fmt)
+        headers = {"Content-Type": statement.CONTENT_TYPES[fmt], "Vary": "Accept"}
+        if fmt != "html":
+            headers["Content-Disposition"] = f'inline; filename="wolkvox-statement-{month}.{fmt}"'
+        return web.Response(body=body.encode("utf-8"), headers=headers)
 
     async def healthy(self, _request: web.Request) -> web.Response:
         return web.Response(text="OK\n")
@@ -242,7 +272,7 @@ class LimitedSite(web.BaseSite):
     """A TCP site that closes new connections beyond ``max_connections`` instead of queueing them.
 
     A flood of connections therefore costs at most ``max_connections`` sockets (TLS handshakes in
-    progress included); the rest are closed at once and can be counted by the caller. With TLS, each
+    progress included); the rest are closed at once, each reported to ``on_reject``. With TLS, each
     connection is handshaken with the context of the web config in force when it arrives (see
     ``LIVE_WEB_CONFIG``), so certificates are picked up without a restart.
     """
@@ -256,11 +286,13 @@ class LimitedSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None,
         max_connections: int,
         backlog: int = 1024,
+        on_reject: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._max_connections = max_connections
+        self.on_reject = on_reject
         self.bound: list[tuple[str, int]] = []
         self.handshakes = 0  # TLS handshakes in progress
         self.tasks: set[asyncio.Task[None]] = set()
@@ -270,13 +302,14 @@ class LimitedSite(web.BaseSite):
     def context(self) -> tuple[ssl.SSLContext | None, WebConfig | None]:
         """The TLS context for a new connection, and the web config it comes from."""
         if self.live is None:
-            return self._ssl_context, None
+            return aiohttp_compat.site_ssl_context(self), None
         config = self.live.current()
         return config.ssl_context, config
 
     @property
     def name(self) -> str:
-        tls = self._ssl_context is not None or (self.live is not None and self.live.config.ssl_context)
+        live = self.live is not None and self.live.config.ssl_context is not None
+        tls = live or aiohttp_compat.site_ssl_context(self) is not None
         scheme = "https" if tls else "http"
         host, port = self.bound[0] if self.bound else (self._host or "0.0.0.0", self._port)
         host = f"[{host}]" if ":" in host else host
@@ -284,8 +317,7 @@ class LimitedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
+        server = aiohttp_compat.runner_server(self)
         limit = self._max_connections
 
         def protocol_factory() -> asyncio.BaseProtocol:
@@ -293,15 +325,16 @@ class LimitedSite(web.BaseSite):
 
         loop = asyncio.get_running_loop()
         # No ssl= here: _Gate starts TLS itself, with the context in force for each connection.
-        self._server = await loop.create_server(
+        listener = await loop.create_server(
             protocol_factory,
             self._host,
             self._port,
-            backlog=self._backlog,
+            backlog=aiohttp_compat.site_backlog(self),
             reuse_address=True,
             family=socket.AF_UNSPEC,
         )
-        self.bound = [sock.getsockname()[:2] for sock in self._server.sockets]
+        aiohttp_compat.adopt_listener(self, listener)  # BaseSite.stop() closes it
+        self.bound = [sock.getsockname()[:2] for sock in listener.sockets]
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -330,8 +363,9 @@ class _Gate(asyncio.Protocol):
         self._lost: tuple[Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._server.connections) + self._site.handshakes >= self._limit:
+        if aiohttp_compat.open_connections(self._server) + self._site.handshakes >= self._limit:
             transport.close()
+            self._site.on_reject()
             return
         context, config = self._site.context()
         if context is None:
@@ -373,8 +407,9 @@ class _Gate(asyncio.Protocol):
         self._admit(tls)
 
     def _admit(self, transport: asyncio.BaseTransport) -> None:
-        handler = self._server()
-        handler.logger = _CLIENT_ERRORS  # type: ignore[assignment]
+        # Malformed requests (aiohttp answers them 400 itself): one debug line each, never a traceback.
+        errors = aiohttp_compat.bad_request_logger(log, _client(transport))
+        handler = aiohttp_compat.request_handler(self._server, errors)
         self._handler = handler
         handler.connection_made(transport)
         for chunk in self._early:
@@ -425,40 +460,3 @@ def _tls_problem(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return f"no handshake within {TLS_HANDSHAKE_SECONDS:g}s"
     return type(error).__name__
-
-
-class _ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's request handler logs a malformed request (a 400 it answers by itself) with a traceback
-    at error level. This turns such a report into one debug line naming the client and the problem;
-    anything else (a bug in a handler) is passed on unchanged."""
-
-    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if not self._client_error(args, kwargs):
-            self.logger.debug(msg, *args, **kwargs)
-
-    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
-        if not self._client_error(args, {**kwargs, "exc_info": exc_info}):
-            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
-
-    def _client_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        error = kwargs.get("exc_info")
-        if not isinstance(error, HttpProcessingError):
-            return False
-        client = args[0] if args else "unknown client"
-        log.debug("bad request from %s: %s", client, _problem(error))
-        return True
-
-
-# Where the parser starts quoting the request: ` 'GET...'`, `: b'...'`, `: bytearray(b'...')`.
-_QUOTED = re.compile(r"""(?:^|[\s:(])(?:bytearray\()?b?['"]""")
-
-
-def _problem(error: HttpProcessingError) -> str:
-    """The parser's complaint, without the bytes it quotes (they could hold a password)."""
-    text = str(error.message).splitlines()[0] if error.message else ""
-    quoted = _QUOTED.search(text)
-    text = (text[: quoted.start()] if quoted else text).strip(" :")
-    return f"{type(error).__name__}: {text[:100]}" if text else type(error).__name__
-
-
-_CLIENT_ERRORS = _ClientErrorLogger(logging.getLogger("aiohttp.server"), {})

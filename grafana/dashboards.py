@@ -40,9 +40,21 @@ NEEDS_COST_BUDGET = " Needs prices and cost_budget on the operation (config)."
 NEEDS_TOKEN_INFO = " Needs token_info_interval (config)."  # noqa: S105 (a config key, not a secret)
 NEEDS_CLOSED_MONTH = (
     " Empty until the exporter has seen a month close (the first answer of a new month); kept across "
-    "restarts only with state_file."
+    "restarts only with state_store."
 )
 LAST_MONTH = "the last value fetched before the first answer of the next month"
+NEEDS_LABELS = (
+    " Needs labels on the operations (config: labels or operations[].labels); the Group by variable lists "
+    "their names, and server, which every operation has. Operations without the label form the group with "
+    "an empty name."
+)
+# Each operation's value of the chosen label, once per operation: max by drops job and instance, so an HA
+# pair of Prometheus servers (or two jobs) scraping the same exporter does not double the sums below.
+GROUP_JOIN = (
+    f"* on (operation) group_left ($group) max by (operation, $group) (wolkvox_operation_info{{{OP}}})"
+)
+# The labels of the info metric that are not a grouping: one per operation, or added by Prometheus.
+NOT_A_GROUP = "/^(?!(operation|job|instance|__name__)$).+$/"
 NEEDS_APIS = (
     " Services beyond stereo_rec need apis on the operation (config); the price and cost columns need prices."
 )
@@ -281,7 +293,21 @@ def variables(board: dashboard.Dashboard, with_api: bool) -> dashboard.Dashboard
             .multi(True)
             .include_all(True)
         )
-    return board
+    return board.with_variable(
+        dashboard.QueryVariable("group")
+        .label("Group by")
+        .description(
+            "A label of the operations (config: labels), from wolkvox_operation_info: the 'By group' "
+            "panels sum per value of it. server is always there."
+        )
+        .datasource(DS)
+        .query("label_names(wolkvox_operation_info)")
+        .regex(NOT_A_GROUP)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(False)
+        .include_all(False)
+    )
 
 
 def base(uid: str, title: str, description: str, tags: list[str]) -> dashboard.Dashboard:
@@ -443,6 +469,41 @@ def overview() -> dashboard.Dashboard:
         )
         .override_by_name("Used", ratio_cells())
         .override_by_name("Forecast / budget", ratio_cells())
+    )
+    board = board.with_row(dashboard.Row("By group: $group"))
+    board = board.with_panel(
+        table_panel(
+            "Minutes per $group",
+            "Stereo-recording minutes per value of the Group by label (a label of the operations; server "
+            "is always there), over the selected operations: month to date, month-end forecast (empty on "
+            "the 1st), the last 24 hours, and the sum of the budget_minutes of its operations that have one "
+            "with their month-to-date minutes as a share of it. The cost per group is in the dashboard "
+            "'wolkvox: billing and cost'." + NEEDS_LABELS + " The budget columns need budget_minutes on "
+            "the operations (config).",
+            MINUTES,
+            {},
+            {
+                "Month to date": grouped(f"operation:wolkvox_stereo_rec_minutes:max{{{OP}}}", "$group"),
+                "Forecast month end": grouped(
+                    f"operation:wolkvox_stereo_rec_minutes:forecast_month_end{{{OP}}}", "$group"
+                ),
+                "Last 24 hours": grouped(
+                    f"operation:wolkvox_stereo_rec_minutes:increase1d{{{OP}}}", "$group"
+                ),
+                "Budget": grouped(f"operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}}", "$group"),
+                "Budget used": grouped(
+                    f"(operation:wolkvox_stereo_rec_minutes:max{{{OP}}} "
+                    f"and on (operation) operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}})",
+                    "$group",
+                )
+                + "\n/ on ($group)\n"
+                + grouped(f"operation:wolkvox_stereo_rec_budget_minutes:max{{{OP}}}", "$group"),
+            },
+            sort_by="Month to date",
+            size=(24, 7),
+        )
+        .decimals(0)
+        .override_by_name("Budget used", ratio_cells(decimals=1))
     )
     board = board.with_row(dashboard.Row("Exporter health"))
     board = board.with_panel(
@@ -784,7 +845,131 @@ def billing() -> dashboard.Dashboard:
         .decimals(0)
         .override_by_name("Used", ratio_cells(decimals=1))
     )
-    return last_month(board)
+    return last_month(by_group(board))
+
+
+def grouped(expr: str, by: str) -> str:
+    """``expr`` (per operation) joined to each operation's value of $group, summed ``by`` ($group, ...)."""
+    return f"sum by ({by}) (\n  {expr}\n  {GROUP_JOIN}\n)"
+
+
+def by_group(board: dashboard.Dashboard) -> dashboard.Dashboard:
+    """The bill split by a label of the operations (client, team, cost centre): the chosen $group."""
+    board = board.with_row(dashboard.Row("By group: $group"))
+    cost_now = grouped(f"operation:wolkvox_billing_cost:month_to_date{{{OP}}}", "$group, currency")
+    board = board.with_panel(
+        bargauge.Panel()
+        .title("Cost by $group this month")
+        .description(
+            "Month-to-date cost of the selected operations' priced services, summed per value of the Group "
+            "by label, in each currency: what each client, team or cost centre has used so far this month "
+            "(usage times the configured unit prices; licences at their current number)."
+            + NEEDS_PRICES
+            + NEEDS_LABELS
+        )
+        .datasource(DS)
+        .unit("locale")
+        .decimals(2)
+        .thresholds(steps(("blue", None)))
+        .no_value("no prices configured")
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .orientation(cm.VizOrientation.HORIZONTAL)
+        .display_mode(cm.BarGaugeDisplayMode.BASIC)
+        .show_unfilled(True)
+        .value_mode(cm.BarGaugeValueMode.COLOR)
+        .name_placement(cm.BarGaugeNamePlacement.LEFT)
+        .min_viz_width(0)
+        .min_viz_height(16)
+        .span(10)
+        .height(8)
+        .with_target(query(cost_now, "{{$group}} ({{currency}})").instant())
+    )
+    budgeted = (
+        f"(operation:wolkvox_billing_cost:month_to_date{{{OP}}} "
+        f"and on (operation, currency) operation:wolkvox_billing_cost_budget:max{{{OP}}})"
+    )
+    board = board.with_panel(
+        table_panel(
+            "Cost per $group",
+            "One line per value of the Group by label and currency, over the selected operations: cost so "
+            "far this month, month-end forecast (usage-based services extrapolated, licences at their "
+            "current number; empty on the 1st), the sum of the cost_budgets of its operations that have "
+            "one, the month-to-date cost of those operations as a share of it, and the cost of the last "
+            "closed month (with the prices configured now)."
+            + NEEDS_PRICES
+            + " The budget columns need cost_budget; Last month needs a month closed."
+            + NEEDS_LABELS,
+            "locale",
+            {"currency": "Currency"},
+            {
+                "Month to date": cost_now,
+                "Forecast month end": grouped(
+                    f"operation:wolkvox_billing_cost:forecast_month_end{{{OP}}}", "$group, currency"
+                ),
+                "Cost budget": grouped(
+                    f"operation:wolkvox_billing_cost_budget:max{{{OP}}}", "$group, currency"
+                ),
+                "Budget used": grouped(budgeted, "$group, currency")
+                + "\n/ on ($group, currency)\n"
+                + grouped(f"operation:wolkvox_billing_cost_budget:max{{{OP}}}", "$group, currency"),
+            },
+            sort_by="Month to date",
+            size=(14, 8),
+        )
+        .decimals(2)
+        .override_by_name("Budget used", ratio_cells(decimals=1))
+    )
+    api = f'{OP}, api=~"$api"'
+    board = board.with_panel(
+        table_panel(
+            "Usage per $group and service",
+            "One line per value of the Group by label and billing service (api), over the selected "
+            "operations and services: month-to-date usage, usage in the last 24 hours (not for licences "
+            "and connectors), and the final usage of the last closed month, in the unit of the service."
+            + NEEDS_APIS
+            + NEEDS_LABELS,
+            "locale",
+            {"api": "Service (unit)"},
+            {
+                "Month to date": grouped(f"operation_api:wolkvox_billing_usage:max{{{api}}}", "$group, api"),
+                "Last 24 hours": grouped(
+                    f"operation_api:wolkvox_billing_usage:increase1d{{{api}}}", "$group, api"
+                ),
+            },
+            sort_by="Month to date",
+            size=(14, 8),
+        )
+        .decimals(0)
+        .override_by_name(
+            "Service (unit)",
+            [
+                dm.DynamicConfigValue(
+                    id_val="mappings",
+                    value=value_texts({api: (f"{api} ({unit})", None) for api, unit in API_UNITS.items()}),
+                )
+            ],
+        )
+    )
+    board = board.with_panel(
+        table_panel(
+            "Last month per $group",
+            "Per value of the Group by label, month and currency: the cost of the last closed month "
+            f"({LAST_MONTH}), with the unit prices configured now."
+            + NEEDS_CLOSED_MONTH
+            + NEEDS_PRICES
+            + NEEDS_LABELS,
+            "locale",
+            {"month": "Month", "currency": "Currency"},
+            {
+                "Cost": grouped(
+                    f"operation:wolkvox_billing_cost:previous_month{{{OP}}}", "$group, month, currency"
+                ),
+            },
+            sort_by="Cost",
+            size=(10, 8),
+        ).decimals(2)
+    )
+    return board
 
 
 def last_month(board: dashboard.Dashboard) -> dashboard.Dashboard:

@@ -64,7 +64,7 @@ def require(binary: str, debian_package: str | None) -> str:
     if found:
         return found
     if debian_package is None:
-        missing(f"{binary} not found on PATH (see the README's Tests section)")
+        missing(f"{binary} not found on PATH (see CONTRIBUTING.md, Tests)")
     missing(f"{binary} not found on PATH; install it with: apt-get install {debian_package}")
     raise AssertionError("unreachable")  # missing() always raises
 
@@ -84,6 +84,19 @@ def amtool() -> str:
 def alertmanager() -> str:
     """The Alertmanager server: ``alertmanager`` upstream, ``prometheus-alertmanager`` in Debian."""
     return which("alertmanager") or require("prometheus-alertmanager", "prometheus-alertmanager")
+
+
+def repo_copy(dest: Path) -> None:
+    """The tracked files of the repository (as the work tree has them) in ``dest``, as in a fresh clone:
+    no .venv, no caches, no build leftovers such as the editable install's *.egg-info."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True, timeout=60
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the work tree is not copied
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
 
 
 # --------------------------------------------------------------------------- ports and waits

@@ -395,6 +395,8 @@ KEY_CASES = [
     Case("max_body_bytes zero", minimal("max_body_bytes: 0"), "max_body_bytes", "at least 1"),
     Case("state_file number", minimal("state_file: 5"), "state_file", "expected a string"),
     Case("state_file empty", minimal("state_file: ''"), "state_file", "empty"),
+    Case("state_store number", minimal("state_store: 5"), "state_store", "expected a string"),
+    Case("state_store empty", minimal("state_store: ''"), "state_store", "empty"),
     Case(
         "budget string",
         minimal(extra_op="budget_minutes: lots"),
@@ -580,6 +582,23 @@ def test_defaults(write: Write) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("keys", "store", "legacy"),
+    [
+        ("state_store: s/x.db", "s/x.db", None),
+        ("state_file: s/x.json", "s/x.db", "s/x.json"),
+        ("state_file: s/state", "s/state", "s/state"),  # not .json: the store itself (JSON there migrated)
+        ("state_store: y.db\nstate_file: s/x.json", "y.db", "s/x.json"),
+    ],
+)
+def test_the_state_store_and_the_json_state_file_it_migrates(
+    write: Write, tmp_path: Path, keys: str, store: str, legacy: str | None
+) -> None:
+    config = load_config(write(minimal(keys)), {})
+    assert config.state_store == str(tmp_path / store)
+    assert config.state_file == (str(tmp_path / legacy) if legacy else None)
+
+
 def test_null_means_default(write: Write) -> None:
     text = minimal(
         "refresh_interval:\nmax_age:\nfetch_workers:\nstate_file:", "name:\nbudget_minutes:\napis:\nbase_url:"
@@ -622,6 +641,9 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
     )
     assert config.max_body_bytes == 65536
     assert config.state_file == str(tmp_path / "state" / "wolkvox.json")
+    # state_file alone names the state store (its JSON is migrated into it), with a warning.
+    assert config.state_store == str(tmp_path / "state" / "wolkvox.db")
+    assert any("state_file" in w and "state_store" in w for w in config.warnings)
     bogota, lima = config.operations
     assert bogota.name == "bogota" and bogota.budget_minutes is None and bogota.apis == DEFAULT_APIS
     assert lima.token.reveal() == TOKEN  # surrounding whitespace stripped
@@ -629,7 +651,7 @@ def test_every_key_set(write: Write, tmp_path: Path) -> None:
     assert lima.budget_minutes == 40000.0 and isinstance(lima.budget_minutes, float)
     assert lima.apis == ("stereo_rec", "ivr_calls")
     assert lima.ca_file == str(tmp_path / "ca.pem")
-    assert config.warnings == ()
+    assert len(config.warnings) == 1  # state_file: rename the key to state_store
 
 
 def test_relative_paths_follow_the_config_file_not_the_cwd(
@@ -915,7 +937,7 @@ def test_example_loads(example: Path) -> None:
 def test_example_shows_the_defaults(example: Path, write: Write) -> None:
     config = load_config(example, {"WOLKVOX_TOKEN_BOGOTA": TOKEN})
     defaults = load_config(write(minimal()), {})
-    for key in TOP_LEVEL_KEYS - {"operations", "prices"}:  # prices end up per operation
+    for key in TOP_LEVEL_KEYS - {"operations", "prices", "labels"}:  # these end up per operation
         assert getattr(config, key) == getattr(defaults, key), key
     lima = config.operations[1]
     assert lima.base_url == f"https://{lima.server}.wolkvox.com" and lima.apis == DEFAULT_APIS

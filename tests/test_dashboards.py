@@ -170,8 +170,17 @@ def test_template_variables(path: Path) -> None:
     assert query == "label_values(wolkvox_up, operation)"
     assert operation["multi"] is True
     assert operation["includeAll"] is True
+    group = variables["group"]
+    assert group["type"] == "query" and group["datasource"] == DS_REF
+    query = group["query"]
+    query = query["query"] if isinstance(query, dict) else query
+    assert query == "label_names(wolkvox_operation_info)"  # the operations' labels, and server
+    assert group["multi"] is False and group["includeAll"] is False  # one label at a time
+    hidden = re.compile(group["regex"].strip("/"))
+    shown = [n for n in ("operation", "job", "instance", "__name__", "server", "client") if hidden.match(n)]
+    assert shown == ["server", "client"]
     if path.name == OVERVIEW:
-        assert list(variables) == ["datasource", "operation"]
+        assert list(variables) == ["datasource", "operation", "group"]
         return
     api = variables["api"]
     assert api["type"] == "query"
@@ -181,7 +190,7 @@ def test_template_variables(path: Path) -> None:
     assert query == 'label_values(wolkvox_billing_usage{operation=~"$operation"}, api)'
     assert api["multi"] is True
     assert api["includeAll"] is True
-    assert list(variables) == ["datasource", "operation", "api"]  # api's query uses $operation
+    assert list(variables) == ["datasource", "operation", "api", "group"]  # api's query uses $operation
 
 
 @per_dashboard
@@ -404,3 +413,35 @@ def test_dashboard_provisioning() -> None:
     (provider,) = doc["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"].startswith("/")
+
+
+@per_dashboard
+def test_group_panels_join_the_info_metric_once_per_operation(path: Path) -> None:
+    """The 'By group' panels: per value of $group, joined on operation with group_left, the info metric
+    reduced to one series per operation first (an HA pair scraping one exporter must not double a sum)."""
+    panels = panels_of(path.name)
+    grouped = [(p["title"], t["expr"]) for p in panels for t in p["targets"] if "$group" in t["expr"]]
+    if path.name == OVERVIEW:
+        assert {title for title, _ in grouped} == {"Minutes per $group"}
+        for needle in ("minutes:max", "forecast_month_end", "increase1d", "budget_minutes:max"):
+            assert needle in " ".join(expr for _, expr in grouped), needle
+    else:
+        assert len({title for title, _ in grouped}) >= 4
+    for title, expr in grouped:
+        joins = expr.count(
+            "* on (operation) group_left ($group) max by (operation, $group) (wolkvox_operation_info{"
+        )
+        assert joins >= 1 and joins == expr.count("wolkvox_operation_info"), title
+        assert expr.count("sum by ($group") == joins, title
+    if path.name == OVERVIEW:
+        return
+    exprs = " ".join(expr for _, expr in grouped)
+    for needle in (
+        "operation:wolkvox_billing_cost:month_to_date",
+        "operation:wolkvox_billing_cost:forecast_month_end",
+        "operation:wolkvox_billing_cost_budget:max",
+        "operation:wolkvox_billing_cost:previous_month",
+        "operation_api:wolkvox_billing_usage:max",
+    ):
+        assert needle in exprs, needle
+    assert "Cost by $group this month" in {title for title, _ in grouped}

@@ -12,6 +12,7 @@ import pytest
 import requests
 from harness import Exporter, Simulator, free_port, labelled, parse_samples, run_cli, value, wait_until
 
+from exporter import __version__
 from exporter.model import REASONS
 
 
@@ -155,6 +156,29 @@ def test_every_fault_is_counted_by_reason_keeps_the_value_and_recovers(
     )
 
 
+def test_a_refused_token_fails_every_operation_that_shares_it_and_they_recover_together(
+    simulator: Simulator, run_exporter
+) -> None:
+    ops = operations(simulator, ["a", "b"], token_of=lambda _: "shared") + operations(simulator, ["c"])
+    exporter = run_exporter(base_config(ops, refresh_interval="0.5s", token_info_interval="1h"))
+    exporter.wait_for(
+        lambda s: all(value(s, "wolkvox_up", operation=n) == 1 for n in "abc"), what="every operation up"
+    )
+    simulator.fault("invalid_token", token="shared")
+    # Whichever request of the shared token is refused first, both of its operations are down with auth.
+    samples = exporter.wait_for(
+        lambda s: all(value(s, "wolkvox_last_error_info", operation=n, reason="auth") == 1 for n in "ab"),
+        what="both operations of the refused token down with auth",
+    )
+    assert value(samples, "wolkvox_up", operation="a") == value(samples, "wolkvox_up", operation="b") == 0
+    assert value(samples, "wolkvox_up", operation="c") == 1
+    simulator.clear_faults()
+    exporter.wait_for(
+        lambda s: all(value(s, "wolkvox_up", operation=n) == 1 for n in "ab"), what="both recovered"
+    )
+    assert simulator.stats()["tokens"]["shared"]["max_in_flight"] == 1
+
+
 def test_a_token_shared_by_operations_is_never_used_twice_at_once(simulator: Simulator, run_exporter) -> None:
     simulator.fault("slow", token="shared", seconds=0.2)
     ops = operations(simulator, ["a", "b", "c"], token_of=lambda _: "shared")
@@ -253,7 +277,7 @@ def test_config_check_and_one_line_errors(tmp_path) -> None:
     assert result.returncode != 0 and "Traceback" not in result.stderr and "missing.yml" in result.stderr
     result = run_cli("--config.file", str(good), "--web.listen-address", "nonsense")
     assert result.returncode != 0 and "Traceback" not in result.stderr and "listen-address" in result.stderr
-    assert "0.1.0" in run_cli("--version").stdout
+    assert __version__ in run_cli("--version").stdout
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path) -> None:

@@ -144,7 +144,9 @@ def test_each_operations_cached_lines_read_back_family_by_family() -> None:
 
 
 def test_the_global_families_have_headers_and_the_version() -> None:
-    facts = GlobalFacts(reload_ok=False, reload_time=AT, schedule=Schedule(daily_request_limit=500))
+    facts = GlobalFacts(
+        reload_ok=False, reload_time=AT, schedule=Schedule(daily_request_limit=500), connections_rejected=7
+    )
     text = render_global(facts).decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert all(families[name].documentation for name in families)
@@ -153,22 +155,4 @@ def test_the_global_families_have_headers_and_the_version() -> None:
     assert value(samples, "wolkvox_config_last_reload_successful") == 0
     assert value(samples, "wolkvox_config_last_reload_success_timestamp_seconds") == AT
     assert value(samples, "wolkvox_token_daily_request_limit") == 500
-
-
-def test_a_refused_token_info_read_shows_as_a_failing_token_info_report() -> None:
-    """The token's reports are paused after it: the alerts must see it as they see a failing report."""
-    state = OperationState(OperationInfo("quito", host="wv1.wolkvox.com"))
-    good = state.report("stereo_rec")
-    good.tried, good.value, state.last_success = True, (5.0, AT), AT
-    state.token_failure = ("auth", AT, "wolkvox answered code 403: FORBIDDEN: PLEASE VALIDATE TOKEN")
-    samples = parse_samples(page_of(state))
-    assert labelled(samples, "wolkvox_last_error_info", operation="quito") == [
-        {
-            "operation": "quito",
-            "api": "token_info",
-            "reason": "auth",
-            "host": "wv1.wolkvox.com",
-            "message": "wolkvox answered code 403: FORBIDDEN: PLEASE VALIDATE TOKEN",
-        }
-    ]
-    assert value(samples, "wolkvox_up", operation="quito") == 1  # wolkvox_up counts the reports only
+    assert value(samples, "wolkvox_exporter_connections_rejected_total") == 7

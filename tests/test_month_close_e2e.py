@@ -1,10 +1,9 @@
 """The month close with the real exporter and the real simulator: the simulator's clock plays the last
 minutes of November and the first of December; /metrics then shows November's final value of every api
-of every operation, not moved by a correction, and still after a restart with a state file."""
+of every operation, not moved by a correction, and still after a restart with a state store."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +13,7 @@ from typing import Any
 from harness import Exporter, Samples, Simulator, value, wait_until
 
 from exporter.simulator import usage_value
+from exporter.statestore import StoreError, read_month_totals
 
 APIS = ["stereo_rec", "ivr_minutes", "chat_licenses"]  # two usage totals and a licence count
 OPERATIONS = {"bogota": ("wv0001", "tok-month-bogota"), "lima": ("wv0002", "tok-month-lima")}
@@ -28,7 +28,7 @@ def config(sim: Simulator, state: Path) -> dict[str, Any]:
         "connect_timeout": "1s",
         "read_timeout": "2s",
         "daily_request_limit": 10_000_000,
-        "state_file": str(state),
+        "state_store": str(state),
         "operations": [
             {"name": name, "server": server, "token": token, "base_url": sim.url, "apis": APIS}
             for name, (server, token) in OPERATIONS.items()
@@ -75,16 +75,29 @@ def assert_november_closed(samples: Samples, november: dict[tuple[str, str], flo
         assert minutes == november[op, "stereo_rec"]
 
 
+def statement_of(exporter: Exporter, month: str) -> dict[tuple[str, str, str], float]:
+    """/statement's lines of ``month`` (JSON), by (operation, api, month); every one must be closed."""
+    response = exporter.get(f"/statement?month={month}&format=json")
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert document["status"] == "closed"
+    return {(line["operation"], line["api"], month): float(line["usage"]) for line in document["lines"]}
+
+
 def saved(state: Path, part: str) -> int:
-    """How many (operation, api) entries the state file holds in its month_close ``part``."""
-    doc = json.loads(state.read_text(encoding="utf-8")) if state.exists() else {}
-    return sum(len(apis) for apis in doc.get("month_close", {}).get(part, {}).values())
+    """How many reports the state store holds November of: closed (``part`` "closed") or as the
+    latest reading ("seen"); read as the statement reads it, while the exporter runs."""
+    try:
+        totals = read_month_totals(state, "2026-11")
+    except StoreError:
+        return 0  # not created yet
+    return sum(1 for total in totals if total.closed == (part == "closed"))
 
 
 def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_restart(
     simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
-    state = tmp_path / "state.json"
+    state = tmp_path / "state.db"
     simulator.set_clock(NOV_END)
     november, december = served(NOV_END), served(DEC_FIRST)
     assert all(december[key] < november[key] for key in november if key[1] != "chat_licenses")
@@ -98,6 +111,11 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
         what="December's first answers, and November closed",
     )
     assert_november_closed(samples, november)
+    # The statement: November closed, December to date.
+    assert statement_of(first, "2026-11") == closed_november(november)
+    current = first.get("/statement?month=2026-12&format=json").json()
+    assert current["status"] == "to date"
+    assert {(line["operation"], line["api"]): float(line["usage"]) for line in current["lines"]} == december
     # The status page's "Last month" column: the value, its month, and when the exporter fetched it.
     page = first.get("/").text
     shown = f"{november['lima', 'ivr_minutes']:,.0f}<br><small>2026-11, fetched "
@@ -113,11 +131,11 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
     assert_november_closed(samples, november)
     simulator.clear_faults()
 
-    # Restart on the 3rd with the state file: November is on the very first page, and stays.
+    # Restart on the 3rd with the state store: November is on the very first page, and stays.
     wait_until(
         lambda: saved(state, "closed") == len(november),
         timeout=5,
-        what="the state file to hold every closed month",
+        what="the state store to hold every closed month",
     )
     assert first.stop() == 0
     simulator.set_clock(DEC_THIRD)
@@ -125,14 +143,18 @@ def test_a_month_change_keeps_november_for_every_api_through_a_correction_and_a_
     first_page = second.samples()
     assert value(first_page, "wolkvox_scrape_requests_total", operation="bogota") == 0
     assert_november_closed(first_page, november)
+    assert statement_of(second, "2026-11") == closed_november(november)  # across the restart
     samples = second.wait_for(lambda s: usage(s) == served(DEC_THIRD), what="fresh values on the 3rd")
     assert_november_closed(samples, november)
+    # The statement's view: November's closing values read back from the store after the restart.
+    totals = {(t.operation, t.api): t.value for t in read_month_totals(state, "2026-11") if t.closed}
+    assert totals == november
 
 
 def test_a_restart_between_the_last_answer_of_a_month_and_the_first_of_the_next_still_closes_it(
     simulator: Simulator, run_exporter: Callable[..., Exporter], tmp_path: Path
 ) -> None:
-    state = tmp_path / "state.json"
+    state = tmp_path / "state.db"
     simulator.set_clock(NOV_END)
     november = served(NOV_END)
     first = run_exporter(config(simulator, state))
@@ -141,7 +163,7 @@ def test_a_restart_between_the_last_answer_of_a_month_and_the_first_of_the_next_
     wait_until(
         lambda: saved(state, "seen") == len(november),
         timeout=5,
-        what="the state file to hold every last reading",
+        what="the state store to hold every last reading",
     )
     assert first.stop() == 0
     simulator.set_clock(DEC_FIRST)
@@ -155,7 +177,7 @@ def test_without_a_month_change_nothing_closes(
 ) -> None:
     """Mid-month, with a correction: values drop, but no previous-month series appears."""
     simulator.set_clock("2026-11-15T12:00:00Z")
-    exporter = run_exporter(config(simulator, tmp_path / "state.json"))
+    exporter = run_exporter(config(simulator, tmp_path / "state.db"))
     exporter.wait_for(lambda s: usage(s) == served("2026-11-15T12:00:00Z"), what="mid-November values")
     simulator.fault("correction")
     samples = exporter.wait_for(

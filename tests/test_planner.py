@@ -157,6 +157,47 @@ def test_token_limit_pauses_the_whole_token():
     assert 0.9 * 12 * FIVE_MINUTES - 5 <= wait <= 12 * FIVE_MINUTES
 
 
+def token_info_job(operation: str = "a", interval: float = 3_600.0) -> Job:
+    return Job(operation, "token_info", "https://a", interval)
+
+
+def test_a_token_refused_on_its_token_info_read_still_probes_its_reports():
+    """After a token-wide pause the probe is the token's most overdue job: a token refused on its
+    token_info read (auth) has its reports tried as they fall due, not token_info again and again."""
+    jobs = reports("t", "a", ["stereo_rec"]) + reports("t", "b", ["stereo_rec"]) + [token_info_job()]
+    planner, clock = make({"t": jobs})
+    start = clock.now
+    # The start-up burst: a, b, then token_info, which is refused; from then on every request is.
+    starts = run(
+        planner,
+        clock,
+        ["t"],
+        start + 3_600,
+        outcome=lambda job, now: "auth" if job.api == "token_info" or now > start + 3 else None,
+    )
+    for operation in ("a", "b"):
+        times = starts[("t", operation, "stereo_rec")]
+        assert times[0] == pytest.approx(start + (0 if operation == "a" else 1 + LATENCY))
+        # Tried again once due (300 s after its answer), once the pause in progress then ended and the
+        # other report had its probe: each pause at most one report interval (not token_info's hour).
+        assert len(times) >= 2 and times[1] <= start + 3 * FIVE_MINUTES, times
+    probes = sorted(t for times in starts.values() for t in times if t > start + 3)
+    assert all(b - a >= 0.75 * 30 for a, b in itertools.pairwise(probes))  # one probe per pause
+    assert len(starts[("t", "a", "token_info")]) >= 2  # and token_info takes its turn too
+
+
+def test_token_limit_on_token_info_pauses_the_token_for_12_report_intervals_not_12_hours():
+    planner, clock = make({"t": [*reports("t", "a", ["stereo_rec"]), token_info_job()]})
+    for reason in (None, "token_limit"):  # stereo_rec answers, token_info is refused
+        job, wait = planner.take("t")
+        assert job is not None, wait
+        planner.finished("t", job, reason)
+        clock.now += 1.0
+    job, wait = planner.take("t")
+    assert job is None
+    assert 0.9 * 12 * FIVE_MINUTES - 1 <= wait <= 12 * FIVE_MINUTES
+
+
 def test_a_timeout_pauses_reports_to_that_server_only():
     jobs = reports("t", "a", ["stereo_rec"], server="https://hangs") + reports(
         "t", "b", ["stereo_rec"], server="https://ok"

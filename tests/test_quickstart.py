@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from harness import REPO, Simulator, free_port, missing, run_cli, spawn, start_python, wait_until
+from harness import REPO, Simulator, free_port, missing, repo_copy, run_cli, spawn, start_python, wait_until
 
 from exporter.config import load_config
 from exporter.demo import FAULT_OPERATION, demo_config, demo_token, fault_commands
@@ -72,18 +72,6 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _repo_copy(dest: Path) -> None:
-    """The tracked files of the repository, as in a fresh clone (no .venv, no caches)."""
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True, timeout=60
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():  # a tracked file deleted in the work tree is not copied
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-
-
 @pytest.mark.slow
 def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
     command = quick_start_block("run")
@@ -102,7 +90,7 @@ def test_readme_quick_start_runs_on_the_system_python(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = path
     checkout = tmp_path / "wolkvox-exporter"
-    _repo_copy(checkout)
+    repo_copy(checkout)
     log_path = tmp_path / "quick-start.log"
     # Its own session, so Ctrl-C (SIGINT to the group) reaches the shell, the demo and the simulator.
     quick_start = spawn(

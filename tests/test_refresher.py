@@ -11,9 +11,11 @@ from typing import Any
 
 from harness import wait_until
 
+from exporter.app import operation_infos
 from exporter.config import Config, load_config
-from exporter.model import FetchResult, Reading
+from exporter.model import FetchError, FetchResult, Reading
 from exporter.refresher import Refresher, plan_jobs
+from exporter.store import Store
 
 ANSWER_SECONDS = 0.05
 
@@ -109,3 +111,62 @@ def test_timeouts_are_scoped_to_the_wolkvox_server_not_to_a_shared_base_url(tmp_
     servers = {job.operation: job.server for jobs in plan_jobs(load_config(path)).values() for job in jobs}
     assert servers["op0"] != servers["op1"]  # a hanging wv1 does not pause wv2
     assert servers["op0"] == servers["op2"]  # but pauses every operation on wv1
+
+
+class RevokedOnTokenInfo:
+    """A token that answers its reports until its first token_info read, and is refused (auth) from then."""
+
+    def __init__(self) -> None:
+        self.revoked = False
+
+    async def fetch(self, **_: Any) -> Reading:
+        if self.revoked:
+            raise FetchError("auth", "wolkvox answered code 403: PLEASE VALIDATE TOKEN")
+        return Reading(value=1.0, rows=1)
+
+    async def fetch_token_info(self, **_: Any) -> None:
+        self.revoked = True
+        raise FetchError("auth", "wolkvox answered code 403: PLEASE VALIDATE TOKEN")
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_token_refused_on_its_token_info_read_fails_its_operations_and_still_probes_its_reports(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "refresh_interval: 0.5s\ntoken_info_interval: 1h\ndaily_request_limit: 10000000\noperations:\n"
+        + "".join(
+            f"  - server: {name}\n    token: shared\n    base_url: http://127.0.0.1:9\n" for name in "ab"
+        ),
+        encoding="utf-8",
+    )
+    loaded = load_config(path)
+    store = Store(operation_infos(loaded), max_age=3600)
+    results: list[FetchResult] = []
+
+    def record(result: FetchResult) -> None:
+        store.record(result)
+        results.append(result)
+
+    refresher = Refresher(loaded, record, client=RevokedOnTokenInfo())  # type: ignore[arg-type]
+    refresher.start()
+    try:
+        # The start-up burst: a, b, then token_info, refused: both operations are down at once...
+        wait_until(lambda: any(r.api == "token_info" for r in results), timeout=10, what="token_info read")
+        assert [(r.operation, r.api, r.reason) for r in results[:3]] == [
+            ("a", "stereo_rec", None),
+            ("b", "stereo_rec", None),
+            ("a", "token_info", "auth"),
+        ]
+        assert not any(row.api == "stereo_rec" and not row.failing for row in store.report_rows())
+        # ...and the pause (one report interval at most) ends with a probe of a report, not token_info.
+        wait_until(lambda: len(results) >= 5, timeout=10, what="two probes after the refusal")
+        assert {(r.operation, r.api, r.reason) for r in results[3:5]} == {
+            ("a", "stereo_rec", "auth"),
+            ("b", "stereo_rec", "auth"),
+        }
+    finally:
+        refresher.stop(timeout=0.5)

@@ -325,21 +325,29 @@ def test_the_last_month_column_shows_the_closing_value_its_month_and_when_it_was
 
 
 def test_a_token_refused_on_its_token_info_read_is_a_failing_row_of_its_own() -> None:
-    """A token refused on its token_info read pauses its reports, which keep their last good state: the
-    page must still say that the token fails, since when and what to do."""
-    store = Store([OperationInfo("lima")], max_age=3600, wall=lambda: NOW)
-    store.record(FetchResult("lima", "stereo_rec", NOW - 900, 0.1, value=Reading(5.0, 1)))
+    """A token refused on its token_info read pauses its reports: the page says that the token fails,
+    since when and what to do, on a row of its own and on each report (which keeps its last value)."""
+    store = Store([OperationInfo("lima", apis=("stereo_rec", "ivr_calls"))], max_age=3600, wall=lambda: NOW)
+    for api in ("stereo_rec", "ivr_calls"):
+        store.record(FetchResult("lima", api, NOW - 900, 0.1, value=Reading(5.0, 1)))
+    store.record(FetchResult("lima", "ivr_calls", NOW - 700, 0.1, reason="timeout"))
     for at in (NOW - 600, NOW - 60):
         store.record(
             FetchResult("lima", "token_info", at, 0.1, reason="auth", detail="PLEASE VALIDATE TOKEN")
         )
     rows = store.report_rows()
-    assert [(r.api, r.failing, r.failing_since) for r in rows] == [
-        ("stereo_rec", False, None),
-        ("token_info", True, NOW - 600),
+    assert [(r.api, r.failing, r.failing_since, r.value) for r in rows] == [
+        ("stereo_rec", True, NOW - 600, 5.0),
+        ("ivr_calls", True, NOW - 700, 5.0),  # failing since its own timeout
+        ("token_info", True, NOW - 600, None),
     ]
+    assert rows[0].last_failure == (
+        "auth",
+        NOW - 60,
+        "PLEASE VALIDATE TOKEN (the token was refused on lima token_info)",
+    )
     page = render(rows, telemetry_path="/metrics", ready=True, now=NOW)
-    assert "1 failing report(s)" in page and "#reason-auth" in page
-    assert page.index("<td>token_info</td>") < page.index("<td>stereo_rec</td>")  # failing rows first
+    assert "3 failing report(s)" in page and "#reason-auth" in page
     store.record(FetchResult("lima", "token_info", NOW, 0.1, value=TokenInfo(1000, 12, 40)))
-    assert [r.api for r in store.report_rows()] == ["stereo_rec"]
+    # The token_info row goes; each report says how it is at its own next answer.
+    assert [(r.api, r.failing) for r in store.report_rows()] == [("stereo_rec", True), ("ivr_calls", True)]

@@ -262,6 +262,67 @@ def test_token_info_is_shared_by_the_token_and_expires() -> None:
     assert b"wolkvox_token_limit{" not in store.render().plain
 
 
+@pytest.mark.parametrize(
+    ("api", "reason"), [("token_info", "auth"), ("stereo_rec", "auth"), ("ivr_calls", "token_limit")]
+)
+def test_a_token_refused_on_any_request_fails_every_operation_of_the_token(api: str, reason: str) -> None:
+    """auth and token_limit are the token's failures, whichever request met them: every operation of
+    the token is down with that reason at once (its reports are not all retried while the token is
+    paused); only the request that was made is counted."""
+    clock = Clock()
+    apis = ("stereo_rec", "ivr_calls")
+    store = PagedStore(
+        [OperationInfo(name, apis=apis, token_key="k2" if name == "c" else "k1") for name in "abc"],
+        max_age=3600,
+        wall=clock,
+        monotonic=clock,
+    )
+    for name in "abc":
+        for each in apis:
+            store.record(ok(name, 5.0, clock.now - 300, api=each))
+    clock.now += 1
+    detail = "wolkvox answered code 403: PLEASE VALIDATE TOKEN"
+    store.record(FetchResult("a", api, clock.now, 0.1, reason=reason, detail=detail))
+    samples = parse_samples(store.render().plain.decode())
+    for name in "ab":
+        assert value(samples, "wolkvox_up", operation=name) == 0, name
+        assert value(samples, "wolkvox_last_error_info", operation=name, reason=reason) == 1, name
+        assert value(samples, "wolkvox_stereo_rec_minutes", operation=name) == 5.0  # until max_age
+    assert value(samples, "wolkvox_up", operation="c") == 1  # another token
+    assert value(samples, "wolkvox_scrape_errors_total", operation="a", reason=reason) == 1
+    assert value(samples, "wolkvox_scrape_errors_total", operation="b", reason=reason) == 0  # no request
+    assert value(samples, "wolkvox_scrape_requests_total", operation="b") == 2
+    rows = {(r.operation, r.api): r for r in store.report_rows()}
+    for name in "ab":
+        for each in apis:
+            row = rows[(name, each)]
+            assert row.failing and row.failing_since == clock.now, (name, each)
+            assert row.last_failure is not None and row.last_failure[0] == reason
+            assert "PLEASE VALIDATE TOKEN" in row.last_failure[2]
+    # Each report's own next answer says how it is: b is up again once both of its reports answered.
+    clock.now += 60
+    store.record(ok("b", 6.0, clock.now))
+    assert value(parse_samples(store.render().plain.decode()), "wolkvox_up", operation="b") == 0
+    store.record(ok("b", 6.0, clock.now, api="ivr_calls"))
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_up", operation="b") == 1
+    assert value(samples, "wolkvox_up", operation="a") == 0
+
+
+def test_a_request_failure_of_another_kind_stays_with_its_report() -> None:
+    clock = Clock()
+    store = PagedStore(
+        [OperationInfo(name, token_key="k1") for name in "ab"], max_age=3600, wall=clock, monotonic=clock
+    )
+    for name in "ab":
+        store.record(ok(name, 5.0, clock.now))
+    store.record(failed("a", "timeout", clock.now))
+    store.record(FetchResult("a", "token_info", clock.now, 0.1, reason="http_status"))
+    samples = parse_samples(store.render().plain.decode())
+    assert value(samples, "wolkvox_up", operation="a") == 0
+    assert value(samples, "wolkvox_up", operation="b") == 1
+
+
 # ----- the month close ------------------------------------------------------------------------------------
 
 NOV_30 = 1_796_083_200.0 - 300  # 2026-11-30 23:55 UTC

@@ -1,5 +1,7 @@
-"""Tests of exporter/webconfig.py (the ``--web.config.file`` parser, the basic-auth checker, the rate
-limiter) and of the web face under it (exporter/web.py), in-process with real TLS clients on loopback.
+"""Tests of the web config: exporter/webconfig.py (the ``--web.config.file`` parser: an error for every
+key), webtls.py (the TLS context, client SANs), webauth.py (the basic-auth checker, the rate limiter),
+weblive.py (reloading), and of the web face under it (exporter/web.py), in-process with real TLS clients
+on loopback.
 
 The expectations follow the exporter-toolkit's documented behaviour (docs/web-configuration.md) and
 what its tests check (web/tls_config_test.go, web/handler_test.go): every key works as there, or the
@@ -11,6 +13,7 @@ Certificates are made fresh per session by tests/fixtures/web/make_certs.sh (ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -33,15 +36,10 @@ from hypothesis import strategies as st
 
 from exporter.store import Store
 from exporter.web import LimitedSite, WebApp
-from exporter.webconfig import (
-    BasicAuth,
-    RateLimit,
-    TokenBucket,
-    WebConfig,
-    WebConfigError,
-    load_web_config,
-    peer_sans,
-)
+from exporter.webauth import BasicAuth, TokenBucket
+from exporter.webconfig import RateLimit, WebConfigError, read_web_config
+from exporter.weblive import WebConfig, load_web_config
+from exporter.webtls import peer_sans
 
 PASSWORD = "correct horse battery staple"
 
@@ -126,7 +124,6 @@ def test_relative_paths_are_relative_to_the_web_config_file(
     ("auth_type", "mode"),
     [
         ("RequestClientCert", ssl.CERT_OPTIONAL),
-        ("RequireAnyClientCert", ssl.CERT_REQUIRED),
         ("VerifyClientCertIfGiven", ssl.CERT_OPTIONAL),
         ("RequireAndVerifyClientCert", ssl.CERT_REQUIRED),
     ],
@@ -145,6 +142,26 @@ def test_client_auth_types(pki: Path, tmp_path: Path, auth_type: str, mode: ssl.
     )
     context = load_web_config(path).ssl_context
     assert context is not None and context.verify_mode == mode
+
+
+@pytest.mark.parametrize("auth_type", ["RequireAnyClientCert", "RequireClientCert"])
+def test_policies_that_require_an_unverified_certificate_are_refused_at_start(
+    pki: Path, tmp_path: Path, auth_type: str
+) -> None:
+    """Go accepts any client certificate under these; Python's ssl cannot accept one it does not verify,
+    so the exporter would start and then refuse every client certificate the CAs do not sign."""
+    for ca in ({"client_ca_file": str(pki / "ca.crt")}, {}):
+        message = load_error(write(tmp_path / "web.yml", tls_files(pki, client_auth_type=auth_type, **ca)))
+        assert f"tls_server_config.client_auth_type: {auth_type} accepts any client certificate" in message
+        assert "Python's ssl" in message and "use RequireAndVerifyClientCert" in message
+
+
+def test_request_client_cert_is_accepted_with_a_warning(pki: Path, tmp_path: Path) -> None:
+    """Every client Go would serve without a certificate is served here too: stricter only for
+    certificates the CAs do not sign, and said at start."""
+    path = write(tmp_path / "web.yml", tls_files(pki, client_auth_type="RequestClientCert"))
+    warnings = load_web_config(path).warnings
+    assert any("RequestClientCert accepts any client certificate in Go" in w for w in warnings), warnings
 
 
 @pytest.mark.parametrize(
@@ -177,6 +194,29 @@ def test_extra_headers(tmp_path: Path) -> None:
         {"http_server_config": {"headers": {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}}},
     )
     assert load_web_config(path).headers == {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+
+
+def test_reading_checks_the_file_alone_and_gives_frozen_settings(tmp_path: Path) -> None:
+    """The parser reads only the web config: the files it names are loaded when the TLS context is built
+    (webtls), so a missing certificate is that step's error, not the parser's."""
+    path = write(
+        tmp_path / "web.yml",
+        {
+            "tls_server_config": {
+                "cert_file": "absent.crt",
+                "key_file": "absent.key",
+                "min_version": "TLS13",
+            },
+            "rate_limit": {"interval": "2s", "burst": 4},
+        },
+    )
+    checked = read_web_config(str(path))
+    assert checked.tls is not None and checked.tls.cert_file == str(tmp_path / "absent.crt")
+    assert checked.tls.min_version == ssl.TLSVersion.TLSv1_3 and checked.rate_limit == RateLimit(2.0, 4)
+    assert checked.files == (str(path), str(tmp_path / "absent.crt"), str(tmp_path / "absent.key"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.tls.min_version = ssl.TLSVersion.TLSv1_2  # type: ignore[misc]
+    assert "tls_server_config.cert_file/key_file: cannot load" in load_error(path)
 
 
 # ----- errors: one line, the file and the key named, no secret value -------------------------------
@@ -447,10 +487,18 @@ def test_every_header_the_toolkit_allows(tmp_path: Path) -> None:
         ({"client_ca_file": "ca.crt", "client_auth_type": "NoClientCert"}, "without a client auth policy"),
         ({"cert": "inline"}, "cert_file: set either cert_file or cert, not both"),
         ({"key": "inline"}, "key_file: set either key_file or key, not both"),
+        (
+            {"client_ca": "inline", "client_ca_file": "ca.crt", "client_auth_type": "RequestClientCert"},
+            "client_ca_file: set either client_ca_file or client_ca, not both",
+        ),
         ({"cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA2048"]}, "cipher_suites: unknown cipher"),
         ({"cipher_suites": ["TLS_RSA_WITH_AES_128_CBC_SHA"]}, "unknown cipher"),  # Go: insecure, refused
         ({"curve_preferences": ["CurveP257"]}, "curve_preferences: unknown curve CurveP257"),
-        ({"curve_preferences": ["X25519", "CurveP256"]}, "can enforce a single curve"),
+        ({"curve_preferences": "X25519"}, "curve_preferences: expected a list of strings"),
+        ({"cipher_suites": "TLS_AES_128_GCM_SHA256"}, "cipher_suites: expected a list of strings"),
+        ({"max_version": "TLS14"}, "max_version: unknown TLS version"),
+        ({"cert": ["a"], "cert_file": ""}, "cert: expected a string"),
+        ({"client_ca": "not a certificate", "client_auth_type": "RequireAndVerifyClientCert"}, "client_ca: "),
         ({"min_version": "TLS111"}, "min_version: unknown TLS version"),
         ({"min_version": "TLS13", "max_version": "TLS12"}, "min_version: is above max_version"),
         ({"client_allowed_sans": ["x"]}, "client_allowed_sans: needs a client_auth_type"),
@@ -705,7 +753,7 @@ def test_a_file_certificate_with_an_inline_key(
 
 
 @pytest.mark.parametrize(
-    "auth_type", ["RequireAndVerifyClientCert", "VerifyClientCertIfGiven", "RequireAnyClientCert"]
+    "auth_type", ["RequireAndVerifyClientCert", "VerifyClientCertIfGiven", "RequestClientCert"]
 )
 def test_client_auth_without_a_ca_file_uses_the_system_cas(
     pki: Path, serve: Callable[..., Served], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_type: str
@@ -718,7 +766,7 @@ def test_client_auth_without_a_ca_file_uses_the_system_cas(
     assert https_get(served.port, client_context(pki, "client")).startswith(b"HTTP/1.1 200")
     assert refused(served.port, client_context(pki, "rogue-client"))
     no_certificate_ok = not refused(served.port, client_context(pki))
-    assert no_certificate_ok is (auth_type == "VerifyClientCertIfGiven")
+    assert no_certificate_ok is (auth_type != "RequireAndVerifyClientCert")
 
 
 def test_a_rotated_certificate_is_served_without_a_restart(
@@ -741,7 +789,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(
 
     # A broken renewal (a key that does not match) is ignored: the running certificate stays, one line.
     shutil.copy(pki / "client.key", key)
-    caplog.set_level(logging.INFO, logger="exporter.webconfig")
+    caplog.set_level(logging.INFO, logger="exporter.weblive")
     for _ in range(3):
         assert served_certificate_cn(served.port, pki) == "renewed"
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -798,6 +846,57 @@ def test_curve_preferences_are_enforced(pki: Path, serve: Callable[..., Served],
     p384 = client_context(pki)
     p384.set_ecdh_curve("secp384r1")
     assert refused(served.port, p384)
+
+
+def test_of_several_curves_the_first_is_enforced_and_the_rest_warned(
+    pki: Path, serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    """Go offers every listed curve, in order; Python's ssl sets one (set_ecdh_curve): the first, the one
+    Go picks with a client that offers them all. Stricter than written, and said at start."""
+    path = write(
+        tmp_path / "web.yml",
+        tls_files(pki, min_version="TLS13", curve_preferences=["CurveP521", "CurveP384", "CurveP521"]),
+    )
+    warnings = load_web_config(path).warnings
+    assert [w for w in warnings if "curve_preferences" in w] == [
+        f"{path}: tls_server_config.curve_preferences: only CurveP521 is offered, not CurveP384: Python's "
+        "ssl sets one curve, not a list (clients that support none of them cannot connect)"
+    ]
+    served = serve(path)
+    p521 = client_context(pki)
+    p521.set_ecdh_curve("secp521r1")
+    assert https_get(served.port, p521).startswith(b"HTTP/1.1 200")
+    p384 = client_context(pki)
+    p384.set_ecdh_curve("secp384r1")
+    assert refused(served.port, p384)
+    # An empty list is Go's defaults, as when the key is absent.
+    empty = load_web_config(write(tmp_path / "web.yml", tls_files(pki, curve_preferences=[])))
+    assert not [w for w in empty.warnings if "curve" in w]
+
+
+def test_a_missing_client_ca_file_is_reported_before_the_missing_policy(pki: Path, tmp_path: Path) -> None:
+    """As the toolkit (tls_config.go loads the client CAs, then checks the policy): the first thing to
+    fix is the file that is not there."""
+    absent = tmp_path / "absent-ca.crt"
+    message = load_error(write(tmp_path / "web.yml", tls_files(pki, client_ca_file=str(absent))))
+    assert message.endswith("tls_server_config.client_ca_file: cannot load: No such file or directory")
+    present = load_error(write(tmp_path / "web.yml", tls_files(pki, client_ca_file=str(pki / "ca.crt"))))
+    assert "client_ca_file: client CAs are configured without a client auth policy" in present
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"rate_limit": "1s"}, "rate_limit: expected a mapping"),
+        ({"rate_limit": {"interval": "1s", "burst": "ten"}}, "rate_limit.burst: expected a whole number"),
+        ({"rate_limit": {"interval": True}}, "rate_limit.interval: expected a duration"),
+        ({"http_server_config": {"http2": "yes"}}, "http_server_config.http2: expected true or false"),
+        ({"http_server_config": {"http3": True}}, "http_server_config.http3: unknown key"),
+        ({"basic_auth_users": {"alice": None}}, "basic_auth_users.alice: expected a bcrypt hash"),
+    ],
+)
+def test_the_other_keys_errors(tmp_path: Path, document: dict, expected: str) -> None:
+    assert f": {expected}" in load_error(write(tmp_path / "web.yml", document))
 
 
 def test_cipher_suites_are_enforced(pki: Path, serve: Callable[..., Served], tmp_path: Path) -> None:

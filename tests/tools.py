@@ -37,9 +37,12 @@ def expand_grafana_vars(
     rate_interval: str = "2m",
     interval: str = "1m",
     range_: str = "1h",
+    group: str = "client",
 ) -> str:
     """The PromQL Grafana would send: dashboard variables replaced by concrete values."""
     replacements = {
+        "${group}": group,
+        "$group": group,
         "${operation:regex}": operation_regex,
         "${operation}": operation_regex,
         "$operation": operation_regex,
