@@ -167,7 +167,7 @@ def test_a_refused_token_fails_every_operation_that_shares_it_and_they_recover_t
     simulator.fault("invalid_token", token="shared")
     # Whichever request of the shared token is refused first, both of its operations are down with auth.
     samples = exporter.wait_for(
-        lambda s: all(value(s, "wolkvox_last_error_info", operation=n, reason="auth") == 1 for n in "ab"),
+        lambda s: all(labelled(s, "wolkvox_last_error_info", operation=n, reason="auth") for n in "ab"),
         what="both operations of the refused token down with auth",
     )
     assert value(samples, "wolkvox_up", operation="a") == value(samples, "wolkvox_up", operation="b") == 0

@@ -286,7 +286,9 @@ def test_a_token_refused_on_any_request_fails_every_operation_of_the_token(api: 
     samples = parse_samples(store.render().plain.decode())
     for name in "ab":
         assert value(samples, "wolkvox_up", operation=name) == 0, name
-        assert value(samples, "wolkvox_last_error_info", operation=name, reason=reason) == 1, name
+        # Every report of the token, each named with the request that met the refusal.
+        failing = labelled(samples, "wolkvox_last_error_info", operation=name, reason=reason)
+        assert sorted(s["api"] for s in failing) == sorted(apis), name
         assert value(samples, "wolkvox_stereo_rec_minutes", operation=name) == 5.0  # until max_age
     assert value(samples, "wolkvox_up", operation="c") == 1  # another token
     assert value(samples, "wolkvox_scrape_errors_total", operation="a", reason=reason) == 1
