@@ -771,7 +771,10 @@ def test_http_500_raises_fetch_failing_with_the_reason_and_resolves(stack: Stack
         host = stack.simulator_url.removeprefix("http://")
         assert f'stereo_rec: http_status from {host}: "HTTP 500' in description, description
         assert "First step (http_status)" in description, description
-        assert set(stack.alerts("WolkvoxFetchFailing")) == {"bogota"}
+        # The fault is bogota's token's only (another operation may show a timeout of the loaded machine,
+        # kept keep_firing_for, but not this fault).
+        others = [a for op, a in stack.alerts("WolkvoxFetchFailing").items() if op != "bogota"]
+        assert not [a for a in others if "http_status" in a["annotations"]["description"]], others
     finally:
         stack.clear_faults()
     wait_until(
