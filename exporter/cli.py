@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
@@ -19,6 +18,7 @@ from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
 from exporter.monthclose import utc_month
+from exporter.statestore import StoreError, read_month_totals
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.webconfig import WebConfigError
 from exporter.weblive import load_web_config
@@ -168,13 +168,9 @@ def statement_main(argv: Sequence[str]) -> int:
         if config.state_store is None:
             return fail(f"{args.config_file}: state_store is not set; the statement reads the state store")
         try:
-            store = importlib.import_module("exporter.statestore")  # the SQLite store: read only
-        except ImportError:
-            return fail("this build has no state store (exporter/statestore.py) to read a statement from")
-        try:
-            totals = store.read_month_totals(config.state_store, month)
-        except store.StoreError as error:
-            return fail(f"{config.state_store}: {error}")
+            totals = read_month_totals(config.state_store, month)  # read only: the exporter may run
+        except StoreError as error:
+            return fail(str(error))  # names the path
         built = statement.build(totals, statement.terms_of(config), month, args.group or None)
     except (ConfigError, statement.StatementError) as error:
         return fail(str(error))

@@ -4,15 +4,13 @@ WOLKVOX_SCREENSHOTS=DIR to keep the statement's screenshot."""
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import json
 import os
 import re
-import sys
 import time
-import types
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ from test_statuspage import chromium
 
 from exporter import cli
 from exporter.config import ConfigError, load_config
-from exporter.monthclose import utc_month
+from exporter.monthclose import Seen, utc_month
+from exporter.statestore import MonthTotal, StateStore
 
 PRICES = {"stereo_rec": 0.004, "ivr_minutes": 0.0125}
 OPERATIONS = {
@@ -179,36 +178,24 @@ def test_a_person_reads_the_statement_in_a_browser(
 # ----- the subcommand ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MonthTotal:
-    """The shape exporter.statestore.MonthTotal will have."""
+class RealStore(dict[str, list[MonthTotal]]):
+    """``store[path] = rows`` writes the rows' closed months into a real state store at ``path``, as a
+    running exporter would have when each month closed."""
 
-    operation: str
-    api: str
-    month: str
-    value: float
-    closed: bool
-
-
-class StoreError(Exception):
-    pass
+    def __setitem__(self, path: str, rows: list[MonthTotal]) -> None:
+        store = StateStore(path)
+        store.load()
+        for row in rows:
+            year, month = map(int, row.month.split("-"))
+            at = calendar.timegm((year, month, 28, 12, 0, 0))  # fetched late in that month
+            store.put_month(row.operation, row.api, Seen(row.value, at, row.month))
+        store.stop()
+        super().__setitem__(path, rows)
 
 
 @pytest.fixture
-def state_store(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[MonthTotal]]:
-    """A stand-in exporter.statestore: ``rows[path]`` are the totals read_month_totals finds there."""
-    rows: dict[str, list[MonthTotal]] = {}
-
-    def read_month_totals(path: str, month: str) -> list[MonthTotal]:
-        if path not in rows:
-            raise StoreError("cannot open the state store: no such file")
-        return [row for row in rows[path] if row.month == month]
-
-    module = types.ModuleType("exporter.statestore")
-    module.read_month_totals = read_month_totals  # type: ignore[attr-defined]
-    module.StoreError = StoreError  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "exporter.statestore", module)
-    return rows
+def state_store() -> RealStore:
+    return RealStore()
 
 
 def write_config(tmp_path: Path, state_file: bool = True) -> Path:
@@ -232,7 +219,7 @@ def write_config(tmp_path: Path, state_file: bool = True) -> Path:
 
 
 def test_the_subcommand_prints_what_the_web_app_would(
-    state_store: dict[str, list[MonthTotal]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    state_store: RealStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_config(tmp_path)
     with pytest.raises(ConfigError, match="WOLKVOX_TOKEN_NOT_HERE is not set"):
@@ -263,7 +250,7 @@ def test_the_subcommand_prints_what_the_web_app_would(
     ],
 )
 def test_the_subcommand_fails_with_one_line(
-    state_store: dict[str, list[MonthTotal]],
+    state_store: RealStore,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     extra: list[str],
@@ -280,14 +267,14 @@ def test_the_subcommand_fails_with_one_line(
 
 
 def test_the_subcommand_reports_a_store_error_in_one_line(
-    state_store: dict[str, list[MonthTotal]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    state_store: RealStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_config(tmp_path)
     assert cli.main(["statement", "--config.file", str(path), "--month", "2026-11"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert (
         line
-        == f"wolkvox-exporter statement: {tmp_path / 'state.db'}: cannot open the state store: no such file"
+        == f"wolkvox-exporter statement: {tmp_path / 'state.db'}: no state store there (not a regular file)"
     )
 
 
