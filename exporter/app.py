@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -66,6 +67,7 @@ def operation_infos(config: Config) -> list[OperationInfo]:
             prices=op.prices,
             cost_budget=op.cost_budget,
             currency=config.currency,
+            host=urlsplit(op.base_url).netloc,
             server=op.server,
             labels=op.labels,
         )

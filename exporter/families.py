@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from exporter import __version__
 from exporter.exposition import Family, sample
+from exporter.logs import redact as scrub
 from exporter.model import BILLING_APIS, REASONS, STEREO_REC
+from exporter.secret import one_line
 from exporter.store import GlobalFacts, OperationInfo, OperationState
 
 OPERATION_INFO = Family(
@@ -50,10 +52,15 @@ UP = Family(
     "an api wolkvox does not know (unknown_api) is left out while another api succeeded. 0 while its "
     "token is refused (auth, token_limit) on any request, token_info included.",
 )
+# The vendor's message is a label: one line, at most this many characters, tokens masked.
+LAST_ERROR_MESSAGE_CHARS = 120
 LAST_ERROR = Family(
     "wolkvox_last_error_info",
     "gauge",
-    "Reason of the last failed fetch for the operation; present (value 1) only while wolkvox_up is 0.",
+    "Always 1, one series per report (operation x api) whose last request failed, gone after its next "
+    "success: the failure reason, the host asked, and the start of the error message (at most "
+    f"{LAST_ERROR_MESSAGE_CHARS} characters, tokens masked). An api wolkvox does not know (reason "
+    "unknown_api) is shown here while wolkvox_up stays 1.",
 )
 ERRORS = Family(
     "wolkvox_scrape_errors_total",
@@ -143,6 +150,12 @@ PLANNED_REQUESTS = Family(
     "Requests per day the configured intervals ask of the busiest token (one per report per "
     "refresh_interval, plus token_info reads); above daily_request_limit the intervals are stretched.",
 )
+CONFIGURED_INTERVAL = Family(
+    "wolkvox_config_refresh_interval_seconds",
+    "gauge",
+    "refresh_interval from the configuration, in seconds: a report whose wolkvox_refresh_interval_seconds "
+    "is above it belongs to a token whose reports were stretched to fit daily_request_limit.",
+)
 DAILY_LIMIT = Family(
     "wolkvox_token_daily_request_limit",
     "gauge",
@@ -224,10 +237,23 @@ def _token_info(state: OperationState, index: int) -> float | None:
     return state.token_info[index] if state.token_info is not None else None
 
 
-def _last_error(state: OperationState) -> str:
-    if state.up or state.last_error is None:
-        return ""
-    return _one(LAST_ERROR, state, 1, reason=state.last_error)
+def _last_errors(state: OperationState) -> str:
+    info = state.info
+    failures = [
+        (api, report.last_failure)
+        for api in info.apis
+        if (report := state.reports.get(api)) is not None
+        and report.last_reason is not None
+        and report.last_failure is not None
+    ]
+    lines = []
+    for api, (reason, _, detail) in failures:
+        # The detail was redacted where it was made (the client knows the token); the log scrubber is
+        # the last defence here as on every log line.
+        message = one_line(scrub(detail), limit=LAST_ERROR_MESSAGE_CHARS)
+        labels = {"operation": info.name, "api": api, "reason": reason, "host": info.host, "message": message}
+        lines.append(sample(LAST_ERROR.name, labels, 1))
+    return "".join(lines)
 
 
 def _intervals(state: OperationState) -> dict[str, float]:
@@ -263,7 +289,7 @@ OPERATION_FAMILIES: tuple[OperationFamily, ...] = (
     OperationFamily(TOKEN_USED, lambda s: _one(TOKEN_USED, s, _token_info(s, 1))),
     OperationFamily(BUDGET, lambda s: _one(BUDGET, s, s.info.budget_minutes)),
     OperationFamily(UP, lambda s: _one(UP, s, 1 if s.up else 0)),
-    OperationFamily(LAST_ERROR, _last_error),
+    OperationFamily(LAST_ERROR, _last_errors),
     OperationFamily(ERRORS, _errors),
     OperationFamily(REQUESTS, lambda s: _one(REQUESTS, s, s.requests)),
     OperationFamily(LAST_SUCCESS, lambda s: _one(LAST_SUCCESS, s, s.last_success)),
@@ -280,6 +306,7 @@ GLOBAL_FAMILIES: tuple[tuple[Family, Callable[[GlobalFacts], str]], ...] = (
     (RELOAD_TIME, lambda g: sample(RELOAD_TIME.name, {}, g.reload_time)),
     (PLANNED_REQUESTS, lambda g: sample(PLANNED_REQUESTS.name, {}, g.schedule.planned_requests_per_day)),
     (DAILY_LIMIT, lambda g: sample(DAILY_LIMIT.name, {}, g.schedule.daily_request_limit)),
+    (CONFIGURED_INTERVAL, lambda g: sample(CONFIGURED_INTERVAL.name, {}, g.schedule.refresh_interval)),
     (CONNECTIONS_REJECTED, lambda g: sample(CONNECTIONS_REJECTED.name, {}, g.connections_rejected)),
     (
         STATE_WRITE_ERRORS,

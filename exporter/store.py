@@ -45,6 +45,7 @@ class OperationInfo:
     prices: tuple[tuple[str, float], ...] = ()
     cost_budget: float | None = None
     currency: str = "USD"
+    host: str = ""  # host[:port] of its base URL: named by wolkvox_last_error_info (never a secret)
     server: str = ""
     labels: tuple[tuple[str, str], ...] = ()  # the user's labels (config `labels:`), sorted by name
 
@@ -132,7 +133,6 @@ class OperationState:
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count; absent is 0 (rendered as 0)
     last_success: float | None = None
     last_duration: float | None = None
-    last_error: str | None = None
     token_info: tuple[float | None, float | None, float] | None = None  # (limit, used today, read at)
     # The last token_info read of this operation, when it failed: (reason, at, detail), and since when.
     token_failure: tuple[str, float, str] | None = None
@@ -252,7 +252,6 @@ class Store:
                 self._next_expiry = min(self._next_expiry, at + self._max_age)
             elif result.reason is not None:
                 state.errors[result.reason] = state.errors.get(result.reason, 0) + 1
-                state.last_error = result.reason
                 report.last_failure = (result.reason, at, result.detail)
                 if report.failing_since is None:
                     report.failing_since = at
@@ -333,7 +332,6 @@ class Store:
                 report.last_failure = (reason, at, detail)
                 if report.failing_since is None:
                     report.failing_since = at
-            other.last_error = reason
             self._dirty.add(other.info.name)
 
     def set_pace(self, statuses: dict[tuple[str, str], ReportStatus]) -> None:

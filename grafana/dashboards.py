@@ -197,8 +197,16 @@ def against_limit(panel: timeseries.Panel) -> timeseries.Panel:
     return panel.override_by_query("B", dashed)
 
 
-def ratio_bars(title: str, description: str, expr: str, no_value: str) -> bargauge.Panel:
-    return (
+def ratio_bars(
+    title: str,
+    description: str,
+    expr: str,
+    no_value: str,
+    legend: str = "{{operation}}",
+    more: tuple[tuple[str, str], ...] = (),
+) -> bargauge.Panel:
+    """Shares (1 = 100 %) as horizontal bars; ``more`` adds (expr, legend) targets to the first."""
+    panel = (
         bargauge.Panel()
         .title(title)
         .description(description)
@@ -217,8 +225,11 @@ def ratio_bars(title: str, description: str, expr: str, no_value: str) -> bargau
         .name_placement(cm.BarGaugeNamePlacement.LEFT)
         .min_viz_width(0)
         .min_viz_height(16)
-        .with_target(query(expr, "{{operation}}").instant())
+        .with_target(query(expr, legend).instant())
     )
+    for ref, (extra, extra_legend) in zip("BCDEF", more, strict=False):
+        panel = panel.with_target(query(extra, extra_legend, ref).instant())
+    return panel
 
 
 def table_panel(
@@ -588,11 +599,12 @@ def overview() -> dashboard.Dashboard:
     board = board.with_panel(
         stat_panel(
             "Planned requests per token per day vs daily limit",
-            "Per exporter: the requests per token per day its configuration makes (one per refresh "
-            "interval, whatever the number of services; token_info reads take turns within it), its "
-            "daily_request_limit, the ratio of the two (red above 100 %: WolkvoxRequestPlanOverDailyLimit) "
-            "and the refresh interval actually used (stretched when stretch_intervals is on). wolkvox "
-            "allows about 1,000 requests per licence per day.",
+            "Per exporter: the requests a day its configuration asks of its busiest token (one per report, "
+            "operation x api, per refresh interval: reports x 86400 / refresh_interval, plus token_info "
+            "reads), its daily_request_limit, the ratio of the two (red above 100 %: "
+            "WolkvoxRequestPlanOverDailyLimit) and the longest refresh interval in use (above "
+            "refresh_interval when a token's reports are stretched to fit the limit). wolkvox allows about "
+            "1,000 requests per licence per day.",
             "suffix: req/day",
             [
                 query("max by (instance) (wolkvox_token_planned_requests_per_day)", "{{instance}} planned"),
@@ -1007,9 +1019,19 @@ def last_month(board: dashboard.Dashboard) -> dashboard.Dashboard:
         ratio_bars(
             "Last month against budget",
             "The last closed month's minutes against budget_minutes and its cost against cost_budget (the "
-            "budgets configured now). Orange from 80 %, red from 100 %." + NEEDS_CLOSED_MONTH + NEEDS_BUDGET,
+            "budgets and unit prices configured now), one bar each. Orange from 80 %, red from 100 %."
+            + NEEDS_CLOSED_MONTH
+            + NEEDS_BUDGET
+            + NEEDS_COST_BUDGET,
             f"operation:wolkvox_stereo_rec_budget_used_previous_month:ratio{{{OP}}}",
-            "no month closed yet, or no budget_minutes configured",
+            "no month closed yet, or no budget_minutes or cost_budget configured",
+            legend="{{operation}} minutes",
+            more=(
+                (
+                    f"operation:wolkvox_billing_cost_budget_used_previous_month:ratio{{{OP}}}",
+                    "{{operation}} cost ({{currency}})",
+                ),
+            ),
         )
         .span(8)
         .height(5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +333,12 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def labelled(samples: Samples, name: str, **labels: str) -> list[dict[str, str]]:
+    """The label sets of every ``name`` sample that has (at least) these labels."""
+    wanted = set(labels.items())
+    return [dict(key) for (family, key) in samples if family == name and wanted <= key]
+
+
 # --------------------------------------------------------------------------- the simulator
 
 
@@ -566,3 +574,78 @@ class InProcess:
         for exporter in self.running:
             exporter.stop()
         self.running.clear()
+
+
+# --------------------------------------------------------------------------- Alertmanager
+
+AM_CONFIG = REPO / "alertmanager" / "alertmanager.yml"
+
+
+class Webhooks:
+    """A loopback HTTP server that records Alertmanager webhook deliveries by path."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with owner.lock:
+                    owner.received.append((self.path, json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def delivered(self, status: str = "firing") -> set[tuple[str, str, str]]:
+        """{(receiver path, alertname, operation)} of every alert delivered so far with this status."""
+        with self.lock:
+            return {
+                (path, alert["labels"]["alertname"], alert["labels"].get("operation", ""))
+                for path, doc in self.received
+                for alert in doc["alerts"]
+                if alert["status"] == status
+            }
+
+    def alerts(self, status: str = "firing") -> list[tuple[str, dict[str, Any]]]:
+        """(receiver path, alert) of every alert delivered so far with this status."""
+        with self.lock:
+            return [(path, a) for path, doc in self.received for a in doc["alerts"] if a["status"] == status]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_alertmanager(directory: Path, hooks: Webhooks) -> tuple[Process, str]:
+    """The repository's Alertmanager config (same routes and inhibit rules) with every webhook pointed at
+    ``hooks`` (path = receiver name) and groups flushed at once; returns the process and its URL."""
+    config = yaml.safe_load(AM_CONFIG.read_text(encoding="utf-8"))
+    config["route"].update(group_wait="0s", group_interval="1s")
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = f"http://127.0.0.1:{hooks.port}/{receiver['name']}"
+    (directory / "am.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    child = start_program(
+        [
+            alertmanager(),
+            f"--config.file={directory / 'am.yml'}",
+            f"--storage.path={directory / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        directory / "alertmanager.log",
+        ready=f"{url}/-/ready",
+        timeout=30,
+    )
+    return child, url

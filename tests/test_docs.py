@@ -53,8 +53,9 @@ def test_every_key_is_documented() -> None:
 
 
 def _anchor(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor of a heading: lower case, punctuation but '-' and '_' dropped, spaces to hyphens
+    (``token_limit`` keeps its underscore)."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 

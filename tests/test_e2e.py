@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from harness import Exporter, Simulator, free_port, parse_samples, run_cli, value, wait_until
+from harness import Exporter, Simulator, free_port, labelled, parse_samples, run_cli, value, wait_until
 
 from exporter import __version__
 from exporter.model import REASONS
@@ -138,7 +138,7 @@ def test_every_fault_is_counted_by_reason_keeps_the_value_and_recovers(
     for mode, reason in FAULTS.items():
         op = f"op-{mode}"
         assert value(samples, "wolkvox_up", operation=op) == 0, op
-        assert value(samples, "wolkvox_last_error_info", operation=op, reason=reason) == 1, op
+        assert labelled(samples, "wolkvox_last_error_info", operation=op, reason=reason), op
         # The last good value stays (it is younger than max_age), at least what it was.
         assert value(samples, "wolkvox_stereo_rec_minutes", operation=op) >= good[op], op
         others = [r for r in REASONS if r != reason]
@@ -167,7 +167,7 @@ def test_a_refused_token_fails_every_operation_that_shares_it_and_they_recover_t
     simulator.fault("invalid_token", token="shared")
     # Whichever request of the shared token is refused first, both of its operations are down with auth.
     samples = exporter.wait_for(
-        lambda s: all(value(s, "wolkvox_last_error_info", operation=n, reason="auth") == 1 for n in "ab"),
+        lambda s: all(labelled(s, "wolkvox_last_error_info", operation=n, reason="auth") for n in "ab"),
         what="both operations of the refused token down with auth",
     )
     assert value(samples, "wolkvox_up", operation="a") == value(samples, "wolkvox_up", operation="b") == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from harness import parse_samples, value
+from harness import labelled, parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
@@ -56,18 +56,27 @@ def test_an_operation_never_tried_is_down_with_every_reason_at_zero() -> None:
     for reason in REASONS:  # present from the first page, so rate() sees the first increase
         assert value(samples, "wolkvox_scrape_errors_total", operation="bogota", reason=reason) == 0
     assert value(samples, "wolkvox_stereo_rec_minutes", operation="bogota") is None
-    assert value(samples, "wolkvox_last_error_info", operation="bogota", reason="timeout") is None
+    assert labelled(samples, "wolkvox_last_error_info") == []
 
 
 def test_a_failing_operation_shows_its_reason_and_keeps_its_last_value() -> None:
     state = OperationState(OperationInfo("quito", apis=("stereo_rec", "ivr_calls")))
     good, bad = state.report("stereo_rec"), state.report("ivr_calls")
     good.tried, good.value, state.last_success = True, (1234.5, AT), AT
-    bad.tried, bad.last_reason, state.last_error = True, "timeout", "timeout"
+    bad.tried, bad.last_reason = True, "timeout"
+    bad.last_failure = ("timeout", AT, "no data within the read timeout 60s")
     state.errors["timeout"] = 2
     samples = parse_samples(page_of(state))
     assert value(samples, "wolkvox_up", operation="quito") == 0
-    assert value(samples, "wolkvox_last_error_info", operation="quito", reason="timeout") == 1
+    assert labelled(samples, "wolkvox_last_error_info", operation="quito") == [
+        {
+            "operation": "quito",
+            "api": "ivr_calls",
+            "reason": "timeout",
+            "host": "",
+            "message": "no data within the read timeout 60s",
+        }
+    ]
     assert value(samples, "wolkvox_scrape_errors_total", operation="quito", reason="timeout") == 2
     assert value(samples, "wolkvox_stereo_rec_minutes", operation="quito") == 1234.5
     assert value(samples, "wolkvox_billing_usage", operation="quito", api="stereo_rec") == 1234.5
@@ -76,7 +85,7 @@ def test_a_failing_operation_shows_its_reason_and_keeps_its_last_value() -> None
     bad.value = (7.0, AT)
     samples = parse_samples(page_of(state))
     assert value(samples, "wolkvox_up", operation="quito") == 1
-    assert value(samples, "wolkvox_last_error_info", operation="quito", reason="timeout") is None
+    assert labelled(samples, "wolkvox_last_error_info", operation="quito") == []
 
 
 def test_per_api_lines_follow_the_configured_apis_only() -> None:
@@ -125,9 +134,10 @@ def test_each_operations_cached_lines_read_back_family_by_family() -> None:
         OperationInfo("São Paulo ñandú", apis=("stereo_rec", "ivr_minutes"), budget_minutes=9)
     )
     state.report("stereo_rec").value = (1234.5, AT)
-    state.report("ivr_minutes").tried = True
+    failed = state.report("ivr_minutes")
+    failed.tried, failed.last_reason = True, "timeout"
+    failed.last_failure = ("timeout", AT, "no data within the read timeout 10s ñ " + "x" * 400)
     state.errors["timeout"] = 3
-    state.last_error = "timeout"
     expected = [entry.render(state).encode() for entry in OPERATION_FAMILIES]
     assert sum(1 for lines in expected if lines) >= 4  # the case exercises several families
     assert lines_by_family(render_operation(state)) == expected

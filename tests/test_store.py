@@ -7,7 +7,7 @@ import zlib
 from typing import Any
 
 import pytest
-from harness import parse_samples, value
+from harness import labelled, parse_samples, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import REASONS, FetchResult, Reading, ReportStatus
@@ -55,7 +55,9 @@ def ok(op: str, minutes: float, at: float, api: str = "stereo_rec", month: str |
 
 
 def failed(op: str, reason: str, at: float) -> FetchResult:
-    return FetchResult(operation=op, api="stereo_rec", finished_at=at, duration=1.5, reason=reason)
+    return FetchResult(
+        operation=op, api="stereo_rec", finished_at=at, duration=1.5, reason=reason, detail="no data"
+    )
 
 
 def test_first_page_has_up_zero_and_every_reason_at_zero() -> None:
@@ -85,7 +87,46 @@ def test_success_then_failure_keeps_the_last_good_value() -> None:
     assert value(samples, "wolkvox_scrape_errors_total", operation="bogota", reason="timeout") == 1
     assert value(samples, "wolkvox_scrape_requests_total", operation="bogota") == 2
     assert value(samples, "wolkvox_scrape_duration_seconds", operation="bogota") == 1.5
-    assert value(samples, "wolkvox_last_error_info", operation="bogota", reason="timeout") == 1
+    assert labelled(samples, "wolkvox_last_error_info", operation="bogota") == [
+        {"operation": "bogota", "api": "stereo_rec", "reason": "timeout", "host": "", "message": "no data"}
+    ]
+
+
+def test_last_error_info_is_one_series_per_failing_report_with_a_short_safe_message() -> None:
+    """One series per report whose last request failed (an unknown api included, while wolkvox_up stays
+    1), naming the host; the message is one line of at most 120 characters, tokens masked; gone after
+    the report's next success."""
+    from exporter.logs import redact as scrub
+
+    clock = Clock()
+    info = OperationInfo("op", apis=("stereo_rec", "ivr_minutes", "no_such_api"), host="wv1.wolkvox.com")
+    store = PagedStore([info], max_age=3600, wall=clock)
+    scrub.set(["tok-SECRET-123"])
+    try:
+        long = "wolkvox answered code 500: echo tok-SECRET-123\n" + "y" * 500
+        store.record(FetchResult("op", "stereo_rec", clock.now, 0.1, value=Reading(5, 1)))
+        store.record(FetchResult("op", "ivr_minutes", clock.now, 0.1, reason="api_error", detail=long))
+        store.record(
+            FetchResult("op", "no_such_api", clock.now, 0.1, reason="unknown_api", detail="DOES NOT EXIST")
+        )
+        samples = parse_samples(store.render().plain.decode())
+    finally:
+        scrub.set([])
+    series = {s["api"]: s for s in labelled(samples, "wolkvox_last_error_info", operation="op")}
+    assert set(series) == {"ivr_minutes", "no_such_api"}
+    assert value(samples, "wolkvox_up", operation="op") == 0  # ivr_minutes failed
+    message = series["ivr_minutes"]["message"]
+    assert "tok-SECRET" not in message and "<redacted>" in message
+    assert len(message) == 120 and message.endswith("...") and "\n" not in message
+    assert series["ivr_minutes"]["host"] == "wv1.wolkvox.com"
+    assert series["no_such_api"]["reason"] == "unknown_api"
+    assert series["no_such_api"]["message"] == "DOES NOT EXIST"
+
+    clock.now += 300
+    store.record(FetchResult("op", "ivr_minutes", clock.now, 0.1, value=Reading(7, 1)))
+    samples = parse_samples(store.render().plain.decode())
+    assert [s["api"] for s in labelled(samples, "wolkvox_last_error_info")] == ["no_such_api"]
+    assert value(samples, "wolkvox_up", operation="op") == 1
 
 
 def test_value_older_than_max_age_is_dropped_and_comes_back_on_success() -> None:
@@ -245,7 +286,9 @@ def test_a_token_refused_on_any_request_fails_every_operation_of_the_token(api: 
     samples = parse_samples(store.render().plain.decode())
     for name in "ab":
         assert value(samples, "wolkvox_up", operation=name) == 0, name
-        assert value(samples, "wolkvox_last_error_info", operation=name, reason=reason) == 1, name
+        # Every report of the token, each named with the request that met the refusal.
+        failing = labelled(samples, "wolkvox_last_error_info", operation=name, reason=reason)
+        assert sorted(s["api"] for s in failing) == sorted(apis), name
         assert value(samples, "wolkvox_stereo_rec_minutes", operation=name) == 5.0  # until max_age
     assert value(samples, "wolkvox_up", operation="c") == 1  # another token
     assert value(samples, "wolkvox_scrape_errors_total", operation="a", reason=reason) == 1
