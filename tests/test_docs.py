@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,24 @@ def test_fetching_md_lists_the_failure_reasons_in_order_and_every_billing_api() 
     assert apis == set(BILLING_APIS), (
         f"docs/fetching.md's billing services vs model.BILLING_APIS: {apis ^ set(BILLING_APIS)}"
     )
+
+
+def test_no_retired_key_is_named_outside_the_changelog_and_the_parser() -> None:
+    """A retired key lives on only in the CHANGELOG and in the parser's message about it, so nothing a
+    user reads (docs, examples, alert and dashboard texts, deploy files) tells them to set one."""
+    from exporter.config import RETIRED_KEYS
+
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    allowed = {"CHANGELOG.md", "exporter/config.py"}
+    found = []
+    for name in tracked:
+        if name in allowed or name.startswith("tests/") or not (REPO / name).is_file():
+            continue
+        try:
+            text = (REPO / name).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}: {key}" for key in RETIRED_KEYS if key in text]
+    assert not found, f"retired keys named outside the CHANGELOG and the parser: {found}"
