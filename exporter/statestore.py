@@ -44,7 +44,8 @@ from exporter.planner import SavedPacing
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # PRAGMA user_version; the JSON state files were formats 1 and 2
+FORMAT = 4  # PRAGMA user_version; the JSON state files were formats 1 and 2; format 3 is migrated
+PAGE_SIZE = 1024  # bytes: each transaction rewrites the journals' last pages; smaller pages, fewer bytes
 WRITE_SECONDS = 1.0  # at most one transaction a second
 COMPACT_SECONDS = 600.0  # superseded journal rows are dropped at most this often
 WARN_SECONDS = 3600.0  # a failing write is logged at most once an hour
@@ -53,19 +54,54 @@ _MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 Values = dict[str, dict[str, tuple[float, float]]]
 
+# The journals name a token or report by a small integer (``token_names``, ``report_names``: written once
+# per name), and a report's last reading by ``seen`` when it is its value (SEEN_*): ~75 B a request.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS token_names (id INTEGER PRIMARY KEY, token TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS report_names (
+    id INTEGER PRIMARY KEY, operation TEXT NOT NULL, api TEXT NOT NULL, UNIQUE (operation, api));
 CREATE TABLE IF NOT EXISTS tokens (
-    token TEXT NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
+    token INTEGER NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
     pause_intervals REAL, burst REAL, "limit" REAL);
 CREATE TABLE IF NOT EXISTS reports (
-    operation TEXT NOT NULL, api TEXT NOT NULL, token TEXT NOT NULL, due REAL,
-    value REAL, fetched_at REAL, seen_value REAL, seen_at REAL, seen_month TEXT);
+    report INTEGER NOT NULL, token INTEGER, due REAL, value REAL, fetched_at REAL,
+    seen INTEGER NOT NULL, seen_value REAL, seen_at REAL, seen_month TEXT);
 CREATE TABLE IF NOT EXISTS months (
     operation TEXT NOT NULL, api TEXT NOT NULL, month TEXT NOT NULL, value REAL NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (operation, api, month)) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS latest_reports AS
+    SELECT n.operation, n.api, t.token, r.due, r.value, r.fetched_at,
+        CASE r.seen WHEN 0 THEN NULL WHEN 3 THEN r.seen_value ELSE r.value END AS seen_value,
+        CASE r.seen WHEN 0 THEN NULL WHEN 3 THEN r.seen_at ELSE r.fetched_at END AS seen_at,
+        CASE r.seen WHEN 1 THEN strftime('%Y-%m', r.fetched_at, 'unixepoch') WHEN 3 THEN r.seen_month END
+            AS seen_month
+    FROM reports r JOIN report_names n ON n.id = r.report LEFT JOIN token_names t ON t.id = r.token
+    WHERE r.rowid IN (SELECT max(rowid) FROM reports GROUP BY report);
 """
-_TABLES = frozenset({"meta", "tokens", "reports", "months"})
+_TABLES = frozenset({"meta", "token_names", "report_names", "tokens", "reports", "months"})
+# reports.seen: no reading; the reading is (value, fetched_at) of the fetched_at's UTC month; the same
+# without a month; the reading is in seen_value, seen_at, seen_month. 0 and 1 take no byte in a row.
+SEEN_NONE, SEEN_VALUE, SEEN_VALUE_NO_MONTH, SEEN_OWN = 0, 1, 2, 3
+# Format 3 named tokens and reports by text in every journal row: its newest rows are copied over.
+_RENAME_3 = "ALTER TABLE tokens RENAME TO tokens_3; ALTER TABLE reports RENAME TO reports_3;"
+_COPY_3 = """
+INSERT INTO token_names (token) SELECT DISTINCT token FROM tokens_3;
+INSERT INTO token_names (token) SELECT DISTINCT token FROM reports_3 WHERE token != '' ON CONFLICT DO NOTHING;
+INSERT INTO report_names (operation, api) SELECT DISTINCT operation, api FROM reports_3;
+INSERT INTO tokens (token, level, at, paused_until, pause_intervals, burst, "limit")
+    SELECT n.id, level, at, paused_until, pause_intervals, burst, "limit"
+    FROM tokens_3 JOIN token_names n USING (token)
+    WHERE tokens_3.rowid IN (SELECT max(rowid) FROM tokens_3 GROUP BY token) ORDER BY tokens_3.rowid;
+INSERT INTO reports (report, token, due, value, fetched_at, seen, seen_value, seen_at, seen_month)
+    SELECT n.id, t.id, due, value, fetched_at, CASE WHEN seen_value IS NULL THEN 0 ELSE 3 END,
+        seen_value, seen_at, seen_month
+    FROM reports_3 JOIN report_names n USING (operation, api) LEFT JOIN token_names t USING (token)
+    WHERE reports_3.rowid IN (SELECT max(rowid) FROM reports_3 GROUP BY operation, api)
+    ORDER BY reports_3.rowid;
+DROP TABLE tokens_3;
+DROP TABLE reports_3;
+"""
 # A token's saved pacing (planner.SavedPacing.tokens), the optional fields last.
 TOKEN_FIELDS = ("level", "at", "paused_until", "pause_intervals", "burst", "limit")
 
@@ -127,16 +163,20 @@ def _open_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise StoreError(f"{target}: not a state store ({error})") from None
     if version != FORMAT or not _TABLES <= tables:
         db.close()
+        if version == 3:
+            raise StoreError(f"{target}: a state store of format 3: start the exporter once to migrate it")
         raise StoreError(f"{target}: not a state store of format {FORMAT} (format {version})")
     return db
 
 
-def _latest_reports(db: sqlite3.Connection) -> Iterator[tuple[Any, ...]]:
-    """Each report's newest journal row: operation, api, token, due, value, fetched_at, seen_*."""
-    return db.execute(
-        "SELECT operation, api, token, due, value, fetched_at, seen_value, seen_at, seen_month FROM reports "
-        "WHERE rowid IN (SELECT max(rowid) FROM reports GROUP BY operation, api)"
-    )
+def _latest_readings(db: sqlite3.Connection) -> Iterator[tuple[str, str, Seen | None]]:
+    """Each report's last reading (operation, api, reading), from its newest journal row."""
+    for op, api, value, at, *seen in db.execute(
+        "SELECT n.operation, n.api, r.value, r.fetched_at, r.seen, r.seen_value, r.seen_at, r.seen_month "
+        "FROM reports r JOIN report_names n ON n.id = r.report "
+        "WHERE r.rowid IN (SELECT max(rowid) FROM reports GROUP BY report)"
+    ):
+        yield op, api, _seen_of(value, at, *seen)
 
 
 def read_month_totals(path: str | os.PathLike[str], month: str) -> list[MonthTotal]:
@@ -155,11 +195,11 @@ def read_month_totals(path: str | os.PathLike[str], month: str) -> list[MonthTot
         ]
         closed = {(t.operation, t.api) for t in totals}
         current = []
-        for op, api, _token, _due, _value, _at, seen_value, seen_at, seen_month in _latest_reports(db):
-            if seen_value is None or (op, api) in closed:
+        for op, api, seen in _latest_readings(db):
+            if seen is None or (op, api) in closed:
                 continue
-            if (seen_month or utc_month(seen_at)) == month:
-                current.append(MonthTotal(op, api, month, float(seen_value), False))
+            if (seen.month or utc_month(seen.at)) == month:
+                current.append(MonthTotal(op, api, month, seen.value, False))
     except sqlite3.Error as error:
         raise StoreError(f"{path}: cannot read it ({error})") from None
     finally:
@@ -172,9 +212,9 @@ def months_available(path: str | os.PathLike[str]) -> list[str]:
     db = _open_read_only(path)
     try:
         months = {row[0] for row in db.execute("SELECT DISTINCT month FROM months")}
-        for row in _latest_reports(db):
-            if row[6] is not None:
-                months.add(row[8] or utc_month(row[7]))
+        for _op, _api, seen in _latest_readings(db):
+            if seen is not None:
+                months.add(seen.month or utc_month(seen.at))
     except sqlite3.Error as error:
         raise StoreError(f"{path}: cannot read it ({error})") from None
     finally:
@@ -301,6 +341,7 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
         try:
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a new store only (before its first table)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # a killed process loses no committed transaction
         except sqlite3.Error:
@@ -325,6 +366,9 @@ class StateStore:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                     raise
+            elif version == 3 and {"tokens", "reports", "months", "meta"} <= tables:
+                _migrate_3(db)
+                log.info("state_store %s: migrated from format 3 to format %d", self.path, FORMAT)
             elif version != FORMAT or not _TABLES <= tables:
                 raise _Unusable(f"format {version}, this exporter reads format {FORMAT}")
             state, self._count = _read(db, self.sink)
@@ -528,18 +572,28 @@ class StateStore:
 
     def _write(self, db: sqlite3.Connection, pending: _Pending) -> None:
         with _transaction(db):
+            # A name already there writes nothing; a new one is written once.
+            names = {(key,) for key in pending.tokens}
+            names.update((token,) for token, *_ in pending.reports.values() if token)
+            db.executemany("INSERT INTO token_names (token) VALUES (?) ON CONFLICT DO NOTHING", names)
+            if pending.reports:
+                db.executemany(
+                    "INSERT INTO report_names (operation, api) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    pending.reports.keys(),
+                )
             if pending.tokens:
                 db.executemany(
                     'INSERT INTO tokens (token, level, at, paused_until, pause_intervals, burst, "limit") '
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES ((SELECT id FROM token_names WHERE token = ?), ?, ?, ?, ?, ?, ?)",
                     [(key, *row) for key, row in pending.tokens.items()],
                 )
             if pending.reports:
                 db.executemany(
-                    "INSERT INTO reports (operation, api, token, due, value, fetched_at, seen_value, "
-                    "seen_at, seen_month) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO reports (report, token, due, value, fetched_at, seen, seen_value, seen_at, "
+                    "seen_month) VALUES ((SELECT id FROM report_names WHERE operation = ? AND api = ?), "
+                    "(SELECT id FROM token_names WHERE token = ?), ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (op, api, token or "", due, value, at, *_seen_row(seen))
+                        (op, api, token or None, due, value, at, *_seen_row(value, at, seen))
                         for (op, api), (token, due, value, at, seen) in pending.reports.items()
                     ],
                 )
@@ -567,8 +621,7 @@ class StateStore:
                     "DELETE FROM tokens WHERE rowid NOT IN (SELECT max(rowid) FROM tokens GROUP BY token)"
                 )
                 db.execute(
-                    "DELETE FROM reports WHERE rowid NOT IN "
-                    "(SELECT max(rowid) FROM reports GROUP BY operation, api)"
+                    "DELETE FROM reports WHERE rowid NOT IN (SELECT max(rowid) FROM reports GROUP BY report)"
                 )
                 db.execute("DELETE FROM months WHERE month < ?", (oldest,))
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -633,8 +686,59 @@ def _token_row(
     return (level, at, paused_until, *optional)
 
 
-def _seen_row(seen: Seen | None) -> tuple[float | None, float | None, str | None]:
-    return (seen.value, seen.at, seen.month) if seen is not None else (None, None, None)
+def _seen_row(
+    value: float | None, at: float | None, seen: Seen | None
+) -> tuple[int, float | None, float | None, str | None]:
+    """``seen, seen_value, seen_at, seen_month`` of a report row (SEEN_*)."""
+    if seen is None:
+        return (SEEN_NONE, None, None, None)
+    if seen.value == value and seen.at == at:
+        if seen.month is None:
+            return (SEEN_VALUE_NO_MONTH, None, None, None)
+        if seen.month == utc_month(seen.at):
+            return (SEEN_VALUE, None, None, None)
+    return (SEEN_OWN, seen.value, seen.at, seen.month)
+
+
+def _seen_of(
+    value: Any,
+    at: Any,
+    seen: int,
+    seen_value: Any,
+    seen_at: Any,
+    seen_month: str | None,
+    months: dict[str, str] | None = None,
+) -> Seen | None:
+    """A report row's last reading (the reverse of ``_seen_row``); ``months`` shares one string per month
+    (one per report was ~8 MB at 140,000)."""
+    if seen == SEEN_OWN and seen_value is not None and seen_at is not None:
+        month = seen_month
+    elif seen in (SEEN_VALUE, SEEN_VALUE_NO_MONTH) and value is not None and at is not None:
+        seen_value, seen_at = value, at
+        month = utc_month(at) if seen == SEEN_VALUE else None
+    else:
+        return None
+    if month is not None and months is not None:
+        month = months.setdefault(month, month)
+    return Seen(float(seen_value), float(seen_at), month)
+
+
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """Format 3 into format 4, in one transaction (a kill -9 midway leaves format 3)."""
+    try:
+        db.executescript(
+            f"BEGIN IMMEDIATE; {_RENAME_3} {SCHEMA} {_COPY_3} PRAGMA user_version = {FORMAT}; COMMIT;"
+        )
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    # Once, the smaller pages of a new store (only outside WAL mode; skipped while a reader has it open).
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("PRAGMA journal_mode = DELETE")
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        db.execute("VACUUM")
+    db.execute("PRAGMA journal_mode = WAL")
 
 
 def _months_back(month: str, count: int) -> str:
@@ -664,21 +768,21 @@ def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState,
     count = 0
     months_seen: dict[str, str] = {}
     for token, *values in db.execute(
-        'SELECT token, level, at, paused_until, pause_intervals, burst, "limit" FROM tokens ORDER BY rowid'
+        'SELECT n.token, level, at, paused_until, pause_intervals, burst, "limit" '
+        "FROM tokens t CROSS JOIN token_names n ON n.id = t.token ORDER BY t.rowid"
     ):
         state.pacing.tokens[token] = {
             name: float(v) for name, v in zip(TOKEN_FIELDS, values, strict=True) if v is not None
         }
-    for op, api, token, due, value, at, seen_value, seen_at, seen_month in db.execute(
-        "SELECT operation, api, token, due, value, fetched_at, seen_value, seen_at, seen_month FROM reports "
-        "ORDER BY rowid"
+    for op, api, token, due, value, at, seen_flag, seen_value, seen_at, seen_month in db.execute(
+        "SELECT n.operation, n.api, t.token, due, value, fetched_at, seen, seen_value, seen_at, seen_month "
+        "FROM reports r CROSS JOIN report_names n ON n.id = r.report "
+        "LEFT JOIN token_names t ON t.id = r.token ORDER BY r.rowid"
     ):
         if due is not None and token:
             state.pacing.reports.setdefault(token, {})[f"{op}/{api}"] = float(due)
         pair = (float(value), float(at)) if value is not None and at is not None else None
-        if seen_month is not None:  # one string per month, not one per report (~8 MB at 140,000)
-            seen_month = months_seen.setdefault(seen_month, seen_month)
-        seen = Seen(float(seen_value), float(seen_at), seen_month) if seen_value is not None else None
+        seen = _seen_of(value, at, seen_flag, seen_value, seen_at, seen_month, months_seen)
         count += pair is not None
         if sink is not None:
             sink.restore_report(op, api, pair, seen)

@@ -108,7 +108,9 @@ def test_a_spend_is_committed_when_its_future_is_done(tmp_path: Path) -> None:
     try:
         store.spend(KEY, 2.0, AT, 0.0).result(timeout=5)
         with contextlib.closing(sqlite3.connect(path)) as db:
-            assert db.execute("SELECT level FROM tokens WHERE token = ?", (KEY,)).fetchall() == [(2.0,)]
+            assert db.execute(
+                "SELECT level FROM tokens JOIN token_names n ON n.id = tokens.token WHERE n.token = ?", (KEY,)
+            ).fetchall() == [(2.0,)]
     finally:
         store.stop()
 
@@ -456,7 +458,7 @@ def restart_scenario(
 
     def stored() -> set[str]:
         with contextlib.closing(sqlite3.connect(state)) as db:
-            return {row[0] for row in db.execute("SELECT operation FROM reports WHERE value IS NOT NULL")}
+            return {row[0] for row in db.execute("SELECT operation FROM latest_reports WHERE value IS NOT NULL")}
 
     wait_until(lambda: stored() == {"main", "control"}, timeout=5, what="both reports in the store")
     stop(first)
@@ -466,8 +468,9 @@ def restart_scenario(
     # Forget the control token: the new process must fetch it at once, which shows its refresher runs
     # while the main token's report is held back by what the store says.
     with contextlib.closing(sqlite3.connect(state)) as db, db:
-        db.execute("DELETE FROM tokens WHERE token = ?", (control_key,))
-        db.execute("DELETE FROM reports WHERE token = ?", (control_key,))
+        named = "(SELECT id FROM token_names WHERE token = ?)"
+        db.execute(f"DELETE FROM tokens WHERE token = {named}", (control_key,))  # noqa: S608
+        db.execute(f"DELETE FROM reports WHERE token = {named}", (control_key,))  # noqa: S608
     control_requests = requests_of(sim, CONTROL)
     started = time.monotonic()
     second = start_exporter(config)
