@@ -40,6 +40,7 @@ from exporter.refresher import token_key
 from exporter.secret import Secret
 from exporter.statestore import (
     FORMAT,
+    PAGE_SIZE,
     WARN_SECONDS,
     MonthTotal,
     StateStore,
@@ -98,6 +99,102 @@ def test_what_is_written_comes_back_after_a_restart(tmp_path: Path) -> None:
     assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
     assert state.months.closed == {"bogota": {"stereo_rec": Seen(43_000.5, AT - 3600, "2026-11")}}
     again.stop()
+
+
+def test_each_kind_of_last_reading_comes_back(tmp_path: Path) -> None:
+    """A reading equal to the value is kept as a flag: with the value's UTC month, without a month, or
+    (a vendor month other than the UTC one, another value) in full."""
+    path = tmp_path / "state.db"
+    readings = {
+        "same": ((5.0, AT), Seen(5.0, AT, "2026-12")),
+        "no-month": ((6.0, AT), Seen(6.0, AT, None)),
+        "vendor-month": ((7.0, AT), Seen(7.0, AT, "2026-11")),
+        "other": ((8.0, AT), Seen(9.0, AT - 60, "2026-12")),
+        "reading-only": (None, Seen(10.0, AT, "2026-12")),
+    }
+    store = opened(path)
+    for op, (pair, seen) in readings.items():
+        store.put_report(op, "stereo_rec", KEY, AT + 300, pair, seen)
+    store.stop()
+    state = StateStore(path).load()
+    assert state.months.seen == {op: {"stereo_rec": seen} for op, (_, seen) in readings.items()}
+    assert read_month_totals(path, "2026-11") == [
+        MonthTotal("vendor-month", "stereo_rec", "2026-11", 7.0, False)
+    ]
+    assert [t.operation for t in read_month_totals(path, "2026-12")] == [
+        "no-month",
+        "other",
+        "reading-only",
+        "same",
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the view the documentation reads with
+        rows = db.execute("SELECT operation, seen_value, seen_at, seen_month FROM latest_reports").fetchall()
+    assert sorted(rows) == sorted((op, s.value, s.at, s.month) for op, (_, s) in readings.items())
+
+
+FORMAT_3 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE tokens (
+    token TEXT NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
+    pause_intervals REAL, burst REAL, "limit" REAL);
+CREATE TABLE reports (
+    operation TEXT NOT NULL, api TEXT NOT NULL, token TEXT NOT NULL, due REAL,
+    value REAL, fetched_at REAL, seen_value REAL, seen_at REAL, seen_month TEXT);
+CREATE TABLE months (
+    operation TEXT NOT NULL, api TEXT NOT NULL, month TEXT NOT NULL, value REAL NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (operation, api, month)) WITHOUT ROWID;
+PRAGMA user_version = 3;
+"""
+
+
+def test_a_format_3_store_is_migrated_with_its_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(FORMAT_3)
+        db.executemany(
+            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(KEY, 3.0, AT - 10, 0.0, None, None, None), (KEY, 0.5, AT, AT + 60, 12.0, 14.0, 1000.0)],
+        )
+        db.executemany(
+            "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("bogota", "stereo_rec", KEY, AT, 1.0, AT - 600, 1.0, AT - 600, "2026-12"),
+                ("bogota", "stereo_rec", KEY, AT + 300, 1234.5, AT, 1234.5, AT, "2026-12"),
+                ("lima", "stereo_rec", "", None, None, None, None, None, None),
+            ],
+        )
+        db.execute("INSERT INTO months VALUES ('bogota', 'stereo_rec', '2026-11', 43000.5, ?)", (AT - 3600,))
+    with pytest.raises(StoreError, match="format 3: start the exporter once"):
+        read_month_totals(path, "2026-11")
+    with caplog.at_level(logging.INFO, logger="exporter.statestore"):
+        store = StateStore(path)
+        state = store.load()
+    store.stop()
+    assert any("migrated from format 3" in r.getMessage() for r in caplog.records)
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert state.pacing.tokens == {
+        KEY: {
+            "level": 0.5,
+            "at": AT,
+            "paused_until": AT + 60,
+            "pause_intervals": 12.0,
+            "burst": 14.0,
+            "limit": 1000.0,
+        }
+    }
+    assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300}}
+    assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
+    assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
+    assert read_month_totals(path, "2026-11") == [
+        MonthTotal("bogota", "stereo_rec", "2026-11", 43_000.5, True)
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == FORMAT
+        assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT count(*) FROM reports").fetchone()[0] == 2  # the newest row of each
 
 
 def test_a_spend_is_committed_when_its_future_is_done(tmp_path: Path) -> None:
@@ -458,7 +555,9 @@ def restart_scenario(
 
     def stored() -> set[str]:
         with contextlib.closing(sqlite3.connect(state)) as db:
-            return {row[0] for row in db.execute("SELECT operation FROM latest_reports WHERE value IS NOT NULL")}
+            return {
+                row[0] for row in db.execute("SELECT operation FROM latest_reports WHERE value IS NOT NULL")
+            }
 
     wait_until(lambda: stored() == {"main", "control"}, timeout=5, what="both reports in the store")
     stop(first)
