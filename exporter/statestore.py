@@ -12,13 +12,16 @@ What is kept, and why it is kept so (``docs/state-store.md`` has the schema and 
 
 Both journals are append-only (new rows land on the last page: a random row update would rewrite a
 whole page per request), and ``compact`` drops the rows a newer one supersedes, at most every
-``COMPACT_SECONDS``. Nothing is written while nothing happens. Tokens are named by their key only.
+``COMPACT_SECONDS``. Journal rows name a token or report by a number (``token_names``, ``report_names``),
+and a new store has 1 KiB pages: each transaction rewrites the journals' last pages, so both halve the
+bytes written per request. Nothing is written while nothing happens. Tokens are named by their key only.
 
 Writes go through one thread (``state-writer``): at most one transaction a second; a request waiting
 for its spend waits for the next one. A store that cannot be written (read-only directory, full disk)
 costs one warning an hour and a count on /metrics; fetching and serving go on (the in-memory budget
 still holds within the run). A corrupt store or one of another format is moved aside
-(``<name>.corrupt-<time>``) and the exporter starts fresh, saying so. A JSON state file of format 1 or 2
+(``<name>.corrupt-<time>``) and the exporter starts fresh, saying so; a store of format 3 is migrated in
+one transaction. A JSON state file of format 1 or 2
 (the ``state_file`` of earlier versions) is migrated once, when the store does not exist yet.
 """
 
