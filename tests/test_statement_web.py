@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +100,13 @@ def test_the_statement_of_this_month_in_every_format(simulator: Simulator, run_e
     acme = sum(cost(v, api) for (op, api), v in usage.items() if op != "quito")
     globex = sum(cost(v, api) for (op, api), v in usage.items() if op == "quito")
     subtotals = {r["client"]: Decimal(r["cost"]) for r in rows if r["row"] == "subtotal"}
-    cent = Decimal("0.01")
-    assert subtotals == {"acme": acme.quantize(cent), "globex": globex.quantize(cent)}
+
+    def shown(amount: Decimal) -> Decimal:  # the documented rule: half up, to the cent (quantize's own
+        return amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)  # default is half even)
+
+    assert subtotals == {"acme": shown(acme), "globex": shown(globex)}
     (total,) = [r for r in rows if r["row"] == "total"]
-    assert Decimal(total["cost"]) == (acme + globex).quantize(cent)
+    assert Decimal(total["cost"]) == shown(acme + globex)
 
     document = exporter.get(f"/statement?month={month}&format=json").json()
     assert document["group"] is None and document["subtotals"] == []
