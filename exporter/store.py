@@ -178,7 +178,7 @@ class Store:
         self._steps = WallSteps(wall, monotonic)
         self._max_age = max_age
         self._states: dict[str, OperationState] = {}
-        self._by_token: dict[str, list[str]] = {}
+        self._by_token: dict[str, tuple[str, ...]] = {}
         self._dirty: set[str] = set()
         self._removed = False  # an operation left since the last changes() (the page must drop it)
         self._next_expiry = float("inf")
@@ -215,9 +215,11 @@ class Store:
                 states[info.name] = state
             self._removed = self._removed or not self._states.keys() <= states.keys()
             self._states = states
-            self._by_token = {}  # token key -> the operations sharing it
+            by_token: dict[str, list[str]] = {}  # token key -> the operations sharing it
             for name, state in states.items():
-                self._by_token.setdefault(state.info.token_key, []).append(name)
+                by_token.setdefault(state.info.token_key, []).append(name)
+            # Kept as tuples: a list grown by append holds spare slots (0.4 MB at 10,000 tokens).
+            self._by_token = {key: tuple(names) for key, names in by_token.items()}
             self._dirty = set(states)
             self._next_expiry = 0.0
         self.changed.set()
