@@ -478,6 +478,13 @@ class Exporter:
         return found["s"]
 
 
+def write_config_text(tmp_path: Path, text: str) -> Path:
+    """A configuration file ``c.yml`` in ``tmp_path`` holding ``text`` as written (for YAML a test spells)."""
+    path = tmp_path / "c.yml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_yaml(path: Path, document: object) -> Path:
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import REPO, Simulator, holds, value, wait_until
+from harness import REPO, Simulator, holds, value, wait_until, write_config_text
 
 from exporter.config import ConfigError, load_config
 from exporter.families import BILLING_USAGE
@@ -17,15 +17,9 @@ from exporter.simulator.api import KNOWN_APIS, LICENCE_APIS, description, usage_
 SERVICES = ["stereo_rec", "ivr_minutes", "amd_ai", "chat_licenses"]
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "c.yml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_prices_merge_top_level_and_operation(tmp_path: Path) -> None:
     config = load_config(
-        write(
+        write_config_text(
             tmp_path,
             "currency: COP\nprices: {stereo_rec: 0.004, ivr_minutes: 0.01}\noperations:\n"
             "  - {server: wv1, token: a, prices: {stereo_rec: 0.003}, cost_budget: 500}\n"
@@ -53,7 +47,7 @@ def test_prices_merge_top_level_and_operation(tmp_path: Path) -> None:
     ],
 )
 def test_bad_billing_keys_are_one_line_errors(tmp_path: Path, text: str, key: str) -> None:
-    path = write(tmp_path, f"{text}\noperations: [{{server: wv1, token: secret-token}}]\n")
+    path = write_config_text(tmp_path, f"{text}\noperations: [{{server: wv1, token: secret-token}}]\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)
@@ -62,10 +56,10 @@ def test_bad_billing_keys_are_one_line_errors(tmp_path: Path, text: str, key: st
 
 def test_retired_keys_still_load_with_a_warning_saying_what_they_do_now(tmp_path: Path) -> None:
     ops = "operations: [{server: wv1, token: a}]\n"
-    config = load_config(write(tmp_path, "fetch_workers: 32\nstretch_intervals: false\n" + ops))
+    config = load_config(write_config_text(tmp_path, "fetch_workers: 32\nstretch_intervals: false\n" + ops))
     assert any("fetch_workers" in w and "no longer used" in w for w in config.warnings)
     assert any("stretch_intervals" in w and "always stretch" in w for w in config.warnings)
-    assert not any("fetch_workers" in w for w in load_config(write(tmp_path, ops)).warnings)
+    assert not any("fetch_workers" in w for w in load_config(write_config_text(tmp_path, ops)).warnings)
 
 
 def test_several_services_per_operation_on_metrics(simulator: Simulator, run_exporter) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import Simulator, parse_samples, value, wait_until
+from harness import Simulator, parse_samples, value, wait_until, write_config_text
 
 from exporter.config import ConfigError, load_config
 from exporter.families import OPERATION_INFO, lines_by_family, render_operation
@@ -16,15 +16,9 @@ from exporter.store import OperationInfo, OperationState
 TOKEN = "tok-LabelSecret-77"
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "c.yml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_top_level_labels_are_defaults_the_operation_overrides(tmp_path: Path) -> None:
     config = load_config(
-        write(
+        write_config_text(
             tmp_path,
             "labels: {team: sales, cost_center: CC-1}\noperations:\n"
             "  - {name: bogota, server: wv1, token: a, labels: {client: acme, team: support}}\n"
@@ -39,7 +33,8 @@ def test_top_level_labels_are_defaults_the_operation_overrides(tmp_path: Path) -
 
 
 def test_labels_from_the_environment(tmp_path: Path) -> None:
-    path = write(tmp_path, "operations: [{server: wv1, token: a, labels: {client: '${CLIENT}'}}]\n")
+    text = "operations: [{server: wv1, token: a, labels: {client: '${CLIENT}'}}]\n"
+    path = write_config_text(tmp_path, text)
     assert load_config(path, {"CLIENT": "acme"}).operations[0].labels == (("client", "acme"),)
 
 
@@ -85,7 +80,7 @@ def test_bad_labels_are_one_line_errors_naming_the_operation_and_key(
             f"  - {{name: bogota, server: wv1, token: {TOKEN}, labels: {labels}}}\n"
         )
         full_key = f"operations[1].{key}"
-    path = write(tmp_path, text)
+    path = write_config_text(tmp_path, text)
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)

@@ -60,9 +60,13 @@ def opened(path: Path, **kwargs: Any) -> StateStore:
     return store
 
 
+PLANNER_EXTRA = {"pause_intervals": 12.0, "burst": 14.0, "limit": 1000.0}  # what the planner also saves
+# The token's saved form after ``fill``: its spend, as the store gives it back.
+FILLED_TOKENS = {KEY: {"level": 0.5, "at": AT, "paused_until": AT + 60, **PLANNER_EXTRA}}
+
+
 def fill(store: StateStore) -> None:
-    extra = {"pause_intervals": 12.0, "burst": 14.0, "limit": 1000.0}  # what the planner also saves
-    store.spend(KEY, 0.5, AT, AT + 60, extra).result(timeout=5)
+    store.spend(KEY, 0.5, AT, AT + 60, PLANNER_EXTRA).result(timeout=5)
     store.put_report("bogota", "stereo_rec", KEY, AT + 300, (1234.5, AT), Seen(1234.5, AT, "2026-12"))
     store.put_report("lima", "stereo_rec", KEY, AT + 400, None, None)
     store.put_month("bogota", "stereo_rec", Seen(43_000.5, AT - 3600, "2026-11"))
@@ -85,16 +89,7 @@ def test_what_is_written_comes_back_after_a_restart(tmp_path: Path) -> None:
     again = StateStore(path)
     state = again.load()
     assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
-    assert state.pacing.tokens == {
-        KEY: {
-            "level": 0.5,
-            "at": AT,
-            "paused_until": AT + 60,
-            "pause_intervals": 12.0,
-            "burst": 14.0,
-            "limit": 1000.0,
-        }
-    }
+    assert state.pacing.tokens == FILLED_TOKENS
     assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300, "lima/stereo_rec": AT + 400}}
     assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
     assert state.months.closed == {"bogota": {"stereo_rec": Seen(43_000.5, AT - 3600, "2026-11")}}
@@ -174,16 +169,7 @@ def test_a_format_3_store_is_migrated_with_its_budget(
     store.stop()
     assert any("migrated from format 3" in r.getMessage() for r in caplog.records)
     assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
-    assert state.pacing.tokens == {
-        KEY: {
-            "level": 0.5,
-            "at": AT,
-            "paused_until": AT + 60,
-            "pause_intervals": 12.0,
-            "burst": 14.0,
-            "limit": 1000.0,
-        }
-    }
+    assert state.pacing.tokens == FILLED_TOKENS
     assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300}}
     assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
     assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
