@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from harness import Process, exporter_args, simulator_args, start_program  # noqa: E402
+from wolkbench.processes import MB, cpu_seconds, rss_mb  # noqa: E402
 
 from exporter.model import BILLING_APIS  # noqa: E402
 from exporter.monthclose import Seen, utc_month  # noqa: E402
@@ -52,7 +53,6 @@ from exporter.refresher import token_key  # noqa: E402
 from exporter.secret import Secret  # noqa: E402
 from exporter.statestore import StateStore  # noqa: E402
 
-MB = 1_000_000
 APIS = sorted(BILLING_APIS)[:14]
 LIMIT = 1000  # the default daily_request_limit
 _LOADED = re.compile(r"read (\d+) value\(s\) and (\d+) token\(s\) in ([\d.]+) s")
@@ -66,22 +66,12 @@ def proc_field(process: Process, name: str, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/PID/{name}")
 
 
-def rss_mb(process: Process) -> float:
-    return round(proc_field(process, "status", "VmRSS:") * 1024 / MB, 1)
-
-
 def peak_mb(process: Process) -> float:
     return round(proc_field(process, "status", "VmHWM:") * 1024 / MB, 1)
 
 
 def written(process: Process) -> int:
     return proc_field(process, "io", "write_bytes:")
-
-
-def cpu_seconds(process: Process) -> float:
-    with open(f"/proc/{process.proc.pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_config(path: Path, sim_url: str, ops: int, store: Path | None, refresh: str) -> None:
