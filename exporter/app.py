@@ -26,6 +26,7 @@ from exporter.monthclose import Seen
 from exporter.page import Pages, Publisher
 from exporter.planner import TOKEN_WIDE, Job, SavedPacing, plan_pace
 from exporter.refresher import Refresher, plan_jobs
+from exporter.reservation import Reservations
 from exporter.secret import token_key
 from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
 from exporter.statestore import Health, StateStore, StoreError, read_month_totals
@@ -97,24 +98,33 @@ def use_config(config: Config) -> None:
 
 
 class Persist:
-    """The refresher's ledger over the state store: each spend is committed before its request is sent,
-    each answer's report row (value, next due time, last reading) is written after the store took it."""
+    """The refresher's ledger over the state store: a request is sent only once a committed row covers its
+    spend (``reservation.py``: mostly one committed ahead, so the request does not wait); each answer's
+    report row (value, next due time, last reading) is written after the store took it."""
 
     def __init__(self, state: StateStore, store: Store) -> None:
         self._state = state
         self._store = store
+        self._reservations = Reservations(state)
         store.on_month_closed = self.month_closed
+
+    def restored(self, saved: SavedPacing) -> None:
+        """The buckets read from the store at start: committed already."""
+        self._reservations.restore(saved.tokens)
 
     def spend(self, key: str, saved: SavedPacing) -> concurrent.futures.Future[None] | None:
         token = saved.tokens.get(key)
         if token is None:
             return None
-        return self._state.spend(key, token["level"], token["at"], token["paused_until"], token)
+        return self._reservations.spend(key, token)
+
+    def paced(self, saved: SavedPacing) -> None:
+        self._reservations.paced(saved.tokens)
 
     def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
         token = saved.tokens.get(key)
         if token is not None and reason in TOKEN_WIDE:  # the token's pause changed
-            self._state.put_token(key, token["level"], token["at"], token["paused_until"], token)
+            self._reservations.pause(key, token)
         if job.api == TOKEN_INFO:
             return
         due = saved.reports.get(key, {}).get(f"{job.operation}/{job.api}")
@@ -156,6 +166,7 @@ class App:
                 saved = self.state.load()
             except StoreError as error:
                 raise StartError(str(error)) from None
+            persist.restored(saved.pacing)
             self.store.restore_values(saved.values)
             self.store.restore_months(saved.months)
             self.store.restored()

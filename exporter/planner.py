@@ -108,6 +108,27 @@ def charged(level: float, old: Pace, new: Pace) -> float:
     return max(min(level + debt, float(new.burst)), 1.0 - new.refill_per_second * DAY)
 
 
+def restored_level(level: float, at: float, burst: float, limit: float, wall: float, pace: Pace) -> float:
+    """What a restart at wall time ``wall`` on ``pace`` makes of a bucket saved at ``at`` with ``level`` on
+    the pace (``burst``, ``limit``): the level capped to [-limit, burst] (0 when it is not a number),
+    refilled at that pace for the time since (none for a time "ahead"), then ``charged`` for the change to
+    ``pace``. The one formula of a restore: the state store's reservations (``exporter/reservation.py``)
+    ask it what a restart would make of a row they committed."""
+    old = saved_pace(burst, limit)
+    if not -old.limit <= level <= old.burst:  # NaN too
+        level = min(max(level, -old.limit), old.burst) if math.isfinite(level) else 0.0
+    level = min(float(old.burst), level + max(0.0, wall - at) * old.refill_per_second)
+    return charged(level, old, pace)
+
+
+def saved_pace(burst: float, limit: float) -> Pace:
+    """The pace a saved bucket was sized by, from its saved ``burst`` and ``limit`` (whole numbers, at
+    least 1, a limit at least the burst)."""
+    whole = max(1, int(burst))
+    most = max(whole, int(limit))
+    return Pace(whole, max(most - whole, 1) / DAY, 0.0, 1.0, most)
+
+
 def retry_delay(failures: int, interval: float, rng: random.Random) -> float:
     """Seconds to wait after the ``failures``-th failure in a row: 30 s doubling up to ``interval``,
     jittered downwards only so the cap always holds."""
@@ -257,17 +278,14 @@ class Planner:
         at = _finite(saved, "at", wall)
         if at > wall + AHEAD_TOLERANCE:
             capped.note("saved_ahead", at - wall, reports)  # no refill for the time "between"
-        # The level as of the pace it was saved with (the current one when the file does not say), refilled
-        # at that pace for the time since, then charged for the change to the current pace.
-        burst = max(1, int(_finite(saved, "burst", pace.burst)))
-        limit = max(burst, int(_finite(saved, "limit", pace.limit)))
-        old = Pace(burst, max(limit - burst, 1) / DAY, 0.0, 1.0, limit)
+        # The level as of the pace it was saved with (the current one when the file does not say).
+        burst = _finite(saved, "burst", pace.burst)
+        limit = _finite(saved, "limit", pace.limit)
         level = _finite(saved, "level", math.nan)
-        if not -limit <= level <= burst:  # NaN too
+        old = saved_pace(burst, limit)
+        if not -old.limit <= level <= old.burst:  # NaN too
             capped.note("level", 0.0, reports)
-            level = min(max(level, -limit), burst) if math.isfinite(level) else 0.0
-        level = min(float(burst), level + max(0.0, wall - at) * old.refill_per_second)
-        token.level = charged(level, old, pace)
+        token.level = restored_level(level, at, burst, limit, wall, pace)
         # A pause is at most its rule's longest: 12 intervals after token_limit, one after auth (backoff).
         until = saved.get("paused_until", 0.0)
         pause = max(0.0, until - base) if not math.isnan(until) else math.inf
@@ -392,8 +410,10 @@ class Planner:
         due = max(report.due, token.paused_until, server.paused_until if server else 0.0)
         return ReportStatus(report.interval, wall + max(0.0, due - now), report.failures)
 
-    def save(self, keys: Iterable[str] | None = None) -> SavedPacing:
-        """The pacing state in wall-clock time, for the state store: of every token, or of ``keys``."""
+    def save(self, keys: Iterable[str] | None = None, *, reports: bool = True) -> SavedPacing:
+        """The pacing state in wall-clock time, for the state store: of every token, or of ``keys``; without
+        the reports' due times when ``reports`` is False. A level is rounded down (to a millionth), never
+        up: a restore from it never finds more budget than there was."""
         now, wall = self._clock(), self._wall()
         saved = SavedPacing()
         tokens = self._tokens
@@ -402,13 +422,15 @@ class Planner:
             self._refill(token, now)
             paused = token.paused_until > now
             saved.tokens[key] = {
-                "level": round(token.level, 6),
+                "level": math.floor(token.level * 1e6) / 1e6,
                 "at": wall,
                 "paused_until": wall + max(0.0, token.paused_until - now),
                 "pause_intervals": float(token.pause_intervals if paused else 0),
                 "burst": float(token.pace.burst),
                 "limit": float(token.pace.limit),
             }
+            if not reports:
+                continue
             saved.reports[key] = {
                 f"{report.job.operation}/{report.job.api}": wall + max(0.0, report.due - now)
                 for report in token.reports

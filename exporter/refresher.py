@@ -52,7 +52,10 @@ class Ledger(Protocol):
 
     def spend(self, key: str, saved: SavedPacing) -> concurrent.futures.Future[None] | None:
         """A request was taken from token ``key`` (``saved``: its bucket after it); the request is sent
-        only once the returned future is done (the spend is durable)."""
+        at once when None is returned (the spend is durable already), else once the future is done."""
+
+    def paced(self, saved: SavedPacing) -> None:
+        """The tokens configured now, with their buckets (after every configure: at start, at a reload)."""
 
     def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
         """The job answered (after the store recorded the result); ``saved``: the token's pacing now."""
@@ -221,6 +224,8 @@ class Refresher:
         self._operations = {op.name: op for op in config.operations}
         jobs = plan_jobs(config)
         _log_stretch(config, jobs, self._planner.configure(jobs, config.daily_request_limit))
+        if self._ledger is not None:
+            self._ledger.paced(self._planner.save(jobs, reports=False))
         # Removed tokens drop out when their heap entry comes up (the planner has no job for them); an
         # in-flight answer of theirs is dropped by the store.
         self._scheduled = {key: when for key, when in self._scheduled.items() if key in jobs}
@@ -271,7 +276,9 @@ class Refresher:
                 if not math.isinf(wait):
                     self._schedule_at(key, self._clock() + wait)
                 continue  # infinite: busy or removed; ``finished`` or a reload schedules it again
-            durable = self._ledger.spend(key, self._planner.save((key,))) if self._ledger else None
+            durable = (
+                self._ledger.spend(key, self._planner.save((key,), reports=False)) if self._ledger else None
+            )
             self._in_flight[key] = loop.create_task(self._run_job(key, job, durable), name=f"request-{key}")
 
     async def _run_job(
