@@ -1,0 +1,257 @@
+"""Reservations (exporter/reservation.py) on a fake clock, with a real planner and a fake store that commits
+when told: a request is sent only when the token's newest committed row restores, by the planner's own
+restore (a new planner started from that row), at most the level the bucket has after the request; and
+how few rows that takes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from exporter.planner import DAY, Job, Planner, SavedPacing
+from exporter.reservation import Reservations, margin_of, reserved
+
+KEY = "0123456789abcdef"
+WALL = 1_796_083_800.0  # 2026-12-01 00:50 UTC
+JOBS = {KEY: [Job("a", "stereo_rec", "s", 60.0), Job("a", "ivr_minutes", "s", 60.0)]}  # a burst of 2
+
+
+@dataclass
+class FakeStore:
+    """``StateStore.spend`` as reservations use it: rows are committed, in the order handed, by ``commit``."""
+
+    handed: list[tuple[str, dict[str, float], concurrent.futures.Future[None]]] = field(default_factory=list)
+    committed: dict[str, dict[str, float]] = field(default_factory=dict)  # each token's newest row
+    rows: int = 0
+
+    def spend(
+        self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
+    ) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        row = {**(extra or {}), "level": level, "at": at, "paused_until": paused_until}
+        self.handed.append((token, row, future))
+        self.rows += 1
+        return future
+
+    def commit(self, count: int | None = None) -> None:
+        """Commit the rows handed (the first ``count`` of them: a transaction may begin before the next)."""
+        count = len(self.handed) if count is None else count
+        for token, row, future in self.handed[:count]:
+            self.committed[token] = row
+            future.set_result(None)
+        del self.handed[:count]
+
+
+class Token:
+    """One token driven as the refresher drives it: a planner on a fake clock, reservations over a fake
+    store. ``spend`` takes the next request (waiting for the bucket as needed)."""
+
+    def __init__(self, limit: int, saved: SavedPacing | None = None) -> None:
+        self.now = 0.0
+        self.commit_after_answer = True  # a transaction between two requests (the store's is every second)
+        self.limit = limit
+        self.planner = Planner(clock=lambda: self.now, wall=self.wall, rng=random.Random(3), gap=1.0)
+        self.store = FakeStore()
+        self.reservations = Reservations(self.store)
+        if saved is not None:
+            self.planner.restore(saved)
+            self.reservations.restore(saved.tokens)
+        self.configure(limit)
+        self.waits = 0  # spends whose request had to wait for a commit
+
+    def wall(self) -> float:
+        return WALL + self.now
+
+    def configure(self, limit: int) -> None:
+        self.limit = limit
+        self.planner.configure(JOBS, limit)
+        self.reservations.paced(self.bucket_of_all())
+
+    def bucket_of_all(self) -> dict[str, dict[str, float]]:
+        return self.planner.save(reports=False).tokens
+
+    def bucket(self) -> dict[str, float]:
+        return self.planner.save((KEY,), reports=False).tokens[KEY]
+
+    def take(self) -> tuple[Job, concurrent.futures.Future[None] | None]:
+        while True:
+            job, wait = self.planner.take(KEY)
+            if job is not None:
+                return job, self.reservations.spend(KEY, self.bucket())
+            assert math.isfinite(wait)
+            self.now += wait
+
+    def spend(self, reason: str | None = None, *, commit: bool = True) -> concurrent.futures.Future[None] | None:
+        """One request: taken, made durable (the store commits when ``commit``), checked, answered."""
+        job, durable = self.take()
+        if durable is not None:
+            self.waits += 1
+            if commit:
+                self.store.commit()
+                assert durable.done()
+                self.check()
+        else:
+            self.check()
+        self.answer(job, reason)
+        return durable
+
+    def answer(self, job: Job, reason: str | None) -> None:
+        self.now += 0.25
+        self.planner.finished(KEY, job, reason)
+        if reason in ("token_limit", "auth"):
+            self.reservations.pause(KEY, self.bucket())
+        if self.commit_after_answer:
+            self.store.commit()
+
+    def restored(self, row: dict[str, float] | None = None) -> float:
+        """What a restart now makes of ``row`` (the newest committed one): the planner's own restore."""
+        row = row if row is not None else self.store.committed[KEY]
+        planner = Planner(clock=lambda: 0.0, wall=self.wall)
+        planner.restore(SavedPacing(tokens={KEY: row}))
+        planner.configure(JOBS, self.limit)
+        return planner.save((KEY,), reports=False).tokens[KEY]["level"]
+
+    def check(self) -> None:
+        """The invariant, as a request is sent: a restart now would not find more budget than there is."""
+        assert KEY in self.store.committed, "a request sent with nothing committed"
+        true = self.bucket()["level"]
+        assert self.restored() <= true + 1e-9, f"a restart would restore {self.restored()} > {true}"
+
+
+def test_the_margin_is_one_percent_of_the_daily_limit() -> None:
+    assert [margin_of(limit) for limit in (10, 99, 100, 1000, 1999)] == [0, 0, 1, 10, 19]
+    assert reserved(3.7, WALL + 0.2, 10, 1000) == (-7.0, WALL + 1.0)  # whole numbers, down and up
+    assert reserved(-995.5, WALL, 10, 1000) == (-999.0, WALL)  # never below -limit + 1...
+    assert reserved(-1000.5, WALL, 10, 1000) == (-1001.0, WALL)  # ...unless the bucket itself is
+    assert reserved(0.25, WALL + 0.2, 0, 10) == (0.25, WALL + 0.2)  # margin 0: the bucket itself
+
+
+def test_a_reservation_covers_the_next_spends_and_the_next_one_is_committed_ahead() -> None:
+    token = Token(limit=1000)  # margin 10
+    for _ in range(50):
+        token.spend()
+    # The first spend waits for its reservation; every later one finds it committed ahead (at most one
+    # row per half margin of spends, and never one per spend).
+    assert token.waits == 1
+    margin = margin_of(1000)
+    assert 50 / (margin + 1) <= token.store.rows <= math.ceil(50 / (margin / 2)) + 1, token.store.rows
+
+
+def test_a_restart_right_after_a_reservation_costs_at_most_its_margin() -> None:
+    token = Token(limit=1000)
+    token.spend()
+    true = token.bucket()["level"]
+    assert true - 10 - 1 <= token.restored() <= true  # floor(level - 10): at most 11 requests, whole ones
+
+
+def test_below_a_limit_of_100_every_spend_is_committed_before_its_request() -> None:
+    token = Token(limit=10)  # margin 0
+    for _ in range(12):
+        token.spend()
+    assert token.waits == 12
+    assert token.store.rows == 12
+    assert token.restored() == pytest.approx(token.bucket()["level"], abs=1e-6)  # the bucket itself
+
+
+def test_a_spend_covered_only_by_a_row_not_yet_committed_waits_for_it() -> None:
+    token = Token(limit=1000)
+    token.commit_after_answer = False
+    token.spend()
+    while not token.store.handed:  # spends until the next reservation is handed ahead
+        assert token.spend() is None
+    ahead = token.store.handed[-1][2]
+    rows = token.store.rows
+    durable = None
+    while durable is None:  # the committed row still covers these; then only the one handed ahead does
+        durable = token.spend(commit=False)
+    assert durable is ahead  # the request waits for that row, not for another one
+    assert not durable.done()
+    assert token.store.rows == rows
+    token.store.commit()
+    token.check()
+
+
+def test_a_pause_keeps_the_reservation() -> None:
+    token = Token(limit=1000)
+    for _ in range(3):
+        token.spend()
+    before = token.restored()
+    true = token.bucket()["level"]
+    token.spend("auth")  # covered by the reservation; the pause writes a row
+    after = token.restored()
+    assert after <= token.bucket()["level"] + 1e-9
+    assert after <= before  # not the true level: the margin is kept (whole requests, rounded down)
+    assert before - after <= 1.0 + 1e-9
+    assert token.store.committed[KEY]["paused_until"] > token.wall()
+    assert true - 1 > after  # the pause row did not give the margin away
+    rows = token.store.rows
+    assert token.spend() is None  # after the pause: still covered, nothing to commit or wait for
+    assert token.store.rows == rows
+
+
+def test_a_change_of_pace_hands_a_row_of_the_new_pace() -> None:
+    token = Token(limit=1000)
+    for _ in range(3):
+        token.spend()
+    token.configure(200)  # a reload: a smaller limit (a debt), a slower refill
+    assert token.store.handed, "no row of the new pace"
+    token.store.commit()
+    assert token.store.committed[KEY]["limit"] == 200
+    for hours in (0, 1, 6, 20):  # the old row would refill at its old pace, faster than the bucket now
+        token.now += hours * 3600.0
+        token.check()
+    for _ in range(5):
+        token.spend()
+
+
+def test_a_restarted_exporter_commits_only_when_its_restored_row_no_longer_covers() -> None:
+    first = Token(limit=1000)
+    for _ in range(4):
+        first.spend()
+    saved = SavedPacing(tokens={KEY: first.store.committed[KEY]})
+    second = Token(limit=1000, saved=saved)
+    second.now = first.now
+    assert second.store.rows == 0  # nothing written at start: the restored row is committed already
+    second.spend()
+    assert second.waits == 1  # the restored level is the row's: the first spend needs a new reservation
+    for _ in range(8):
+        second.spend()
+    assert second.waits == 1
+
+
+def test_a_token_removed_by_a_reload_commits_again_when_it_comes_back() -> None:
+    token = Token(limit=1000)
+    token.spend()
+    token.planner.configure({}, 1000)
+    token.reservations.paced({})
+    assert token.reservations.rows_of(KEY) == (None, ())
+    token.configure(1000)  # re-added: the planner kept its bucket
+    assert token.spend() is not None  # nothing known of its rows: the first spend commits
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_commits_pauses_and_reloads_never_send_an_uncovered_request(seed: int) -> None:
+    """Whatever the order of commits, pauses and changes of pace, every request is sent covered."""
+    rng = random.Random(seed)
+    token = Token(limit=1000)
+    token.commit_after_answer = False  # rows handed may stay uncommitted for many requests
+    for _ in range(300):
+        roll = rng.random()
+        if roll < 0.03:
+            token.configure(rng.choice([10, 150, 300, 1000, 5000]))
+        elif roll < 0.3:
+            token.store.commit(rng.randint(0, len(token.store.handed)))
+        elif roll < 0.35:
+            token.now += rng.uniform(0, DAY / 4)
+        reason = rng.choice([None] * 12 + ["token_limit", "auth", "timeout"])
+        job, durable = token.take()
+        if durable is not None:
+            token.store.commit()  # the request waits for it
+            assert durable.done()
+        token.check()
+        token.answer(job, reason)
+    assert token.store.rows < 300
