@@ -85,7 +85,9 @@ class Token:
             assert math.isfinite(wait)
             self.now += wait
 
-    def spend(self, reason: str | None = None, *, commit: bool = True) -> concurrent.futures.Future[None] | None:
+    def spend(
+        self, reason: str | None = None, *, commit: bool = True
+    ) -> concurrent.futures.Future[None] | None:
         """One request: taken, made durable (the store commits when ``commit``), checked, answered."""
         job, durable = self.take()
         if durable is not None:

@@ -636,6 +636,50 @@ def test_a_kill_9_loop_never_takes_a_token_past_its_daily_limit(
     assert sent == 1, f"{sent} requests in {kills} runs against daily_request_limit {LIMIT}"
 
 
+RESERVED_LIMIT = 100  # a margin of 1 request (1 %): each row reserves a request beyond its spend
+RESERVED_APIS = ["stereo_rec", "ivr_minutes", "ivr_calls", "amd_ai", "rec_screen", "interactions"]
+
+
+def test_a_kill_9_loop_with_reservations_never_sends_more_than_the_bucket_holds(tmp_path: Path) -> None:
+    """A limit of 100: the rows committed before the requests reserve one more request of the budget. Each
+    run is killed with its request unanswered (as above); without the rows, each run would start with a
+    full burst: 7 runs, 7 requests against a burst of 6."""
+    from harness import start_simulator
+
+    sim = start_simulator(tmp_path / "simulator.log", "--daily-limit", str(RESERVED_LIMIT), "--latency", "2s")
+    runs = 7
+    try:
+        config = {
+            "refresh_interval": "1s",
+            "daily_request_limit": RESERVED_LIMIT,
+            "state_store": str(tmp_path / "state.db"),
+            "operations": [
+                {
+                    "name": "loop",
+                    "server": "wv0001",
+                    "token": MAIN,
+                    "base_url": sim.url,
+                    "apis": RESERVED_APIS,
+                }
+            ],
+        }
+        for i in range(runs):
+            exporter = start_exporter_process(config, tmp_path, log_level="info", name=f"reserve-{i}")
+            assert exporter.process is not None
+            time.sleep(0.5)  # the scenario itself: killed half a second after it listens
+            exporter.process.stop(sig=signal.SIGKILL)
+            assert "Traceback" not in exporter.process.log()
+        sent = requests_of(sim, MAIN)
+    finally:
+        sim.stop()
+    # The burst is the token's 6 reports; the bucket refills 94 a day (none within this test). A run
+    # costs the bucket its request and at most the margin (whole requests): never a request beyond it.
+    burst, margin = len(RESERVED_APIS), RESERVED_LIMIT // 100
+    assert burst // (1 + margin) <= sent <= burst, (
+        f"{sent} requests in {runs} runs against a burst of {burst}"
+    )
+
+
 def test_a_reload_churn_never_refills_a_token(simulator: Simulator, tmp_path: Path) -> None:
     """An operation removed and re-added by reload, 15 times: its token keeps its bucket (in memory)."""
     churned = {"name": "churn", "server": "wv0001", "token": MAIN, "base_url": simulator.url}
