@@ -106,6 +106,7 @@ class Persist:
         self._state = state
         self._store = store
         self._reservations = Reservations(state)
+        self._write_errors = 0
         store.on_month_closed = self.month_closed
 
     def restored(self, saved: SavedPacing) -> None:
@@ -135,6 +136,9 @@ class Persist:
         self._state.put_month(operation, api, closed)
 
     def health(self, health: Health) -> None:
+        if health.write_errors > self._write_errors:  # a row handed may be lost: commit anew
+            self._write_errors = health.write_errors
+            self._reservations.forget()
         self._store.set_state_health(health.write_errors, health.last_write)
 
 

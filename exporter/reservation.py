@@ -9,31 +9,41 @@ bucket before every request keeps that at the cost of a row and a wait of up to 
 daily limit (``daily_limit // 100``; 0 below a limit of 100, where every spend is committed exactly, as
 before), its level a whole number rounded down and its time a whole second rounded up (both conservative,
 and SQLite stores a whole REAL in a few bytes). The next requests are covered by it already: a restart
-right after costs the token at most ``margin`` requests of its day, never a request beyond its limit.
+right after costs the token at most ``margin`` requests of its day (and less than one more of rounding),
+never a request beyond its limit.
 
 Per token, the rows handed to the store: the newest known to be committed, and those handed since (any of
 them may be committed, and so the newest, at any moment). For each spend (the planner took the request;
 the bucket after it, at wall time ``at``):
 
 * every one of those rows restores at most the true level: the spend is durable already, nothing to do;
-* else the newest handed row does: the request waits for that row's commit;
-* else a reservation is committed first, and the request waits for it.
+* else the newest handed row does and is on its way (urgent): the request waits for its commit;
+* else a fresh reservation is committed first (``StateStore.spend``, urgent), the request waits for it.
 
-After a spend that was durable already, when less than half the margin is left and no row is on its way,
-a fresh reservation is committed ahead: it is handed like any other (``StateStore.spend``, committed
-within about a second), but no request waits for it unless it needs it. A handed row is known committed
-when its future is done, or the future of a row of the same token handed after it is (the store commits
-what it was handed in order). A token-wide pause, and a change of pace by a reload (or at a restart), hand
-a row too, at the lower of the true level and what the newest row would restore: the margin is kept. A
-token a reload removes is forgotten here: if it comes back, its first spend commits.
+Ahead: after a spend that was durable already, when less than half the margin is left over the row known
+committed and nothing is on its way, a fresh reservation is handed without urgency (``put_token``: it
+rides the store's next transaction, whenever that comes). When less than a quarter is left and the rows
+on their way are still not known committed, a fresh reservation is handed urgently, without waiting for
+it: the request that would need it finds it committed.
 
-Not thread-safe: the refresher's loop calls it.
+Known committed: a row whose future is done, and every row handed before a row whose future is done (the
+store commits what it is handed in order, a row without urgency with its next transaction, which an
+urgent row brings forward). With many tokens, the urgent rows of some keep the ahead rows of all known
+committed, and the store's transactions keep their own pace. After a failed write, nothing is known
+committed any more (``forget``): every token's next spend commits.
+
+A token-wide pause, and a change of pace by a reload (or at a restart), hand a row too, at the lower of
+the true level and what the newest row restores then: the reservation is kept. A token a reload removes
+is forgotten here: if it comes back, its first spend commits.
+
+Not thread-safe: the refresher's loop calls it (``forget`` excepted: any thread).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +52,7 @@ from exporter.planner import Pace, restored_level, saved_pace
 
 MARGIN_SHARE = 100  # a reservation's margin: 1 % of the daily limit (daily_limit // MARGIN_SHARE)
 TOLERANCE = 1e-9  # requests: rounding of the levels compared
+MAX_HANDED = 3  # rows of a token on their way without urgency; one more is handed urgently
 
 
 class TokenWriter(Protocol):
@@ -51,17 +62,21 @@ class TokenWriter(Protocol):
         self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
     ) -> concurrent.futures.Future[None]: ...
 
+    def put_token(
+        self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
+    ) -> None: ...
+
 
 @dataclass(slots=True)
 class _Row:
-    """A token row handed to the store: its level at ``at`` on the pace (``burst``, ``limit``); ``done``,
-    done once it is committed (None: read from the store at start)."""
+    """A token row handed to the store: its level at ``at`` on the pace (``burst``, ``limit``)."""
 
     level: float
     at: float
     burst: float
     limit: float
-    done: concurrent.futures.Future[None] | None = None
+    seq: int = 0  # the order it was handed in (0: read at start)
+    done: concurrent.futures.Future[None] | None = None  # handed urgently: done once committed
 
 
 @dataclass(slots=True)
@@ -92,6 +107,10 @@ class Reservations:
     def __init__(self, writer: TokenWriter) -> None:
         self._writer = writer
         self._rows: dict[str, _Rows] = {}
+        self._seq = 0  # rows handed so far
+        self._urgent: deque[tuple[int, concurrent.futures.Future[None]]] = deque()  # not known done
+        self._known = 0  # every row handed up to this one is committed
+        self._forget = False
 
     def restore(self, tokens: Mapping[str, Mapping[str, float]]) -> None:
         """The rows read from the store at start (``SavedPacing.tokens``): committed. A row without its
@@ -102,6 +121,10 @@ class Reservations:
             )
             if all(math.isfinite(number) for number in (level, at, burst, limit)):
                 self._rows[key] = _Rows(committed=_Row(level, at, burst, limit))
+
+    def forget(self) -> None:
+        """A write failed: no row handed so far is known committed (any thread; seen at the next call)."""
+        self._forget = True
 
     def spend(self, key: str, token: Mapping[str, float]) -> concurrent.futures.Future[None] | None:
         """A request was taken from token ``key``; ``token`` is its bucket after it (``SavedPacing``'s
@@ -114,18 +137,20 @@ class Reservations:
         def covers(row: _Row | None) -> bool:
             return row is not None and _restore(row, at, pace) <= level + TOLERANCE
 
-        if rows.handed and covers(rows.handed[-1]):
-            if covers(rows.committed) and all(covers(row) for row in rows.handed):
-                return None
-            newest = rows.handed[-1].done  # the committed row does not cover the spend: the newest does
-            assert newest is not None  # every handed row has its future
-            return newest
-        if not rows.handed and covers(rows.committed):
+        handed = rows.handed
+        if covers(rows.committed) and all(covers(row) for row in handed):  # durable already
             assert rows.committed is not None
-            if margin and level - _restore(rows.committed, at, pace) < margin / 2:
-                self._hand(key, rows, token, *reserved(level, at, margin, pace.limit))  # ahead
+            left = level - _restore(rows.committed, at, pace)
+            if margin and not handed and left < margin / 2:
+                self._reserve(key, rows, token, margin, pace, urgent=False)
+            elif margin and handed and left < margin / 4 and handed[-1].done is None:
+                self._reserve(key, rows, token, margin, pace, urgent=True)
             return None
-        return self._hand(key, rows, token, *reserved(level, at, margin, pace.limit))
+        if handed and covers(handed[-1]) and handed[-1].done is not None:
+            return handed[-1].done  # on its way, urgently: the request waits for it
+        future = self._reserve(key, rows, token, margin, pace, urgent=True)
+        assert future is not None
+        return future
 
     def pause(self, key: str, token: Mapping[str, float]) -> None:
         """A token-wide pause (``token``: the bucket with its pause): its row keeps the reservation."""
@@ -146,30 +171,50 @@ class Reservations:
                 self._hand_kept(key, self._settled(key), token)
 
     def rows_of(self, key: str) -> tuple[_Row | None, tuple[_Row, ...]]:
-        """The row known committed and those handed since (for tests)."""
-        rows = self._rows.get(key, _Rows())
+        """The row known committed and those handed since, as known now (for tests)."""
+        rows = self._settled(key) if key in self._rows else _Rows()
         return rows.committed, rows.handed
 
     # ----- inside ---------------------------------------------------------------------------------
 
     def _settled(self, key: str) -> _Rows:
         """``key``'s rows, those now known committed moved out of ``handed``."""
+        if self._forget:
+            self._forget = False
+            self._rows.clear()
+            self._urgent.clear()
+        urgent = self._urgent
+        while urgent and urgent[0][1].done():
+            self._known = urgent.popleft()[0]
         rows = self._rows.get(key)
         if rows is None:
             rows = self._rows[key] = _Rows()
+            return rows
         for index in range(len(rows.handed) - 1, -1, -1):
-            done = rows.handed[index].done
-            if done is not None and done.done():
-                rows.committed = rows.handed[index]
+            row = rows.handed[index]
+            if row.seq <= self._known or (row.done is not None and row.done.done()):
+                rows.committed = row
                 rows.handed = rows.handed[index + 1 :]
                 break
         return rows
 
+    def _reserve(
+        self, key: str, rows: _Rows, token: Mapping[str, float], margin: int, pace: Pace, *, urgent: bool
+    ) -> concurrent.futures.Future[None] | None:
+        level, at = reserved(token["level"], token["at"], margin, pace.limit)
+        return self._hand(key, rows, token, level, at, urgent=urgent)
+
     def _hand(
-        self, key: str, rows: _Rows, token: Mapping[str, float], level: float, at: float
-    ) -> concurrent.futures.Future[None]:
-        done = self._writer.spend(key, level, at, token["paused_until"], dict(token))
-        rows.handed = (*rows.handed, _Row(level, at, token["burst"], token["limit"], done))
+        self, key: str, rows: _Rows, token: Mapping[str, float], level: float, at: float, *, urgent: bool
+    ) -> concurrent.futures.Future[None] | None:
+        self._seq += 1
+        done: concurrent.futures.Future[None] | None = None
+        if urgent or len(rows.handed) >= MAX_HANDED:
+            done = self._writer.spend(key, level, at, token["paused_until"], dict(token))
+            self._urgent.append((self._seq, done))
+        else:
+            self._writer.put_token(key, level, at, token["paused_until"], dict(token))
+        rows.handed = (*rows.handed, _Row(level, at, token["burst"], token["limit"], self._seq, done))
         return done
 
     def _hand_kept(self, key: str, rows: _Rows, token: Mapping[str, float]) -> None:
@@ -181,7 +226,7 @@ class Reservations:
             level = min(level, _restore(newest, at, pace))
         if margin_of(pace.limit):
             level, at = float(math.floor(level)), float(math.ceil(at))
-        self._hand(key, rows, token, level, at)
+        self._hand(key, rows, token, level, at, urgent=False)
 
 
 def _restore(row: _Row, wall: float, pace: Pace) -> float:

@@ -37,6 +37,11 @@ class FakeStore:
         self.rows += 1
         return future
 
+    def put_token(
+        self, token: str, level: float, at: float, paused_until: float, extra: dict[str, float] | None = None
+    ) -> None:
+        self.spend(token, level, at, paused_until, extra)  # no one learns when it is committed
+
     def commit(self, count: int | None = None) -> None:
         """Commit the rows handed (the first ``count`` of them: a transaction may begin before the next)."""
         count = len(self.handed) if count is None else count
@@ -47,16 +52,23 @@ class FakeStore:
 
 
 class Token:
-    """One token driven as the refresher drives it: a planner on a fake clock, reservations over a fake
-    store. ``spend`` takes the next request (waiting for the bucket as needed)."""
+    """One token driven as the refresher drives it: a planner on a fake clock (its own), reservations over
+    a fake store (shared with other tokens when ``shared`` is another Token). ``spend`` takes the next
+    request, waiting for the bucket as needed."""
 
-    def __init__(self, limit: int, saved: SavedPacing | None = None) -> None:
+    def __init__(
+        self, limit: int, saved: SavedPacing | None = None, *, key: str = KEY, shared: Token | None = None
+    ) -> None:
+        self.key = key
+        self.jobs = {key: JOBS[KEY]}
         self.now = 0.0
         self.commit_after_answer = True  # a transaction between two requests (the store's is every second)
         self.limit = limit
         self.planner = Planner(clock=lambda: self.now, wall=self.wall, rng=random.Random(3), gap=1.0)
-        self.store = FakeStore()
-        self.reservations = Reservations(self.store)
+        self.store = shared.store if shared is not None else FakeStore()
+        self.reservations = shared.reservations if shared is not None else Reservations(self.store)
+        self.group: list[Token] = shared.group if shared is not None else []  # tokens of one exporter
+        self.group.append(self)
         if saved is not None:
             self.planner.restore(saved)
             self.reservations.restore(saved.tokens)
@@ -68,20 +80,20 @@ class Token:
 
     def configure(self, limit: int) -> None:
         self.limit = limit
-        self.planner.configure(JOBS, limit)
-        self.reservations.paced(self.bucket_of_all())
+        self.planner.configure(self.jobs, limit)
+        self.reservations.paced({key: row for t in self.group for key, row in t.bucket_of_all().items()})
 
     def bucket_of_all(self) -> dict[str, dict[str, float]]:
         return self.planner.save(reports=False).tokens
 
     def bucket(self) -> dict[str, float]:
-        return self.planner.save((KEY,), reports=False).tokens[KEY]
+        return self.planner.save((self.key,), reports=False).tokens[self.key]
 
     def take(self) -> tuple[Job, concurrent.futures.Future[None] | None]:
         while True:
-            job, wait = self.planner.take(KEY)
+            job, wait = self.planner.take(self.key)
             if job is not None:
-                return job, self.reservations.spend(KEY, self.bucket())
+                return job, self.reservations.spend(self.key, self.bucket())
             assert math.isfinite(wait)
             self.now += wait
 
@@ -103,23 +115,23 @@ class Token:
 
     def answer(self, job: Job, reason: str | None) -> None:
         self.now += 0.25
-        self.planner.finished(KEY, job, reason)
+        self.planner.finished(self.key, job, reason)
         if reason in ("token_limit", "auth"):
-            self.reservations.pause(KEY, self.bucket())
+            self.reservations.pause(self.key, self.bucket())
         if self.commit_after_answer:
             self.store.commit()
 
     def restored(self, row: dict[str, float] | None = None) -> float:
         """What a restart now makes of ``row`` (the newest committed one): the planner's own restore."""
-        row = row if row is not None else self.store.committed[KEY]
+        row = row if row is not None else self.store.committed[self.key]
         planner = Planner(clock=lambda: 0.0, wall=self.wall)
-        planner.restore(SavedPacing(tokens={KEY: row}))
-        planner.configure(JOBS, self.limit)
-        return planner.save((KEY,), reports=False).tokens[KEY]["level"]
+        planner.restore(SavedPacing(tokens={self.key: row}))
+        planner.configure(self.jobs, self.limit)
+        return planner.save((self.key,), reports=False).tokens[self.key]["level"]
 
     def check(self) -> None:
         """The invariant, as a request is sent: a restart now would not find more budget than there is."""
-        assert KEY in self.store.committed, "a request sent with nothing committed"
+        assert self.key in self.store.committed, "a request sent with nothing committed"
         true = self.bucket()["level"]
         assert self.restored() <= true + 1e-9, f"a restart would restore {self.restored()} > {true}"
 
@@ -132,15 +144,29 @@ def test_the_margin_is_one_percent_of_the_daily_limit() -> None:
     assert reserved(0.25, WALL + 0.2, 0, 10) == (0.25, WALL + 0.2)  # margin 0: the bucket itself
 
 
-def test_a_reservation_covers_the_next_spends_and_the_next_one_is_committed_ahead() -> None:
+def test_a_lone_token_commits_ahead_and_waits_only_for_its_first_spend() -> None:
     token = Token(limit=1000)  # margin 10
     for _ in range(50):
         token.spend()
-    # The first spend waits for its reservation; every later one finds it committed ahead (at most one
-    # row per half margin of spends, and never one per spend).
+    # The first spend waits for its reservation; every later one finds the next committed ahead. Alone,
+    # the token learns of an ahead row's commit only from an urgent row of its own (a quarter margin
+    # before it needs it): at most a row per quarter margin of spends, never one per spend.
     assert token.waits == 1
     margin = margin_of(1000)
-    assert 50 / (margin + 1) <= token.store.rows <= math.ceil(50 / (margin / 2)) + 1, token.store.rows
+    assert 50 / (margin + 1) <= token.store.rows <= math.ceil(50 / (margin / 4)) + 1, token.store.rows
+
+
+def test_many_tokens_commit_about_a_row_per_half_margin_of_spends() -> None:
+    """With many tokens, the urgent rows of some make the ahead rows of all known committed."""
+    first = Token(limit=1000, key="token-0")
+    tokens = [first] + [Token(limit=1000, key=f"token-{i}", shared=first) for i in range(1, 20)]
+    for _ in range(50):
+        for token in tokens:
+            token.spend()
+    assert sum(token.waits for token in tokens) == len(tokens)  # each token's first spend only
+    margin = margin_of(1000)
+    per_token = first.store.rows / len(tokens)
+    assert per_token <= math.ceil(50 / (margin / 2)) + 1, per_token
 
 
 def test_a_restart_right_after_a_reservation_costs_at_most_its_margin() -> None:
@@ -159,22 +185,41 @@ def test_below_a_limit_of_100_every_spend_is_committed_before_its_request() -> N
     assert token.restored() == pytest.approx(token.bucket()["level"], abs=1e-6)  # the bucket itself
 
 
-def test_a_spend_covered_only_by_a_row_not_yet_committed_waits_for_it() -> None:
+def test_a_spend_covered_only_by_a_row_on_its_way_waits_for_it() -> None:
     token = Token(limit=1000)
-    token.commit_after_answer = False
+    token.commit_after_answer = False  # nothing is committed unless a request waits for it
     token.spend()
-    while not token.store.handed:  # spends until the next reservation is handed ahead
-        assert token.spend() is None
-    ahead = token.store.handed[-1][2]
-    rows = token.store.rows
     durable = None
-    while durable is None:  # the committed row still covers these; then only the one handed ahead does
+    while durable is None:  # covered by the committed row, while rows are handed ahead
+        rows = token.store.rows
         durable = token.spend(commit=False)
-    assert durable is ahead  # the request waits for that row, not for another one
+    assert token.store.rows == rows  # the request waits for a row on its way, not for another one
+    assert durable is token.reservations.rows_of(KEY)[1][-1].done
     assert not durable.done()
-    assert token.store.rows == rows
     token.store.commit()
     token.check()
+
+
+def test_a_row_handed_ahead_is_known_committed_once_a_later_urgent_row_is() -> None:
+    a = Token(limit=1000, key="token-a")
+    a.commit_after_answer = False
+    a.spend()
+    while not a.reservations.rows_of("token-a")[1]:
+        a.spend()
+    ahead = a.reservations.rows_of("token-a")[1][-1]
+    assert ahead.done is None  # handed without urgency
+    b = Token(limit=1000, key="token-b", shared=a)
+    b.spend()  # its first spend is urgent: the store commits it, and the row handed before it
+    a.spend()
+    assert a.reservations.rows_of("token-a")[0] is ahead
+
+
+def test_after_a_failed_write_every_token_commits_again() -> None:
+    token = Token(limit=1000)
+    token.spend()
+    assert token.spend() is None
+    token.reservations.forget()
+    assert token.spend() is not None
 
 
 def test_a_pause_keeps_the_reservation() -> None:
