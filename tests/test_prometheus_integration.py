@@ -485,8 +485,8 @@ def test_recording_rules_compute_the_expected_numbers(stack: Stack) -> None:
 
 
 def test_cost_rules_compute_the_expected_numbers(stack: Stack) -> None:
-    # Every report's first answer in: with a state store a request waits for its spend's commit (up to
-    # a second), so the operations' services come in over a few seconds.
+    # Every report's first answer in: with a state store a token's first request waits for its
+    # reservation's commit (up to a second), so the operations' services come in over a few seconds.
     wanted = {op: pytest.approx(c, rel=1e-9) for op, c in stack.cost.items()}
     cost = wait_until(
         lambda: (v := stack.by_operation("operation:wolkvox_billing_cost:month_to_date")) == wanted and v,
