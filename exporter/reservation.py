@@ -69,12 +69,11 @@ class TokenWriter(Protocol):
 
 @dataclass(slots=True)
 class _Row:
-    """A token row handed to the store: its level at ``at`` on the pace (``burst``, ``limit``)."""
+    """A token row handed to the store: its level at ``at`` on the pace ``(burst, limit)``."""
 
     level: float
     at: float
-    burst: float
-    limit: float
+    pace: tuple[float, float]  # one tuple shared by every row of that pace
     seq: int = 0  # the order it was handed in (0: read at start)
     done: concurrent.futures.Future[None] | None = None  # handed urgently: done once committed
 
@@ -111,6 +110,7 @@ class Reservations:
         self._urgent: deque[tuple[int, concurrent.futures.Future[None]]] = deque()  # not known done
         self._known = 0  # every row handed up to this one is committed
         self._forget = False
+        self._paces: dict[tuple[float, float], tuple[float, float]] = {}
 
     def restore(self, tokens: Mapping[str, Mapping[str, float]]) -> None:
         """The rows read from the store at start (``SavedPacing.tokens``): committed. A row without its
@@ -120,7 +120,7 @@ class Reservations:
                 saved.get(name, math.nan) for name in ("level", "at", "burst", "limit")
             )
             if all(math.isfinite(number) for number in (level, at, burst, limit)):
-                self._rows[key] = _Rows(committed=_Row(level, at, burst, limit))
+                self._rows[key] = _Rows(committed=_Row(level, at, self._pace(burst, limit)))
 
     def forget(self) -> None:
         """A write failed: no row handed so far is known committed (any thread; seen at the next call)."""
@@ -167,7 +167,7 @@ class Reservations:
             if rows is None:
                 continue
             newest = rows.handed[-1] if rows.handed else rows.committed
-            if newest is not None and (newest.burst, newest.limit) != (token["burst"], token["limit"]):
+            if newest is not None and newest.pace != (token["burst"], token["limit"]):
                 self._hand_kept(key, self._settled(key), token)
 
     def rows_of(self, key: str) -> tuple[_Row | None, tuple[_Row, ...]]:
@@ -193,6 +193,7 @@ class Reservations:
         for index in range(len(rows.handed) - 1, -1, -1):
             row = rows.handed[index]
             if row.seq <= self._known or (row.done is not None and row.done.done()):
+                row.done, row.seq = None, 0  # a future holds a lock and a condition: ~1 KB a token
                 rows.committed = row
                 rows.handed = rows.handed[index + 1 :]
                 break
@@ -214,8 +215,13 @@ class Reservations:
             self._urgent.append((self._seq, done))
         else:
             self._writer.put_token(key, level, at, token["paused_until"], dict(token))
-        rows.handed = (*rows.handed, _Row(level, at, token["burst"], token["limit"], self._seq, done))
+        row = _Row(level, at, self._pace(token["burst"], token["limit"]), self._seq, done)
+        rows.handed = (*rows.handed, row)
         return done
+
+    def _pace(self, burst: float, limit: float) -> tuple[float, float]:
+        pace = (burst, limit)
+        return self._paces.setdefault(pace, pace)
 
     def _hand_kept(self, key: str, rows: _Rows, token: Mapping[str, float]) -> None:
         """Hand the bucket ``token`` at the lower of its level and what the newest row restores then."""
@@ -231,4 +237,4 @@ class Reservations:
 
 def _restore(row: _Row, wall: float, pace: Pace) -> float:
     """What a restart at ``wall`` on ``pace`` makes of ``row``: the planner's own formula."""
-    return restored_level(row.level, row.at, row.burst, row.limit, wall, pace)
+    return restored_level(row.level, row.at, *row.pace, wall, pace)
