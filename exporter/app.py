@@ -122,6 +122,11 @@ class Persist:
     def paced(self, saved: SavedPacing) -> None:
         self._reservations.paced(saved.tokens)
 
+    def release(self, saved: SavedPacing) -> None:
+        """The refresher stopped (``saved``: its last pacing): the buckets themselves, reservations
+        released, so an orderly restart costs no budget."""
+        self._reservations.release(saved.tokens)
+
     def finished(self, key: str, job: Job, reason: str | None, saved: SavedPacing) -> None:
         token = saved.tokens.get(key)
         if token is not None and reason in TOKEN_WIDE:  # the token's pause changed
@@ -158,6 +163,7 @@ class App:
         self._load_config = load_config
         self.store = Store(operation_infos(config), max_age=config.max_age, schedule=schedule_of(config))
         self.state: StateStore | None = None
+        self._persist: Persist | None = None
         persist: Persist | None = None
         saved = None
         if config.state_store:
@@ -171,6 +177,7 @@ class App:
             except StoreError as error:
                 raise StartError(str(error)) from None
             persist.restored(saved.pacing)
+            self._persist = persist
             self.store.restore_values(saved.values)
             self.store.restore_months(saved.months)
             self.store.restored()
@@ -254,6 +261,8 @@ class App:
             self._runner = None
         await refresher_stopped
         self.publisher.stop()
+        if self._persist is not None and not self.refresher.running:
+            self._persist.release(self.refresher.save())  # no request is sent any more
         if self.state is not None:
             self.state.stop()
 

@@ -150,6 +150,11 @@ class Refresher:
         self._thread.join(timeout=5.0)
         return bool(clean)
 
+    @property
+    def running(self) -> bool:
+        """Its thread is alive: it may still take or finish a request."""
+        return self._thread.is_alive()
+
     def reload(self, config: Config) -> None:
         """Take a new configuration: tokens and reports that stay keep their pacing."""
         self._call(lambda: self._apply(config))

@@ -34,7 +34,8 @@ committed any more (``forget``): every token's next spend commits.
 
 A token-wide pause, and a change of pace by a reload (or at a restart), hand a row too, at the lower of
 the true level and what the newest row restores then: the reservation is kept. A token a reload removes
-is forgotten here: if it comes back, its first spend commits.
+is forgotten here: if it comes back, its first spend commits. At an orderly stop, once no request can be
+sent any more, each token's bucket itself is written (``release``): only a crash costs the margin.
 
 Not thread-safe: the refresher's loop calls it (``forget`` excepted: any thread).
 """
@@ -169,6 +170,19 @@ class Reservations:
             newest = rows.handed[-1] if rows.handed else rows.committed
             if newest is not None and newest.pace != (token["burst"], token["limit"]):
                 self._hand_kept(key, self._settled(key), token)
+
+    def release(self, tokens: Mapping[str, Mapping[str, float]]) -> None:
+        """No request will be sent any more (an orderly stop; ``tokens``: every bucket, last): each token
+        whose rows reserve part of its bucket gets a row of the bucket itself, so the next start loses
+        none of it."""
+        for key, token in tokens.items():
+            rows = self._settled(key) if key in self._rows else None
+            newest = None if rows is None else rows.handed[-1] if rows.handed else rows.committed
+            if rows is None or newest is None:
+                continue
+            pace = saved_pace(token["burst"], token["limit"])
+            if _restore(newest, token["at"], pace) < token["level"] - TOLERANCE:
+                self._hand(key, rows, token, token["level"], token["at"], urgent=False)
 
     def rows_of(self, key: str) -> tuple[_Row | None, tuple[_Row, ...]]:
         """The row known committed and those handed since, as known now (for tests)."""

@@ -214,6 +214,19 @@ def test_a_row_handed_ahead_is_known_committed_once_a_later_urgent_row_is() -> N
     assert a.reservations.rows_of("token-a")[0] is ahead
 
 
+def test_an_orderly_stop_writes_the_buckets_themselves() -> None:
+    token = Token(limit=1000)
+    for _ in range(3):
+        token.spend()
+    assert token.restored() <= token.bucket()["level"] - 5  # reserved
+    token.reservations.release(token.bucket_of_all())
+    token.store.commit()
+    assert token.restored() == pytest.approx(token.bucket()["level"], abs=1e-6)  # nothing lost
+    rows = token.store.rows
+    token.reservations.release(token.bucket_of_all())  # nothing reserved any more: nothing written
+    assert token.store.rows == rows
+
+
 def test_after_a_failed_write_every_token_commits_again() -> None:
     token = Token(limit=1000)
     token.spend()
