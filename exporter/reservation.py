@@ -10,7 +10,8 @@ daily limit (``daily_limit // 100``; 0 below a limit of 100, where every spend i
 before), its level a whole number rounded down and its time a whole second rounded up (both conservative,
 and SQLite stores a whole REAL in a few bytes). The next requests are covered by it already: a restart
 right after costs the token at most ``margin`` requests of its day (and less than one more of rounding),
-never a request beyond its limit.
+never a request beyond its limit: a token whose bucket was nearly empty waits up to 1 % of a day (about
+15 minutes) more for its next request.
 
 Per token, the rows handed to the store: the newest known to be committed, and those handed since (any of
 them may be committed, and so the newest, at any moment). For each spend (the planner took the request;
