@@ -395,6 +395,7 @@ class StateStore:
         self._count = 0  # values read at start
         self.write_errors = 0
         self.last_write: float | None = None
+        self.turnovers = {journal.name: 0 for journal in self._journals}  # for the benchmark
 
     # ----- start --------------------------------------------------------------------------------
 
@@ -676,6 +677,11 @@ class StateStore:
             except Exception as error:  # a bug of ours: keep the thread (requests wait on it)
                 self._failed("unexpected error", error)
 
+    def flush(self) -> None:
+        """Write what is pending now, in the calling thread (the writer thread does this on its cadence;
+        a benchmark on its own clock)."""
+        self._flush()
+
     def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, _Pending()
@@ -778,6 +784,7 @@ class StateStore:
                 return
             for journal, live in zip(journals, names, strict=True):
                 journal.turned_over(live)
+                self.turnovers[journal.name] += 1
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.write_errors += 1
