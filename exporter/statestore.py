@@ -3,26 +3,28 @@ in SQLite (Python's own ``sqlite3``), WAL mode.
 
 What is kept, and why it is kept so (``docs/state-store.md`` has the schema and how to read it):
 
-* ``tokens``: a journal of each token's bucket (level, when, pause). A row is committed BEFORE every
-  request is sent (``spend``), so a process killed at any moment has recorded every request it sent: the
-  daily budget holds across a crash loop of any period.
+* ``tokens``: a journal of each token's bucket (level, when, pause). A row is committed BEFORE a request
+  is sent (``spend``; the ledger in exporter/reservation.py decides when one is needed), so a process
+  killed at any moment has recorded every request it sent: the daily budget holds across a crash loop.
 * ``reports``: a journal of each report's value, next due time and last reading, appended when a request
   answered.
 * ``months``: the closing value of every closed month (kept 25 months), for the statement.
 
 Both journals are append-only (new rows land on the last page: a random row update would rewrite a
-whole page per request), and ``compact`` drops the rows a newer one supersedes, at most every
-``COMPACT_SECONDS``. Journal rows name a token or report by a number (``token_names``, ``report_names``),
-and a new store has 1 KiB pages: each transaction rewrites the journals' last pages, so both halve the
-bytes written per request. Nothing is written while nothing happens. Tokens are named by their key only.
+whole page per request), each in two generations (``_Journal``): once the current one holds about a round
+of requests, the other's rows still newest of their name are copied over and it is emptied whole, which
+frees its pages without writing them (deleting superseded rows one by one wrote as much as appending
+them). Journal rows name a token or report by a number (``token_names``, ``report_names``), and a new
+store has 1 KiB pages: each transaction rewrites the journals' last pages. Nothing is written while
+nothing happens. Tokens are named by their key only.
 
-Writes go through one thread (``state-writer``): at most one transaction a second; a request waiting
-for its spend waits for the next one. A store that cannot be written (read-only directory, full disk)
-costs one warning an hour and a count on /metrics; fetching and serving go on (the in-memory budget
-still holds within the run). A corrupt store or one of another format is moved aside
-(``<name>.corrupt-<time>``) and the exporter starts fresh, saying so; a store of format 3 is migrated in
-one transaction. A JSON state file of format 1 or 2
-(the ``state_file`` of earlier versions) is migrated once, when the store does not exist yet.
+Writes go through one thread (``state-writer``): a request waiting for its spend is committed at most a
+second after the previous transaction, everything else is batched up to five seconds. A store that cannot
+be written (read-only directory, full disk) costs one warning an hour and a count on /metrics; fetching
+and serving go on (the in-memory budget still holds within the run). A corrupt store or one of another
+format is moved aside (``<name>.corrupt-<time>``) and the exporter starts fresh, saying so; a store of
+format 3 or 4 is migrated in one transaction. A JSON state file of format 1 or 2 (the ``state_file`` of
+earlier versions) is migrated once, when the store does not exist yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -47,10 +50,11 @@ from exporter.planner import SavedPacing
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # PRAGMA user_version; the JSON state files were formats 1 and 2; format 3 is migrated
+FORMAT = 5  # PRAGMA user_version; the JSON state files were formats 1 and 2; formats 3 and 4 are migrated
 PAGE_SIZE = 1024  # bytes: each transaction rewrites the journals' last pages; smaller pages, fewer bytes
-WRITE_SECONDS = 1.0  # at most one transaction a second
-COMPACT_SECONDS = 600.0  # superseded journal rows are dropped at most this often
+WRITE_SECONDS = 1.0  # a request waiting for its spend: at most a second after the previous transaction
+BATCH_SECONDS = 5.0  # everything else (answers, pauses, months) waits for a transaction at most this long
+COMPACT_MIN_ROWS = 1000  # a journal's generation is not turned over before it holds this many rows
 WARN_SECONDS = 3600.0  # a failing write is logged at most once an hour
 KEEP_MONTHS = 25  # closed months older than this are dropped (the statement needs 13)
 _MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
@@ -58,18 +62,35 @@ _MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 Values = dict[str, dict[str, tuple[float, float]]]
 
 # The journals name a token or report by a small integer (``token_names``, ``report_names``: written once
-# per name), and a report's last reading by ``seen`` when it is its value (SEEN_*): ~75 B a request.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+# per name), and a report's last reading by ``seen`` when it is its value (SEEN_*).
+_BUCKET_COLUMNS = (  # a token's
+    "token INTEGER NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL, "
+    'pause_intervals REAL, burst REAL, "limit" REAL'
+)
+_REPORT_COLUMNS = (
+    "report INTEGER NOT NULL, token INTEGER, due REAL, value REAL, fetched_at REAL, "
+    "seen INTEGER NOT NULL, seen_value REAL, seen_at REAL, seen_month TEXT"
+)
+# Each journal is a pair of tables (its two generations, ``_a`` and ``_b``) read as one through a view of
+# the journal's name; ``seq`` numbers the rows of a pair in the order they were written.
+GENERATIONS = ("a", "b")
+
+
+def _journal_schema(name: str, columns: str) -> str:
+    """A journal's two generations and the view reading them as one (names are ours, never input)."""
+    tables = [
+        f"CREATE TABLE IF NOT EXISTS {name}_{g} (seq INTEGER PRIMARY KEY, {columns});" for g in GENERATIONS
+    ]
+    union = " UNION ALL ".join(f"SELECT * FROM {name}_{g}" for g in GENERATIONS)  # noqa: S608
+    return "\n".join([*tables, f"CREATE VIEW IF NOT EXISTS {name} AS {union};"])
+
+
+SCHEMA = f"""CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS token_names (id INTEGER PRIMARY KEY, token TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS report_names (
     id INTEGER PRIMARY KEY, operation TEXT NOT NULL, api TEXT NOT NULL, UNIQUE (operation, api));
-CREATE TABLE IF NOT EXISTS tokens (
-    token INTEGER NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
-    pause_intervals REAL, burst REAL, "limit" REAL);
-CREATE TABLE IF NOT EXISTS reports (
-    report INTEGER NOT NULL, token INTEGER, due REAL, value REAL, fetched_at REAL,
-    seen INTEGER NOT NULL, seen_value REAL, seen_at REAL, seen_month TEXT);
+{_journal_schema("tokens", _BUCKET_COLUMNS)}
+{_journal_schema("reports", _REPORT_COLUMNS)}
 CREATE TABLE IF NOT EXISTS months (
     operation TEXT NOT NULL, api TEXT NOT NULL, month TEXT NOT NULL, value REAL NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (operation, api, month)) WITHOUT ROWID;
@@ -80,30 +101,46 @@ CREATE VIEW IF NOT EXISTS latest_reports AS
         CASE r.seen WHEN 1 THEN strftime('%Y-%m', r.fetched_at, 'unixepoch') WHEN 3 THEN r.seen_month END
             AS seen_month
     FROM reports r JOIN report_names n ON n.id = r.report LEFT JOIN token_names t ON t.id = r.token
-    WHERE r.rowid IN (SELECT max(rowid) FROM reports GROUP BY report);
-"""
-_TABLES = frozenset({"meta", "token_names", "report_names", "tokens", "reports", "months"})
+    WHERE r.seq IN (SELECT max(seq) FROM reports GROUP BY report);
+"""  # noqa: S608 (built from our own constants)
+_TABLES = frozenset(
+    {"meta", "token_names", "report_names", "months"}
+    | {f"{name}_{g}" for name in ("tokens", "reports") for g in GENERATIONS}
+)
 # reports.seen: no reading; the reading is (value, fetched_at) of the fetched_at's UTC month; the same
 # without a month; the reading is in seen_value, seen_at, seen_month. 0 and 1 take no byte in a row.
 SEEN_NONE, SEEN_VALUE, SEEN_VALUE_NO_MONTH, SEEN_OWN = 0, 1, 2, 3
-# Format 3 named tokens and reports by text in every journal row: its newest rows are copied over.
-_RENAME_3 = "ALTER TABLE tokens RENAME TO tokens_3; ALTER TABLE reports RENAME TO reports_3;"
+# Formats 3 and 4 kept each journal in one table (format 3 naming tokens and reports by text): the newest
+# row of each token and report is copied into the first generation of format 5.
+_RENAME_OLD = (
+    "DROP VIEW IF EXISTS latest_reports; "
+    "ALTER TABLE tokens RENAME TO tokens_old; ALTER TABLE reports RENAME TO reports_old;"
+)
 _COPY_3 = """
-INSERT INTO token_names (token) SELECT DISTINCT token FROM tokens_3;
-INSERT INTO token_names (token) SELECT DISTINCT token FROM reports_3 WHERE token != '' ON CONFLICT DO NOTHING;
-INSERT INTO report_names (operation, api) SELECT DISTINCT operation, api FROM reports_3;
-INSERT INTO tokens (token, level, at, paused_until, pause_intervals, burst, "limit")
+INSERT INTO token_names (token) SELECT DISTINCT token FROM tokens_old;
+INSERT INTO token_names (token) SELECT DISTINCT token FROM reports_old WHERE token != ''
+    ON CONFLICT DO NOTHING;
+INSERT INTO report_names (operation, api) SELECT DISTINCT operation, api FROM reports_old;
+INSERT INTO tokens_a (token, level, at, paused_until, pause_intervals, burst, "limit")
     SELECT n.id, level, at, paused_until, pause_intervals, burst, "limit"
-    FROM tokens_3 JOIN token_names n USING (token)
-    WHERE tokens_3.rowid IN (SELECT max(rowid) FROM tokens_3 GROUP BY token) ORDER BY tokens_3.rowid;
-INSERT INTO reports (report, token, due, value, fetched_at, seen, seen_value, seen_at, seen_month)
+    FROM tokens_old JOIN token_names n USING (token)
+    WHERE tokens_old.rowid IN (SELECT max(rowid) FROM tokens_old GROUP BY token) ORDER BY tokens_old.rowid;
+INSERT INTO reports_a (report, token, due, value, fetched_at, seen, seen_value, seen_at, seen_month)
     SELECT n.id, t.id, due, value, fetched_at, CASE WHEN seen_value IS NULL THEN 0 ELSE 3 END,
         seen_value, seen_at, seen_month
-    FROM reports_3 JOIN report_names n USING (operation, api) LEFT JOIN token_names t USING (token)
-    WHERE reports_3.rowid IN (SELECT max(rowid) FROM reports_3 GROUP BY operation, api)
-    ORDER BY reports_3.rowid;
-DROP TABLE tokens_3;
-DROP TABLE reports_3;
+    FROM reports_old JOIN report_names n USING (operation, api) LEFT JOIN token_names t USING (token)
+    WHERE reports_old.rowid IN (SELECT max(rowid) FROM reports_old GROUP BY operation, api)
+    ORDER BY reports_old.rowid;
+DROP TABLE tokens_old;
+DROP TABLE reports_old;
+"""
+_COPY_4 = """
+INSERT INTO tokens_a SELECT rowid, * FROM tokens_old
+    WHERE rowid IN (SELECT max(rowid) FROM tokens_old GROUP BY token) ORDER BY rowid;
+INSERT INTO reports_a SELECT rowid, * FROM reports_old
+    WHERE rowid IN (SELECT max(rowid) FROM reports_old GROUP BY report) ORDER BY rowid;
+DROP TABLE tokens_old;
+DROP TABLE reports_old;
 """
 # A token's saved pacing (planner.SavedPacing.tokens), the optional fields last.
 TOKEN_FIELDS = ("level", "at", "paused_until", "pause_intervals", "burst", "limit")
@@ -166,8 +203,10 @@ def _open_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise StoreError(f"{target}: not a state store ({error})") from None
     if version != FORMAT or not _TABLES <= tables:
         db.close()
-        if version == 3:
-            raise StoreError(f"{target}: a state store of format 3: start the exporter once to migrate it")
+        if version in (3, 4):
+            raise StoreError(
+                f"{target}: a state store of format {version}: start the exporter once to migrate it"
+            )
         raise StoreError(f"{target}: not a state store of format {FORMAT} (format {version})")
     return db
 
@@ -177,7 +216,7 @@ def _latest_readings(db: sqlite3.Connection) -> Iterator[tuple[str, str, Seen | 
     for op, api, value, at, *seen in db.execute(
         "SELECT n.operation, n.api, r.value, r.fetched_at, r.seen, r.seen_value, r.seen_at, r.seen_month "
         "FROM reports r JOIN report_names n ON n.id = r.report "
-        "WHERE r.rowid IN (SELECT max(rowid) FROM reports GROUP BY report)"
+        "WHERE r.seq IN (SELECT max(seq) FROM reports GROUP BY report)"
     ):
         yield op, api, _seen_of(value, at, *seen)
 
@@ -242,6 +281,73 @@ def check_path(path: str | os.PathLike[str], key: str = "state_store") -> None:
 
 
 @dataclass(slots=True)
+class _Journal:
+    """One journal (``tokens`` or ``reports``): rows are appended to its current generation; when that
+    holds as many rows as the journal has names (about one round of requests), the other generation's
+    rows that are still the newest of their name are copied over and the other generation is emptied
+    (SQLite frees its pages without writing them), and becomes the current one. Deleting superseded rows
+    one by one instead rewrote every page that held one: as many bytes again as appending them."""
+
+    name: str  # "tokens" or "reports"
+    key: str  # the column naming a token or report
+    names: str  # the table of those names
+    current: str = GENERATIONS[0]
+    rows: int = 0  # in the current generation
+    seq: int = 0  # the newest row's, in either generation
+    live: int = 0  # names: what one round of requests writes at most
+
+    @property
+    def table(self) -> str:
+        return f"{self.name}_{self.current}"
+
+    @property
+    def other(self) -> str:
+        return f"{self.name}_{GENERATIONS[1 - GENERATIONS.index(self.current)]}"
+
+    def due(self) -> bool:
+        return self.rows >= max(self.live, COMPACT_MIN_ROWS)
+
+    def read(self, db: sqlite3.Connection) -> None:
+        """Which generation is current (the one holding the newest row, unless ``meta`` says), its rows,
+        the newest seq, the names."""
+        newest = {
+            g: db.execute(f"SELECT max(seq) FROM {self.name}_{g}").fetchone()[0] or 0  # noqa: S608
+            for g in GENERATIONS
+        }
+        saved = db.execute("SELECT value FROM meta WHERE key = ?", (f"{self.name}_current",)).fetchone()
+        self.current = saved[0] if saved and saved[0] in GENERATIONS else max(newest, key=newest.__getitem__)
+        self.seq = max(newest.values())
+        self.rows = db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]  # noqa: S608
+        self.live = db.execute(f"SELECT count(*) FROM {self.names}").fetchone()[0]  # noqa: S608
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def turn_over(self, db: sqlite3.Connection) -> int:
+        """Inside a transaction: the other generation's rows still newest for their name move into the
+        current one, the other is emptied and is to become current (``turned_over``, once committed).
+        The count of names."""
+        other, key = self.other, self.key
+        db.execute(
+            f"INSERT INTO {self.table} SELECT * FROM {other} "  # noqa: S608
+            f"WHERE seq IN (SELECT max(seq) FROM {other} GROUP BY {key}) "
+            f"AND {key} NOT IN (SELECT {key} FROM {self.table})"
+        )
+        db.execute(f"DELETE FROM {other}")  # noqa: S608 (no WHERE: the whole table's pages are freed)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (f"{self.name}_current", other[-1]),
+        )
+        return int(db.execute(f"SELECT count(*) FROM {self.names}").fetchone()[0])  # noqa: S608
+
+    def turned_over(self, live: int) -> None:
+        """After the transaction of ``turn_over`` committed."""
+        self.current, self.rows, self.live = self.other[-1], 0, live
+
+
+@dataclass(slots=True)
 class _Pending:
     tokens: dict[str, tuple[float | None, ...]] = field(default_factory=dict)  # as TOKEN_FIELDS
     reports: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
@@ -264,6 +370,7 @@ class StateStore:
         wall: Callable[[], float] = time.time,
         on_health: Callable[[Health], None] | None = None,
         write_seconds: float = WRITE_SECONDS,
+        batch_seconds: float = BATCH_SECONDS,
     ) -> None:
         self.path = Path(path)
         self._legacy = Path(legacy_json) if legacy_json else None
@@ -271,19 +378,24 @@ class StateStore:
         self.on_health = on_health
         self.sink: Sink | None = None  # set before load: values and months go there, not in SavedState
         self._write_seconds = write_seconds
+        self._batch_seconds = max(batch_seconds, write_seconds)
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._pending = _Pending()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # something to write
+        self._urgent = threading.Event()  # a request waits for its spend
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
-        self._appended = False  # journal rows appended since the last compaction
-        self._last_compact = time.monotonic()
+        self._journals = (
+            _Journal("tokens", "token", "token_names"),
+            _Journal("reports", "report", "report_names"),
+        )
         self._last_commit = 0.0  # monotonic
         self._last_warning = -WARN_SECONDS
         self._count = 0  # values read at start
         self.write_errors = 0
         self.last_write: float | None = None
+        self.turnovers = {journal.name: 0 for journal in self._journals}  # for the benchmark
 
     # ----- start --------------------------------------------------------------------------------
 
@@ -347,6 +459,9 @@ class StateStore:
             db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a new store only (before its first table)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # a killed process loses no committed transaction
+            # Debian builds SQLite to overwrite deleted content: emptying a journal's generation would write
+            # every page it frees. The store holds no secret (tokens are named by their key only).
+            db.execute("PRAGMA secure_delete = OFF")
         except sqlite3.Error:
             db.close()
             raise
@@ -369,11 +484,13 @@ class StateStore:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                     raise
-            elif version == 3 and {"tokens", "reports", "months", "meta"} <= tables:
-                _migrate_3(db)
-                log.info("state_store %s: migrated from format 3 to format %d", self.path, FORMAT)
+            elif version in (3, 4) and {"tokens", "reports", "months", "meta"} <= tables:
+                _migrate_old(db, version)
+                log.info("state_store %s: migrated from format %d to format %d", self.path, version, FORMAT)
             elif version != FORMAT or not _TABLES <= tables:
                 raise _Unusable(f"format {version}, this exporter reads format {FORMAT}")
+            for journal in self._journals:
+                journal.read(db)
             state, self._count = _read(db, self.sink)
         except sqlite3.DatabaseError as error:
             db.close()
@@ -484,11 +601,10 @@ class StateStore:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        self._urgent.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=10.0)
         self._flush()
-        if self._appended:
-            self.compact()
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -503,6 +619,7 @@ class StateStore:
         with self._lock:
             self._pending.tokens[token] = _token_row(level, at, paused_until, extra)
             self._pending.waiting.append(future)
+        self._urgent.set()
         self._wake.set()
         return future
 
@@ -539,19 +656,31 @@ class StateStore:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.wait()
+            # A transaction write_seconds after the previous one when a request waits for its spend,
+            # batch_seconds after it otherwise: per transaction, each journal's last pages are rewritten.
+            while not self._stopping:
+                urgent = self._urgent.is_set()
+                rest = self._last_commit + (self._write_seconds if urgent else self._batch_seconds)
+                rest -= time.monotonic()
+                if rest <= 0:
+                    break
+                if urgent:
+                    time.sleep(rest)
+                else:
+                    self._urgent.wait(rest)  # a spend cuts the batch's wait short
             if self._stopping:
                 return
-            # At most one transaction per write_seconds: wait out the rest of it.
-            rest = self._last_commit + self._write_seconds - time.monotonic()
-            if rest > 0:
-                time.sleep(rest)
             self._wake.clear()
+            self._urgent.clear()
             try:
                 self._flush()
-                if self._appended and time.monotonic() - self._last_compact >= COMPACT_SECONDS:
-                    self.compact()
             except Exception as error:  # a bug of ours: keep the thread (requests wait on it)
                 self._failed("unexpected error", error)
+
+    def flush(self) -> None:
+        """Write what is pending now, in the calling thread (the writer thread does this on its cadence;
+        a benchmark on its own clock)."""
+        self._flush()
 
     def _flush(self) -> None:
         with self._lock:
@@ -574,6 +703,20 @@ class StateStore:
             self._report_health()
 
     def _write(self, db: sqlite3.Connection, pending: _Pending) -> None:
+        tokens, reports = self._journals
+        seqs = (tokens.seq, reports.seq)
+        try:
+            self._write_rows(db, pending)
+        except BaseException:
+            tokens.seq, reports.seq = seqs  # rolled back
+            raise
+        tokens.rows += len(pending.tokens)
+        reports.rows += len(pending.reports)
+        if tokens.due() or reports.due():
+            self.compact(only_due=True)
+
+    def _write_rows(self, db: sqlite3.Connection, pending: _Pending) -> None:
+        tokens, reports = self._journals
         with _transaction(db):
             # A name already there writes nothing; a new one is written once.
             names = {(key,) for key in pending.tokens}
@@ -586,17 +729,28 @@ class StateStore:
                 )
             if pending.tokens:
                 db.executemany(
-                    'INSERT INTO tokens (token, level, at, paused_until, pause_intervals, burst, "limit") '
-                    "VALUES ((SELECT id FROM token_names WHERE token = ?), ?, ?, ?, ?, ?, ?)",
-                    [(key, *row) for key, row in pending.tokens.items()],
+                    f"INSERT INTO {tokens.table} "  # noqa: S608
+                    '(seq, token, level, at, paused_until, pause_intervals, burst, "limit") '
+                    "VALUES (?, (SELECT id FROM token_names WHERE token = ?), ?, ?, ?, ?, ?, ?)",
+                    [(tokens.next_seq(), key, *row) for key, row in pending.tokens.items()],
                 )
             if pending.reports:
                 db.executemany(
-                    "INSERT INTO reports (report, token, due, value, fetched_at, seen, seen_value, seen_at, "
-                    "seen_month) VALUES ((SELECT id FROM report_names WHERE operation = ? AND api = ?), "
+                    f"INSERT INTO {reports.table} "  # noqa: S608
+                    "(seq, report, token, due, value, fetched_at, seen, seen_value, seen_at, seen_month) "
+                    "VALUES (?, (SELECT id FROM report_names WHERE operation = ? AND api = ?), "
                     "(SELECT id FROM token_names WHERE token = ?), ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (op, api, token or None, due, value, at, *_seen_row(value, at, seen))
+                        (
+                            reports.next_seq(),
+                            op,
+                            api,
+                            token or None,
+                            _whole(due),
+                            value,
+                            at,
+                            *_seen_row(value, at, seen),
+                        )
                         for (op, api), (token, due, value, at, seen) in pending.reports.items()
                     ],
                 )
@@ -607,29 +761,30 @@ class StateStore:
                     "DO UPDATE SET value = excluded.value, at = excluded.at",
                     [(op, api, month, *row) for (op, api, month), row in pending.months.items()],
                 )
-        self._appended = self._appended or bool(pending.tokens or pending.reports)
+                # A month closed: the oldest one kept may have changed.
+                db.execute(
+                    "DELETE FROM months WHERE month < ?",
+                    (_months_back(utc_month(self._wall()), KEEP_MONTHS),),
+                )
 
-    def compact(self) -> None:
-        """Drop journal rows that a newer row of the same token or report supersedes, and closed months
-        older than KEEP_MONTHS."""
-        self._last_compact = time.monotonic()
-        self._appended = False
+    def compact(self, *, only_due: bool = False) -> None:
+        """Turn each journal over (``_Journal``; only those due with ``only_due``): what remains is the
+        newest row of each token and report."""
         db = self._db
         if db is None:
             return
-        oldest = _months_back(utc_month(self._wall()), KEEP_MONTHS)
-        try:
-            with _transaction(db):
-                db.execute(
-                    "DELETE FROM tokens WHERE rowid NOT IN (SELECT max(rowid) FROM tokens GROUP BY token)"
-                )
-                db.execute(
-                    "DELETE FROM reports WHERE rowid NOT IN (SELECT max(rowid) FROM reports GROUP BY report)"
-                )
-                db.execute("DELETE FROM months WHERE month < ?", (oldest,))
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as error:
-            self._failed("cannot compact it", error)
+        journals = [j for j in self._journals if j.due() or not only_due]
+        # Forced, twice: the second turn leaves one generation with only the newest rows, the other empty.
+        for _ in range(1 if only_due else 2):
+            try:
+                with _transaction(db):
+                    names = [j.turn_over(db) for j in journals]
+            except sqlite3.Error as error:
+                self._failed("cannot compact it", error)
+                return
+            for journal, live in zip(journals, names, strict=True):
+                journal.turned_over(live)
+                self.turnovers[journal.name] += 1
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.write_errors += 1
@@ -726,22 +881,28 @@ def _seen_of(
     return Seen(float(seen_value), float(seen_at), month)
 
 
-def _migrate_3(db: sqlite3.Connection) -> None:
-    """Format 3 into format 4, in one transaction (a kill -9 midway leaves format 3)."""
+def _migrate_old(db: sqlite3.Connection, version: int) -> None:
+    """Format 3 or 4 into format 5, in one transaction (a kill -9 midway leaves the old format)."""
+    copy = _COPY_3 if version == 3 else _COPY_4
     try:
         db.executescript(
-            f"BEGIN IMMEDIATE; {_RENAME_3} {SCHEMA} {_COPY_3} PRAGMA user_version = {FORMAT}; COMMIT;"
+            f"BEGIN IMMEDIATE; {_RENAME_OLD} {SCHEMA} {copy} PRAGMA user_version = {FORMAT}; COMMIT;"
         )
     except sqlite3.Error:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    # Once, the smaller pages of a new store (only outside WAL mode; skipped while a reader has it open).
-    with contextlib.suppress(sqlite3.Error):
-        db.execute("PRAGMA journal_mode = DELETE")
-        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        db.execute("VACUUM")
-    db.execute("PRAGMA journal_mode = WAL")
+    if version == 3:  # once, the smaller pages of a new store (outside WAL mode; not while a reader has it)
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA journal_mode = DELETE")
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            db.execute("VACUUM")
+        db.execute("PRAGMA journal_mode = WAL")
+
+
+def _whole(when: float | None) -> float | None:
+    """A due time rounded up to the second: stored in 4 bytes instead of 8, and never earlier."""
+    return None if when is None else float(math.ceil(when))
 
 
 def _months_back(month: str, count: int) -> str:
@@ -772,7 +933,8 @@ def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState,
     months_seen: dict[str, str] = {}
     for token, *values in db.execute(
         'SELECT n.token, level, at, paused_until, pause_intervals, burst, "limit" '
-        "FROM tokens t CROSS JOIN token_names n ON n.id = t.token ORDER BY t.rowid"
+        "FROM tokens t CROSS JOIN token_names n ON n.id = t.token "
+        "WHERE t.seq IN (SELECT max(seq) FROM tokens GROUP BY token) ORDER BY t.seq"
     ):
         state.pacing.tokens[token] = {
             name: float(v) for name, v in zip(TOKEN_FIELDS, values, strict=True) if v is not None
@@ -780,7 +942,8 @@ def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState,
     for op, api, token, due, value, at, seen_flag, seen_value, seen_at, seen_month in db.execute(
         "SELECT n.operation, n.api, t.token, due, value, fetched_at, seen, seen_value, seen_at, seen_month "
         "FROM reports r CROSS JOIN report_names n ON n.id = r.report "
-        "LEFT JOIN token_names t ON t.id = r.token ORDER BY r.rowid"
+        "LEFT JOIN token_names t ON t.id = r.token "
+        "WHERE r.seq IN (SELECT max(seq) FROM reports GROUP BY report) ORDER BY r.seq"
     ):
         if due is not None and token:
             state.pacing.reports.setdefault(token, {})[f"{op}/{api}"] = float(due)

@@ -34,6 +34,7 @@ from harness import (
     write_yaml,
 )
 
+from exporter import statestore
 from exporter.monthclose import Seen
 from exporter.planner import Job, Planner
 from exporter.refresher import token_key
@@ -181,6 +182,101 @@ def test_a_format_3_store_is_migrated_with_its_budget(
         assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT count(*) FROM reports").fetchone()[0] == 2  # the newest row of each
+
+
+# Format 4: each journal in one table, the newest row (highest rowid) of a token or report its state.
+FORMAT_4 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE token_names (id INTEGER PRIMARY KEY, token TEXT NOT NULL UNIQUE);
+CREATE TABLE report_names (
+    id INTEGER PRIMARY KEY, operation TEXT NOT NULL, api TEXT NOT NULL, UNIQUE (operation, api));
+CREATE TABLE tokens (
+    token INTEGER NOT NULL, level REAL NOT NULL, at REAL NOT NULL, paused_until REAL NOT NULL,
+    pause_intervals REAL, burst REAL, "limit" REAL);
+CREATE TABLE reports (
+    report INTEGER NOT NULL, token INTEGER, due REAL, value REAL, fetched_at REAL,
+    seen INTEGER NOT NULL, seen_value REAL, seen_at REAL, seen_month TEXT);
+CREATE TABLE months (
+    operation TEXT NOT NULL, api TEXT NOT NULL, month TEXT NOT NULL, value REAL NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (operation, api, month)) WITHOUT ROWID;
+CREATE VIEW latest_reports AS SELECT * FROM reports;
+INSERT INTO token_names VALUES (1, '0123456789abcdef');
+INSERT INTO report_names VALUES (1, 'bogota', 'stereo_rec'), (2, 'lima', 'stereo_rec');
+INSERT INTO tokens VALUES (1, 3.0, 1796083790.0, 0.0, NULL, NULL, NULL),
+    (1, 0.5, 1796083800.0, 1796083860.0, 12.0, 14.0, 1000.0);
+INSERT INTO reports VALUES (1, 1, 1796083800.0, 1.0, 1796083200.0, 1, NULL, NULL, NULL),
+    (1, 1, 1796084100.0, 1234.5, 1796083800.0, 1, NULL, NULL, NULL),
+    (2, 1, 1796084200.0, NULL, NULL, 0, NULL, NULL, NULL);
+INSERT INTO months VALUES ('bogota', 'stereo_rec', '2026-11', 43000.5, 1796080200.0);
+PRAGMA user_version = 4;
+"""
+
+
+def test_a_format_4_store_is_migrated_with_its_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(FORMAT_4)
+    with pytest.raises(StoreError, match="format 4: start the exporter once"):
+        read_month_totals(path, "2026-11")
+    with caplog.at_level(logging.INFO, logger="exporter.statestore"):
+        store = StateStore(path)
+        state = store.load()
+    store.stop()
+    assert any("migrated from format 4" in r.getMessage() for r in caplog.records)
+    assert state.pacing.tokens == FILLED_TOKENS
+    assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300, "lima/stereo_rec": AT + 400}}
+    assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
+    assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
+    assert read_month_totals(path, "2026-11")[0].value == 43_000.5
+    assert rows(path, "tokens") == 1 and rows(path, "reports") == 2  # the newest row of each
+
+
+def test_a_journal_turns_over_keeping_the_newest_row_of_every_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows go to the current generation; once it holds a round of them, the other generation's rows
+    still newest of their report move over and the other is emptied: the journal stays within about
+    two rounds, and a report not fetched again (``idle``) keeps its row through every turn."""
+    monkeypatch.setattr(statestore, "COMPACT_MIN_ROWS", 4)
+    path = tmp_path / "state.db"
+    store = opened(path, write_seconds=0.0)
+    store.put_report("idle", "stereo_rec", KEY, AT, (1.0, AT), None)
+    sizes = []
+    for round_ in range(1, 16):
+        for op in ("a", "b", "c"):
+            store.put_report(op, "stereo_rec", KEY, AT + round_, (float(round_), AT + round_), None)
+        store.spend(KEY, 1.0, AT + round_, 0.0).result(timeout=5)  # a transaction per round
+        sizes.append(rows(path, "reports"))
+    store.stop()
+    # Four reports: a turn when the current generation holds four rows (here: every round and a third).
+    assert max(sizes) <= 3 * 4, sizes
+    assert sizes[-1] < sizes[2] + 4, sizes  # bounded, not growing with the rounds
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'reports_current'").fetchone() is not None
+        assert db.execute("SELECT value FROM latest_reports WHERE operation = 'idle'").fetchall() == [(1.0,)]
+    state = StateStore(path).load()
+    assert state.values == {
+        "idle": {"stereo_rec": (1.0, AT)},
+        **{op: {"stereo_rec": (15.0, AT + 15)} for op in ("a", "b", "c")},
+    }
+
+
+def test_answers_are_batched_and_a_waiting_spend_cuts_the_batch_short(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = opened(path, write_seconds=0.2, batch_seconds=30.0)
+    try:
+        store.put_token(KEY, 1.0, AT, 0.0)  # the first transaction: nothing before it
+        wait_until(lambda: store.last_write is not None, timeout=5, what="the first write")
+        store.put_report("bogota", "stereo_rec", KEY, AT + 300, (5.0, AT), None)
+        holds(lambda: rows(path, "reports") == 0, 1.0, what="the answer waiting for its batch")
+        started = time.monotonic()
+        store.spend(KEY, 0.0, AT + 1, 0.0).result(timeout=5)
+        assert time.monotonic() - started < 5.0  # not the batch's 30 s
+        assert rows(path, "reports") == 1  # the answer went with the spend
+    finally:
+        store.stop()
 
 
 def test_a_spend_is_committed_when_its_future_is_done(tmp_path: Path) -> None:
@@ -426,7 +522,7 @@ def test_month_totals_read_closed_months_and_the_current_one_while_the_exporter_
     try:
         fill(store)
         store.put_report("lima", "ivr_minutes", KEY, AT + 300, (7.0, AT), Seen(7.0, AT, None))  # a UTC month
-        wait_until(lambda: months_available(path) == ["2026-11", "2026-12"], timeout=5, what="both months")
+        wait_until(lambda: months_available(path) == ["2026-11", "2026-12"], timeout=10, what="both months")
         assert read_month_totals(path, "2026-11") == [
             MonthTotal("bogota", "stereo_rec", "2026-11", 43_000.5, True)
         ]
@@ -545,7 +641,8 @@ def restart_scenario(
                 row[0] for row in db.execute("SELECT operation FROM latest_reports WHERE value IS NOT NULL")
             }
 
-    wait_until(lambda: stored() == {"main", "control"}, timeout=5, what="both reports in the store")
+    # Answers are batched up to five seconds (exporter/statestore.py BATCH_SECONDS).
+    wait_until(lambda: stored() == {"main", "control"}, timeout=10, what="both reports in the store")
     stop(first)
     main_requests = requests_of(sim, MAIN)
     assert main_requests == 1
@@ -554,8 +651,8 @@ def restart_scenario(
     # while the main token's report is held back by what the store says.
     with contextlib.closing(sqlite3.connect(state)) as db, db:
         named = "(SELECT id FROM token_names WHERE token = ?)"
-        db.execute(f"DELETE FROM tokens WHERE token = {named}", (control_key,))  # noqa: S608
-        db.execute(f"DELETE FROM reports WHERE token = {named}", (control_key,))  # noqa: S608
+        for table in ("tokens_a", "tokens_b", "reports_a", "reports_b"):  # each journal's two generations
+            db.execute(f"DELETE FROM {table} WHERE token = {named}", (control_key,))  # noqa: S608
     control_requests = requests_of(sim, CONTROL)
     started = time.monotonic()
     second = start_exporter(config)
