@@ -18,14 +18,16 @@ them may be committed, and so the newest, at any moment). For each spend (the pl
 the bucket after it, at wall time ``at``):
 
 * every one of those rows restores at most the true level: the spend is durable already, nothing to do;
-* else the newest handed row does and is on its way (urgent): the request waits for its commit;
+* else the newest handed row does, and an urgent row is on its way (that one, or another token's handed
+  after it): the request waits for that commit;
 * else a fresh reservation is committed first (``StateStore.spend``, urgent), the request waits for it.
 
 Ahead: after a spend that was durable already, when less than half the margin is left over the row known
 committed and nothing is on its way, a fresh reservation is handed without urgency (``put_token``: it
-rides the store's next transaction, whenever that comes). When less than a quarter is left and the rows
-on their way are still not known committed, a fresh reservation is handed urgently, without waiting for
-it: the request that would need it finds it committed.
+rides the store's next transaction, whenever that comes). When less than a quarter is left, the rows on
+their way are still not known committed and no urgent row handed after them is on its way, a fresh
+reservation is handed urgently, without waiting for it: the request that would need it finds it
+committed.
 
 Known committed: a row whose future is done, and every row handed before a row whose future is done (the
 store commits what it is handed in order, a row without urgency with its next transaction, which an
@@ -145,11 +147,13 @@ class Reservations:
             left = level - _restore(rows.committed, at, pace)
             if margin and not handed and left < margin / 2:
                 self._reserve(key, rows, token, margin, pace, urgent=False)
-            elif margin and handed and left < margin / 4 and handed[-1].done is None:
+            elif margin and handed and left < margin / 4 and self._known_by(handed[-1]) is None:
                 self._reserve(key, rows, token, margin, pace, urgent=True)
             return None
-        if handed and covers(handed[-1]) and handed[-1].done is not None:
-            return handed[-1].done  # on its way, urgently: the request waits for it
+        if handed and covers(handed[-1]):
+            future = self._known_by(handed[-1])
+            if future is not None:  # the request waits for an urgent row on its way
+                return future
         future = self._reserve(key, rows, token, margin, pace, urgent=True)
         assert future is not None
         return future
@@ -213,6 +217,15 @@ class Reservations:
                 rows.handed = rows.handed[index + 1 :]
                 break
         return rows
+
+    def _known_by(self, row: _Row) -> concurrent.futures.Future[None] | None:
+        """A future whose end makes ``row`` known committed: its own, or that of the newest urgent row on
+        its way, when that was handed after it; None when there is none."""
+        if row.done is not None:
+            return row.done
+        if self._urgent and self._urgent[-1][0] > row.seq:
+            return self._urgent[-1][1]
+        return None
 
     def _reserve(
         self, key: str, rows: _Rows, token: Mapping[str, float], margin: int, pace: Pace, *, urgent: bool

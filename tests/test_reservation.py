@@ -227,6 +227,25 @@ def test_an_orderly_stop_writes_the_buckets_themselves() -> None:
     assert token.store.rows == rows
 
 
+def test_a_spend_covered_by_a_row_handed_ahead_waits_for_another_tokens_urgent_row() -> None:
+    a = Token(limit=1000, key="token-a")
+    a.commit_after_answer = False
+    a.spend()
+    while not a.reservations.rows_of("token-a")[1]:
+        a.spend()  # until a row is handed ahead, without urgency
+    b = Token(limit=1000, key="token-b", shared=a)
+    b.commit_after_answer = False
+    urgent = b.spend(commit=False)  # b's first spend: urgent, not committed yet
+    assert urgent is not None
+    durable, rows = None, a.store.rows
+    while durable is None:
+        durable = a.spend(commit=False)
+    assert durable is urgent  # its commit brings a's row ahead with it: no row of a's own
+    assert a.store.rows == rows
+    a.store.commit()
+    a.check()
+
+
 def test_after_a_failed_write_every_token_commits_again() -> None:
     token = Token(limit=1000)
     token.spend()
