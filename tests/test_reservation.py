@@ -6,9 +6,13 @@ how few rows that takes."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -334,3 +338,19 @@ def test_random_commits_pauses_and_reloads_never_send_an_uncovered_request(seed:
         token.check()
         token.answer(job, reason)
     assert token.store.rows < 300
+
+
+def test_the_benchmark_counts_fewer_budget_rows_than_requests() -> None:
+    """benchmarks/reservation_bench.py at a small size, so that it keeps working."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "reservation_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tokens", "50", "--minutes", "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["waited"] == 50  # each token's first request after the start, and no other
+    assert result["requests"] > 50 * 10
+    assert result["budget_rows"] < result["requests"] / 3, result
