@@ -56,6 +56,7 @@ from exporter.planner import Pace, restored_level, saved_pace
 
 MARGIN_SHARE = 100  # a reservation's margin: 1 % of the daily limit (daily_limit // MARGIN_SHARE)
 TOLERANCE = 1e-9  # requests: rounding of the levels compared
+_BUCKET = frozenset({"level", "at", "paused_until", "burst", "limit"})  # what the planner saves of a bucket
 MAX_HANDED = 3  # rows of a token on their way without urgency; one more is handed urgently
 
 
@@ -183,8 +184,8 @@ class Reservations:
         for key, token in tokens.items():
             rows = self._settled(key) if key in self._rows else None
             newest = None if rows is None else rows.handed[-1] if rows.handed else rows.committed
-            if rows is None or newest is None:
-                continue
+            if rows is None or newest is None or not _BUCKET <= token.keys():
+                continue  # nothing handed, or the restored state of a refresher that never ran
             pace = saved_pace(token["burst"], token["limit"])
             if _restore(newest, token["at"], pace) < token["level"] - TOLERANCE:
                 self._hand(key, rows, token, token["level"], token["at"], urgent=False)

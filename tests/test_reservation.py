@@ -228,6 +228,7 @@ def test_an_orderly_stop_writes_the_buckets_themselves() -> None:
     assert token.restored() == pytest.approx(token.bucket()["level"], abs=1e-6)  # nothing lost
     rows = token.store.rows
     token.reservations.release(token.bucket_of_all())  # nothing reserved any more: nothing written
+    token.reservations.release({KEY: {"level": 0.0, "at": WALL}})  # restored, never run: not a bucket
     assert token.store.rows == rows
 
 
