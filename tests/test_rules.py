@@ -47,7 +47,11 @@ SEVERITY_RECEIVER = {"critical": "pager", "warning": "team", "info": "null"}
 FAMILIES = {"budget", "cost", "fetch", "exporter"}
 # Alerts about the exporter process itself: no operation label.
 EXPORTER_PROCESS = {"WolkvoxExporterDown", "WolkvoxExporterAbsent", "WolkvoxConfigReloadFailed"}
-NO_OPERATION = EXPORTER_PROCESS | {"WolkvoxRequestPlanOverDailyLimit", "WolkvoxStateStoreWriteFailing"}
+NO_OPERATION = EXPORTER_PROCESS | {
+    "WolkvoxRequestPlanOverDailyLimit",
+    "WolkvoxStateStoreWriteFailing",
+    "WolkvoxExporterRejectingConnections",
+}
 # No value worth printing: up == 0, absent() == 1, reload == 0; the fetch alerts read the info series
 # (always 1): their texts give the failing apis, reasons and messages instead.
 FETCH_BY_REASON = {
@@ -507,6 +511,7 @@ BY_REASON = ("fetch_test.yml", "a rejected token, a spent budget and an unknown 
 NEVER_FETCHED = ("fetch_test.yml", "an operation that never had a value")
 EXPORTER_STOPS = ("fetch_test.yml", "the exporter stops; its alerts do not resolve")
 EXPORTER_DOWN = ("exporter_test.yml", "exporter down, config reload failed")
+REJECTED = ("exporter_test.yml", "connections rejected at --web.max-connections")
 BILLING_COST = ("billing_test.yml", "cost per service, per operation and in total; cost alerts")
 TOKEN_BUDGET = ("billing_test.yml", "daily token budget, request plan, unknown api")
 LAST_MONTH = ("month_close_test.yml", "last closed month, per api, per operation, in total, against budgets")
@@ -633,6 +638,31 @@ MUTATIONS: dict[str, tuple[str, str, tuple[str, str]]] = {
         "/ on (operation) group_left () operation:wolkvox_stereo_rec_budget_minutes:max",
         "/ on (operation) group_left () operation:wolkvox_billing_cost_budget:max",
         LAST_MONTH,
+    ),
+    "rejected connections alert on a burst": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0\n        for: 15m",
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0\n        for: 5m",
+        REJECTED,
+    ),
+    "rejected connections summed over exporters": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "sum by (job) (increase(wolkvox_exporter_connections_rejected_total[10m])) > 0",
+        REJECTED,
+    ),
+    "rejected connections alert on the counter, not its increase": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "wolkvox_exporter_connections_rejected_total > 0",
+        REJECTED,
+    ),
+    "rejected connections as a delta, blind to a restart": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "delta(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        REJECTED,
+    ),
+    "rejected connections in a window a trickle slips through": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "increase(wolkvox_exporter_connections_rejected_total[3m]) > 0",
+        REJECTED,
     ),
     "cost budget alert below the budget": (
         "operation:wolkvox_billing_cost_budget_used:ratio >= 1",
