@@ -797,6 +797,65 @@ def test_alertmanager_inhibits_warning_when_critical_fires(
     assert hooks.delivered() == expected
 
 
+def test_an_exporter_down_leaves_the_other_exporters_warnings_alone(
+    running_alertmanager: tuple[str, Webhooks],
+) -> None:
+    """The exporter-family alerts are per exporter instance and carry no operation: one replica of an HA
+    pair down must not hide the other's warnings (its clients may be what now fills the other's
+    --web.max-connections). Only the down exporter's own alerts are muted."""
+    url, hooks = running_alertmanager
+    now = datetime.now(UTC)
+
+    def alert(name: str, instance: str) -> dict[str, Any]:
+        return {
+            "labels": {**_rule_labels(name), "job": "wolkvox", "instance": instance},
+            "annotations": {"summary": "test", "description": "test"},
+            "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(minutes=10)).isoformat(),
+        }
+
+    down = alert("WolkvoxExporterDown", "a:19726")
+    requests.post(f"{url}/api/v2/alerts", json=[down], timeout=5).raise_for_status()
+    wait_until(
+        lambda: requests.get(f"{url}/api/v2/alerts", timeout=5).json(),
+        timeout=20,
+        what="alertmanager to list the exporter-down alert",
+    )
+    others = [
+        alert("WolkvoxExporterRejectingConnections", "b:19726"),
+        alert("WolkvoxConfigReloadFailed", "b:19726"),
+        alert("WolkvoxStateStoreWriteFailing", "a:19726"),  # the down exporter's own: muted
+    ]
+    requests.post(f"{url}/api/v2/alerts", json=others, timeout=5).raise_for_status()
+
+    def states() -> dict[tuple[str, str], str] | None:
+        alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
+        by_key = {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"]["state"] for a in alerts}
+        return by_key if len(by_key) == 1 + len(others) else None
+
+    wait_until(
+        lambda: (s := states())
+        and "unprocessed" not in s.values()
+        and s[("WolkvoxStateStoreWriteFailing", "a:19726")] == "suppressed",
+        timeout=20,
+        what="the down exporter's warning to be muted",
+    )
+    assert states() == {
+        ("WolkvoxExporterDown", "a:19726"): "active",
+        ("WolkvoxExporterRejectingConnections", "b:19726"): "active",
+        ("WolkvoxConfigReloadFailed", "b:19726"): "active",
+        ("WolkvoxStateStoreWriteFailing", "a:19726"): "suppressed",
+    }
+    expected = {
+        ("/pager", "WolkvoxExporterDown", ""),
+        ("/team", "WolkvoxExporterRejectingConnections", ""),
+        ("/team", "WolkvoxConfigReloadFailed", ""),
+    }
+    wait_until(lambda: hooks.delivered() >= expected, timeout=30, what=f"deliveries {expected}")
+    delivered = {(path, a["labels"]["alertname"], a["labels"]["instance"]) for path, a in hooks.alerts()}
+    assert ("/team", "WolkvoxStateStoreWriteFailing", "a:19726") not in delivered
+
+
 def test_alertmanager_sends_no_resolved_for_an_exporter_that_is_down(
     running_alertmanager: tuple[str, Webhooks],
 ) -> None:
