@@ -834,9 +834,11 @@ def test_an_exporter_down_leaves_the_other_exporters_warnings_alone(
         return by_key if len(by_key) == 1 + len(others) else None
 
     wait_until(
-        lambda: (s := states())
-        and "unprocessed" not in s.values()
-        and s[("WolkvoxStateStoreWriteFailing", "a:19726")] == "suppressed",
+        lambda: (
+            (s := states())
+            and "unprocessed" not in s.values()
+            and s[("WolkvoxStateStoreWriteFailing", "a:19726")] == "suppressed"
+        ),
         timeout=20,
         what="the down exporter's warning to be muted",
     )
