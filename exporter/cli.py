@@ -18,7 +18,6 @@ from exporter.fdlimit import raise_fd_limit
 from exporter.logs import FORMATS, LEVELS, setup_logging
 from exporter.memory import tune_malloc
 from exporter.monthclose import utc_month
-from exporter.statestore import StoreError, read_month_totals
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.webconfig import WebConfigError
 from exporter.weblive import load_web_config
@@ -154,6 +153,7 @@ def statement_main(argv: Sequence[str]) -> int:
     """``wolkvox-exporter statement ...``: the statement on stdout; one line on stderr and exit 1 when
     something is wrong or the month has no data."""
     from exporter import statement
+    from exporter.statestore import StoreError, read_month_totals  # SQLite, only for the statement
 
     args = statement_parser().parse_args(argv)
 

@@ -68,8 +68,12 @@ _FOLD: dict[int, str] = {
 
 
 def _folded(value: str) -> str:
-    """What the quick test looks for: ``value`` folded; "" (found in any text) for a non-ASCII one."""
-    return value.translate(_FOLD) if value.isascii() else ""
+    """What the quick test looks for: ``value`` folded (``value`` itself when folding changes nothing: at
+    10,000 tokens a copy of each is 0.7 MB); "" (found in any text) for a non-ASCII one."""
+    if not value.isascii():
+        return ""
+    folded = value.translate(_FOLD)
+    return value if folded == value else folded
 
 
 def _masked(text: str, secrets: Iterable[tuple[str, str]]) -> str:
@@ -96,16 +100,18 @@ class Redactor:
     defence. Longest first, so a token that contains another is masked whole."""
 
     def __init__(self) -> None:
-        self._secrets: tuple[tuple[str, str], ...] = ()
+        # The secrets and their folded forms, side by side (not 10,000 pairs: 0.6 MB), replaced as one.
+        self._secrets: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._lock = threading.Lock()
 
     def set(self, secrets: Iterable[str]) -> None:
-        ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
+        ordered = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
         with self._lock:
-            self._secrets = tuple((value, _folded(value)) for value in ordered)
+            self._secrets = (ordered, tuple(_folded(value) for value in ordered))
 
     def __call__(self, text: str) -> str:
-        return _masked(text, self._secrets)
+        values, folded = self._secrets
+        return _masked(text, zip(values, folded, strict=True))
 
 
 # ----- one line ------------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from exporter import aiohttp_compat, statement, statuspage
+from exporter import aiohttp_compat, statuspage
 from exporter.exposition import CONTENT_TYPE
 from exporter.logs import redact
 from exporter.monthclose import utc_month
@@ -34,11 +35,14 @@ from exporter.webauth import BasicAuth, TokenBucket
 from exporter.weblive import LiveWebConfig, WebConfig
 from exporter.webtls import sans_allowed
 
+if TYPE_CHECKING:
+    from exporter import statement
+
 log = logging.getLogger(__name__)
 
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 # The statement of a month (YYYY-MM), grouped by a label or not; raises statement.StatementError.
-StatementHook = Callable[[str, str | None], statement.Statement]
+StatementHook = Callable[[str, str | None], "statement.Statement"]
 # Paths that reveal nothing and must answer for container health checks even with basic auth on.
 UNAUTHENTICATED_PATHS = frozenset({"/-/healthy", "/-/ready"})
 # Below this a page goes out with its headers in one send (aiohttp joins them: a copy of a small page
@@ -166,6 +170,8 @@ class WebApp:
         404 when the month has no data; each with one line."""
         if self._statement is None:
             return web.Response(text="the statement is not available\n", status=501)
+        from exporter import statement  # on first use: its decimal and csv modules are ~1 MB resident
+
         query = request.query
         try:
             month = statement.parse_month(query.get("month") or utc_month(self._clock()))
