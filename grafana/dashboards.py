@@ -645,13 +645,34 @@ def overview() -> dashboard.Dashboard:
         )
     )
     board = board.with_panel(
+        series_panel(
+            "Connections rejected",
+            "Connections each exporter instance closed unserved per minute because --web.max-connections "
+            "were open (wolkvox_exporter_connections_rejected_total): a scrape or a request that comes then "
+            "fails at once. Anything above 0 means clients were turned away; in every 10 minutes for 15 "
+            "minutes it raises WolkvoxExporterRejectingConnections (the runbook says how to find the "
+            "client). Per instance: max, so a target scraped by two jobs is not counted twice.",
+            "suffix: /min",
+            [
+                query(
+                    "max by (instance) "
+                    "(rate(wolkvox_exporter_connections_rejected_total[$__rate_interval])) * 60",
+                    "{{instance}}",
+                )
+            ],
+            ["max", "mean"],
+            fill=10,
+            size=(16, 6),
+        )
+    )
+    board = board.with_panel(
         stat_panel(
             "Exporter version",
             "wolkvox_exporter_build_info: the version each exporter instance runs.",
             "none",
             [query("max by (instance, version) (wolkvox_exporter_build_info)", "{{instance}}: {{version}}")],
             color="text",
-            size=(24, 3),
+            size=(8, 6),
             text_mode=cm.BigValueTextMode.NAME,
             color_mode=cm.BigValueColorMode.NONE,
         )

@@ -38,6 +38,7 @@ OPERATION_SERIES = re.compile(r"(?<![\w:])((?:operation:|wolkvox_)[A-Za-z0-9_:]*
 NO_OPERATION_LABEL = {
     "wolkvox_exporter_build_info",
     "wolkvox_config_last_reload_successful",
+    "wolkvox_exporter_connections_rejected_total",
     # Global facts of one exporter's configuration.
     "wolkvox_token_planned_requests_per_day",
     "wolkvox_token_daily_request_limit",
@@ -240,6 +241,8 @@ def test_required_views_exist() -> None:
     assert some_panel("time()", "wolkvox_last_success_timestamp_seconds")  # age of last success
     assert some_panel("wolkvox_scrape_duration_seconds")  # fetch duration
     assert some_panel('up{job="wolkvox"}')  # exporter scraped at all
+    # connections turned away at --web.max-connections, per exporter instance
+    assert some_panel("rate(wolkvox_exporter_connections_rejected_total", "by (instance)")
     ratio_panels = [p for p in panels if all(":ratio" in t["expr"] for t in p["targets"])]
     assert ratio_panels
     for panel in ratio_panels:

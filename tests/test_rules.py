@@ -47,7 +47,11 @@ SEVERITY_RECEIVER = {"critical": "pager", "warning": "team", "info": "null"}
 FAMILIES = {"budget", "cost", "fetch", "exporter"}
 # Alerts about the exporter process itself: no operation label.
 EXPORTER_PROCESS = {"WolkvoxExporterDown", "WolkvoxExporterAbsent", "WolkvoxConfigReloadFailed"}
-NO_OPERATION = EXPORTER_PROCESS | {"WolkvoxRequestPlanOverDailyLimit", "WolkvoxStateStoreWriteFailing"}
+NO_OPERATION = EXPORTER_PROCESS | {
+    "WolkvoxRequestPlanOverDailyLimit",
+    "WolkvoxStateStoreWriteFailing",
+    "WolkvoxExporterRejectingConnections",
+}
 # No value worth printing: up == 0, absent() == 1, reload == 0; the fetch alerts read the info series
 # (always 1): their texts give the failing apis, reasons and messages instead.
 FETCH_BY_REASON = {
@@ -507,6 +511,7 @@ BY_REASON = ("fetch_test.yml", "a rejected token, a spent budget and an unknown 
 NEVER_FETCHED = ("fetch_test.yml", "an operation that never had a value")
 EXPORTER_STOPS = ("fetch_test.yml", "the exporter stops; its alerts do not resolve")
 EXPORTER_DOWN = ("exporter_test.yml", "exporter down, config reload failed")
+REJECTED = ("exporter_test.yml", "connections rejected at --web.max-connections")
 BILLING_COST = ("billing_test.yml", "cost per service, per operation and in total; cost alerts")
 TOKEN_BUDGET = ("billing_test.yml", "daily token budget, request plan, unknown api")
 LAST_MONTH = ("month_close_test.yml", "last closed month, per api, per operation, in total, against budgets")
@@ -633,6 +638,31 @@ MUTATIONS: dict[str, tuple[str, str, tuple[str, str]]] = {
         "/ on (operation) group_left () operation:wolkvox_stereo_rec_budget_minutes:max",
         "/ on (operation) group_left () operation:wolkvox_billing_cost_budget:max",
         LAST_MONTH,
+    ),
+    "rejected connections alert on a burst": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0\n        for: 15m",
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0\n        for: 5m",
+        REJECTED,
+    ),
+    "rejected connections summed over exporters": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "sum by (job) (increase(wolkvox_exporter_connections_rejected_total[10m])) > 0",
+        REJECTED,
+    ),
+    "rejected connections alert on the counter, not its increase": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "wolkvox_exporter_connections_rejected_total > 0",
+        REJECTED,
+    ),
+    "rejected connections as a delta, blind to a restart": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "delta(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        REJECTED,
+    ),
+    "rejected connections in a window a trickle slips through": (
+        "increase(wolkvox_exporter_connections_rejected_total[10m]) > 0",
+        "increase(wolkvox_exporter_connections_rejected_total[3m]) > 0",
+        REJECTED,
     ),
     "cost budget alert below the budget": (
         "operation:wolkvox_billing_cost_budget_used:ratio >= 1",
@@ -765,6 +795,67 @@ def test_alertmanager_inhibits_warning_when_critical_fires(
     expected.add(("/team", "WolkvoxFetchFailing", "sentinel"))
     wait_until(lambda: hooks.delivered() >= expected, timeout=30, what="the sentinel delivery")
     assert hooks.delivered() == expected
+
+
+def test_an_exporter_down_leaves_the_other_exporters_warnings_alone(
+    running_alertmanager: tuple[str, Webhooks],
+) -> None:
+    """The exporter-family alerts are per exporter instance and carry no operation: one replica of an HA
+    pair down must not hide the other's warnings (its clients may be what now fills the other's
+    --web.max-connections). Only the down exporter's own alerts are muted."""
+    url, hooks = running_alertmanager
+    now = datetime.now(UTC)
+
+    def alert(name: str, instance: str) -> dict[str, Any]:
+        return {
+            "labels": {**_rule_labels(name), "job": "wolkvox", "instance": instance},
+            "annotations": {"summary": "test", "description": "test"},
+            "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(minutes=10)).isoformat(),
+        }
+
+    down = alert("WolkvoxExporterDown", "a:19726")
+    requests.post(f"{url}/api/v2/alerts", json=[down], timeout=5).raise_for_status()
+    wait_until(
+        lambda: requests.get(f"{url}/api/v2/alerts", timeout=5).json(),
+        timeout=20,
+        what="alertmanager to list the exporter-down alert",
+    )
+    others = [
+        alert("WolkvoxExporterRejectingConnections", "b:19726"),
+        alert("WolkvoxConfigReloadFailed", "b:19726"),
+        alert("WolkvoxStateStoreWriteFailing", "a:19726"),  # the down exporter's own: muted
+    ]
+    requests.post(f"{url}/api/v2/alerts", json=others, timeout=5).raise_for_status()
+
+    def states() -> dict[tuple[str, str], str] | None:
+        alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
+        by_key = {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"]["state"] for a in alerts}
+        return by_key if len(by_key) == 1 + len(others) else None
+
+    wait_until(
+        lambda: (
+            (s := states())
+            and "unprocessed" not in s.values()
+            and s[("WolkvoxStateStoreWriteFailing", "a:19726")] == "suppressed"
+        ),
+        timeout=20,
+        what="the down exporter's warning to be muted",
+    )
+    assert states() == {
+        ("WolkvoxExporterDown", "a:19726"): "active",
+        ("WolkvoxExporterRejectingConnections", "b:19726"): "active",
+        ("WolkvoxConfigReloadFailed", "b:19726"): "active",
+        ("WolkvoxStateStoreWriteFailing", "a:19726"): "suppressed",
+    }
+    expected = {
+        ("/pager", "WolkvoxExporterDown", ""),
+        ("/team", "WolkvoxExporterRejectingConnections", ""),
+        ("/team", "WolkvoxConfigReloadFailed", ""),
+    }
+    wait_until(lambda: hooks.delivered() >= expected, timeout=30, what=f"deliveries {expected}")
+    delivered = {(path, a["labels"]["alertname"], a["labels"]["instance"]) for path, a in hooks.alerts()}
+    assert ("/team", "WolkvoxStateStoreWriteFailing", "a:19726") not in delivered
 
 
 def test_alertmanager_sends_no_resolved_for_an_exporter_that_is_down(
