@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -28,13 +29,15 @@ from exporter.planner import TOKEN_WIDE, Job, SavedPacing, plan_pace
 from exporter.refresher import Refresher, plan_jobs
 from exporter.reservation import Reservations
 from exporter.secret import token_key
-from exporter.statement import MonthTotalLike, Statement, build, terms_of, totals_in_memory
-from exporter.statestore import Health, StateStore, StoreError, read_month_totals
 from exporter.statuspage import DEFAULT_RUNBOOK_URL
 from exporter.store import OperationInfo, Schedule, Store
 from exporter.web import LimitedSite, WebApp
 from exporter.webconfig import WebConfigError
 from exporter.weblive import load_web_config
+
+if TYPE_CHECKING:  # imported where used: SQLite, decimal and csv are ~2.5 MB resident (benchmarks/README.md)
+    from exporter.statement import MonthTotalLike, Statement
+    from exporter.statestore import Health, StateStore
 
 log = logging.getLogger("exporter")
 
@@ -167,6 +170,8 @@ class App:
         persist: Persist | None = None
         saved = None
         if config.state_store:
+            from exporter.statestore import StateStore, StoreError
+
             legacy = config.state_file if config.state_file != config.state_store else None
             self.state = StateStore(config.state_store, legacy_json=legacy)
             persist = Persist(self.state, self.store)
@@ -271,6 +276,9 @@ class App:
         memory: each report's latest reading (its month to date) and its last closed month (restored
         from the state store after a restart); an older month from the state store (closed months are
         kept 25 months there)."""
+        from exporter.statement import totals_in_memory
+        from exporter.statestore import StoreError, read_month_totals
+
         totals: list[MonthTotalLike] = list(totals_in_memory(self.store.month_state(), month))
         if not totals and self.state is not None and self.config.state_store:
             try:
@@ -281,6 +289,8 @@ class App:
 
     def statement(self, month: str, group: str | None) -> Statement:
         """/statement: the month's figures with the running configuration's prices and labels."""
+        from exporter.statement import build, terms_of
+
         return build(self.month_totals(month), terms_of(self.config), month, group)
 
     async def reload(self) -> tuple[bool, str]:

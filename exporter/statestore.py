@@ -491,7 +491,7 @@ class StateStore:
                 raise _Unusable(f"format {version}, this exporter reads format {FORMAT}")
             for journal in self._journals:
                 journal.read(db)
-            state, self._count = _read(db, self.sink)
+            state, self._count = _read(db, self._journals, self.sink)
         except sqlite3.DatabaseError as error:
             db.close()
             if _corrupt(error):
@@ -925,25 +925,41 @@ def _drain(state: SavedState, sink: Sink) -> None:
     state.values, state.months = {}, SavedMonths()
 
 
-def _read(db: sqlite3.Connection, sink: Sink | None = None) -> tuple[SavedState, int]:
-    """Everything the store holds, row by row (the newest row of each token and report wins); values and
+def _newest(db: sqlite3.Connection, journal: _Journal, select: str) -> Iterator[Any]:
+    """The newest row of each name of ``journal``: ``select`` (``x`` the journal's table) over the other
+    generation, without the names the current one holds, then over the current one. Each generation
+    on its own: a GROUP BY over the view of both copied every row into a temporary table (+5 MB)."""
+    key = journal.key  # table and column names are ours, never input
+    newer = f" AND x.{key} NOT IN (SELECT {key} FROM {journal.table})"  # noqa: S608
+    for table, rest in ((journal.other, newer), (journal.table, "")):
+        newest = f" WHERE x.seq IN (SELECT max(seq) FROM {table} GROUP BY {key})"  # noqa: S608
+        yield from db.execute(select.format(table=table) + newest + rest + " ORDER BY x.seq")
+
+
+def _read(
+    db: sqlite3.Connection, journals: tuple[_Journal, _Journal], sink: Sink | None = None
+) -> tuple[SavedState, int]:
+    """Everything the store holds, row by row (the newest row of each token and report); values and
     months straight into ``sink`` when there is one. Also the count of values read."""
     state = SavedState()
     count = 0
     months_seen: dict[str, str] = {}
-    for token, *values in db.execute(
+    tokens, reports = journals
+    for token, *values in _newest(
+        db,
+        tokens,
         'SELECT n.token, level, at, paused_until, pause_intervals, burst, "limit" '
-        "FROM tokens t CROSS JOIN token_names n ON n.id = t.token "
-        "WHERE t.seq IN (SELECT max(seq) FROM tokens GROUP BY token) ORDER BY t.seq"
+        "FROM {table} x CROSS JOIN token_names n ON n.id = x.token",
     ):
         state.pacing.tokens[token] = {
             name: float(v) for name, v in zip(TOKEN_FIELDS, values, strict=True) if v is not None
         }
-    for op, api, token, due, value, at, seen_flag, seen_value, seen_at, seen_month in db.execute(
+    for op, api, token, due, value, at, seen_flag, seen_value, seen_at, seen_month in _newest(
+        db,
+        reports,
         "SELECT n.operation, n.api, t.token, due, value, fetched_at, seen, seen_value, seen_at, seen_month "
-        "FROM reports r CROSS JOIN report_names n ON n.id = r.report "
-        "LEFT JOIN token_names t ON t.id = r.token "
-        "WHERE r.seq IN (SELECT max(seq) FROM reports GROUP BY report) ORDER BY r.seq"
+        "FROM {table} x CROSS JOIN report_names n ON n.id = x.report "
+        "LEFT JOIN token_names t ON t.id = x.token",
     ):
         if due is not None and token:
             state.pacing.reports.setdefault(token, {})[f"{op}/{api}"] = float(due)
