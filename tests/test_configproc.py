@@ -24,6 +24,25 @@ def test_same_result_as_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isolated.operations[0].token.reveal() == "tok-from-env"  # the child saw the environment
 
 
+def test_equal_values_of_the_operations_stay_one_object(tmp_path: Path) -> None:
+    """At 10,000 operations a copy of each base URL and api list is ~1.5 MB for the process's life."""
+    path = tmp_path / "c.yml"
+    path.write_text(
+        "operations:\n"
+        + "".join(
+            f"  - {{server: wv{i}, token: t{i}, base_url: 'http://127.0.0.1:9', "
+            "apis: [stereo_rec, ivr_calls]}\n"
+            for i in range(3)
+        )
+        + "  - {server: other, token: t9, base_url: 'http://127.0.0.1:8', apis: [ivr_calls]}\n"
+    )
+    for config in (load_config(path), load_config_isolated(path)):
+        first, second, third, other = config.operations
+        assert first.base_url is second.base_url is third.base_url
+        assert first.apis is second.apis is third.apis
+        assert other.base_url == "http://127.0.0.1:8" and other.apis == ("ivr_calls",)
+
+
 def test_same_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.yml"
     path.write_text("operations: [{server: wv1, token: abc, colour: blue}]\n")
