@@ -21,10 +21,11 @@ its interval, every bucket as the budget allows), then:
            reservation; the share of budget rows settles within minutes): requests per
            second, bytes written per minute (write_bytes: the store's WAL and its checkpoints), the
            budget rows written per request (the reservation), RSS;
-  journal  the same rate of rows over ``--journal-minutes`` (default 50) of simulated time, in process,
-           through the real StateStore: what ``--seconds`` of the real exporter is too short to hold,
-           the journals' generations turning over (one round of 140,000 answers takes ~21 minutes);
-           then the load of the store that leaves (two generations, as a running exporter leaves it).
+  journal  ``--journal-minutes`` (default 50) of simulated time, in process: the real planner,
+           reservations and StateStore (``reservation_bench.simulate``), the store committed on the
+           writer thread's cadence: what ``--seconds`` of the real exporter is too short to hold (the
+           reservations' steady share of budget rows; the journals' generations turning over, one
+           round of 140,000 answers takes ~21 minutes); then the load of the store that leaves.
 
 Results: JSON on stdout (``--out`` to a file too), one line per step on stderr.
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import sqlite3
@@ -51,8 +51,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from harness import Process, exporter_args, simulator_args, start_program  # noqa: E402
+from reservation_bench import simulate  # noqa: E402
 from wolkbench.processes import MB, cpu_seconds, rss_mb  # noqa: E402
 
 from exporter.model import BILLING_APIS  # noqa: E402
@@ -60,7 +62,7 @@ from exporter.monthclose import Seen, utc_month  # noqa: E402
 from exporter.planner import plan_pace  # noqa: E402
 from exporter.refresher import token_key  # noqa: E402
 from exporter.secret import Secret  # noqa: E402
-from exporter.statestore import BATCH_SECONDS, StateStore  # noqa: E402
+from exporter.statestore import StateStore  # noqa: E402
 
 APIS = sorted(BILLING_APIS)[:14]
 LIMIT = 1000  # the default daily_request_limit
@@ -264,50 +266,22 @@ def self_written() -> int:
     raise RuntimeError("no write_bytes in /proc/self/io")
 
 
-def journal_run(
-    store: Path, ops: int, per_second: float, budget_share: float, minutes: float
-) -> dict[str, Any]:
-    """``per_second`` answers (and ``budget_share`` budget rows per answer) through the real StateStore
-    over ``minutes`` of simulated time, a transaction every BATCH_SECONDS: bytes written, turnovers
-    included; then the load of the store it leaves."""
-    build_store(store, ops, 300.0)
-    now = time.time()
-    clock = [now]
-    state = StateStore(store, wall=lambda: clock[0])
-    state.load()
-    pace = plan_pace([300.0] * len(APIS), LIMIT)
-    extra = {"pause_intervals": 0.0, "burst": float(pace.burst), "limit": float(LIMIT)}
-    keys = [token_key(Secret(f"store-token-{i:05d}")) for i in range(ops)]
-    month, reports = utc_month(now), ops * len(APIS)
-    # Answers in the order of their due times: a token's reports spread over its stretched interval.
-    order = sorted(range(reports), key=lambda r: r % len(APIS) + (r // len(APIS)) / ops)
-    budget, answers = 0.0, 0
-    before = self_written()
-    seconds = int(minutes * 60)
-    step = int(BATCH_SECONDS)
-    for second in range(0, seconds, step):
-        clock[0] = now + second
-        for _ in range(round(per_second * step)):
-            i, j = divmod(order[answers % reports], len(APIS))
-            at = clock[0] + (answers % 100) / 100
-            budget += budget_share
-            if budget >= 1.0:
-                budget -= 1.0
-                state.put_token(keys[i], float(pace.burst // 2), float(math.ceil(at)), 0.0, extra)
-            value = float(1000 + i + j + answers // reports)
-            seen = Seen(value, at, month)
-            state.put_report(f"op-{i:05d}", APIS[j], keys[i], at + 300 * pace.stretch, (value, at), seen)
-            answers += 1
-        state.flush()  # the writer thread's transaction, on the simulated clock
-    state.stop()
-    written_bytes = self_written() - before
+def journal_run(store: Path, ops: int, minutes: float) -> dict[str, Any]:
+    """The real planner, reservations and StateStore over ``minutes`` of simulated time
+    (``reservation_bench.simulate``: ~113 requests a second at 10,000 tokens, the store written on the
+    writer thread's cadence): bytes written, the journals' turnovers included; then the load of the
+    store it leaves."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    run = simulate(ops, minutes, str(store))
     size = round(sum(p.stat().st_size for p in store.parent.glob(store.name + "*")) / MB, 2)
+    windows = [w["written_mb"] / 5 for w in run["windows"]]
     return {
         "simulated_minutes": minutes,
-        "answers": answers,
-        "turnovers": dict(state.turnovers),
-        "written_mb_per_minute": round(written_bytes / MB / minutes, 2),
-        "written_bytes_per_request": round(written_bytes / answers),
+        "requests": run["requests"],
+        "budget_rows_per_request": run["rows_per_request"],
+        "transactions": run["transactions"],
+        **run["state_store"],
+        "worst_5_minutes_mb_per_minute": round(max(windows), 2) if windows else None,
         "store_mb_after": size,
         "load_after": load_run(store, ops),
     }
@@ -345,13 +319,7 @@ def run(
         build_store(steady_store, ops, 300.0)
         steady = steady_run(workdir, ops, steady_store, seconds, settle)
         say(f"with the store, steady refresh: {steady}")
-        journal = journal_run(
-            workdir / "journal" / "state.db",
-            ops,
-            steady["requests_per_second"],
-            steady["budget_rows_per_request"],
-            journal_minutes,
-        )
+        journal = journal_run(workdir / "journal" / "state.db", ops, journal_minutes)
         say(f"the journals over {journal_minutes} simulated minutes: {journal}")
     return {
         "operations": ops,
