@@ -258,14 +258,6 @@ def steady_run(workdir: Path, ops: int, store: Path, seconds: float, settle: flo
         sim.stop()
 
 
-def self_written() -> int:
-    with open("/proc/self/io", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/self/io")
-
-
 def journal_run(store: Path, ops: int, minutes: float) -> dict[str, Any]:
     """The real planner, reservations and StateStore over ``minutes`` of simulated time
     (``reservation_bench.simulate``: ~113 requests a second at 10,000 tokens, the store written on the

@@ -44,6 +44,7 @@ from exporter.statestore import (
     PAGE_SIZE,
     WARN_SECONDS,
     MonthTotal,
+    SavedState,
     StateStore,
     StoreError,
     months_available,
@@ -162,16 +163,25 @@ def test_a_format_3_store_is_migrated_with_its_budget(
             ],
         )
         db.execute("INSERT INTO months VALUES ('bogota', 'stereo_rec', '2026-11', 43000.5, ?)", (AT - 3600,))
-    with pytest.raises(StoreError, match="format 3: start the exporter once"):
+    state = migrated(path, 3, caplog)
+    assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300}}
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def migrated(path: Path, version: int, caplog: pytest.LogCaptureFixture) -> SavedState:
+    """A store of ``version`` (what ``fill`` writes, and a closed November): refused by the statement,
+    migrated by a load with one line, its budget, values and months carried over, the newest rows only."""
+    with pytest.raises(StoreError, match=f"format {version}: start the exporter once"):
         read_month_totals(path, "2026-11")
     with caplog.at_level(logging.INFO, logger="exporter.statestore"):
         store = StateStore(path)
         state = store.load()
     store.stop()
-    assert any("migrated from format 3" in r.getMessage() for r in caplog.records)
-    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert any(f"migrated from format {version}" in r.getMessage() for r in caplog.records)
+    assert not [p for p in path.parent.iterdir() if ".corrupt-" in p.name]
     assert state.pacing.tokens == FILLED_TOKENS
-    assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300}}
     assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
     assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
     assert read_month_totals(path, "2026-11") == [
@@ -179,9 +189,8 @@ def test_a_format_3_store_is_migrated_with_its_budget(
     ]
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == FORMAT
-        assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("SELECT count(*) FROM reports").fetchone()[0] == 2  # the newest row of each
+    assert rows(path, "tokens") == 1 and rows(path, "reports") == 2  # the newest row of each
+    return state
 
 
 # Format 4: each journal in one table, the newest row (highest rowid) of a token or report its state.
@@ -218,19 +227,8 @@ def test_a_format_4_store_is_migrated_with_its_budget(
     path = tmp_path / "state.db"
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.executescript(FORMAT_4)
-    with pytest.raises(StoreError, match="format 4: start the exporter once"):
-        read_month_totals(path, "2026-11")
-    with caplog.at_level(logging.INFO, logger="exporter.statestore"):
-        store = StateStore(path)
-        state = store.load()
-    store.stop()
-    assert any("migrated from format 4" in r.getMessage() for r in caplog.records)
-    assert state.pacing.tokens == FILLED_TOKENS
+    state = migrated(path, 4, caplog)
     assert state.pacing.reports == {KEY: {"bogota/stereo_rec": AT + 300, "lima/stereo_rec": AT + 400}}
-    assert state.values == {"bogota": {"stereo_rec": (1234.5, AT)}}
-    assert state.months.seen == {"bogota": {"stereo_rec": Seen(1234.5, AT, "2026-12")}}
-    assert read_month_totals(path, "2026-11")[0].value == 43_000.5
-    assert rows(path, "tokens") == 1 and rows(path, "reports") == 2  # the newest row of each
 
 
 def test_a_journal_turns_over_keeping_the_newest_row_of_every_report(
