@@ -195,9 +195,9 @@ class Refresher:
         self._apply(self._config)
         # The restored due times have been used: keep only the tokens' saved buckets (a token a later
         # reload adds may still find its own). 140,000 due times were ~30 MB for the life of the process.
-        restored = self._last_saved
-        self._planner.restore(SavedPacing(tokens=restored.tokens))
-        self._last_saved = SavedPacing(tokens=restored.tokens)
+        tokens = self._last_saved.tokens  # (not the whole SavedPacing: a local lives as long as this loop)
+        self._planner.restore(SavedPacing(tokens=tokens))
+        self._last_saved = SavedPacing(tokens=tokens)
         self._scheduler = loop.create_task(self._schedule(), name="scheduler")
         self._ready.set()
         try:
