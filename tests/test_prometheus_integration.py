@@ -769,8 +769,8 @@ def test_http_500_raises_fetch_failing_with_the_reason_and_resolves(stack: Stack
         )
         description = alert["annotations"]["description"]
         host = stack.simulator_url.removeprefix("http://")
-        # Each failing report with its reason, host and message; the first few by api (which of bogota's
-        # services have failed by the time the alert fires depends on the pace).
+        # Each failing service with its reason, host and message (which of bogota's services have been
+        # asked, and failed, by the time the alert fires depends on the pace).
         failing = rf'\b[a-z_]+: http_status from {re.escape(host)}: "HTTP 500'
         assert re.search(failing, description), description
         assert "First step (http_status)" in description, description
