@@ -88,6 +88,11 @@ class _Rows:
     committed: _Row | None = None  # the newest row known committed
     handed: tuple[_Row, ...] = ()  # handed after it, oldest first, not known committed
 
+    @property
+    def newest(self) -> _Row | None:
+        """The row a restart would read if every row handed were committed."""
+        return self.handed[-1] if self.handed else self.committed
+
 
 def margin_of(limit: float) -> int:
     """A reservation's margin (requests) for a token of daily limit ``limit``."""
@@ -173,7 +178,7 @@ class Reservations:
             rows = self._rows.get(key)
             if rows is None:
                 continue
-            newest = rows.handed[-1] if rows.handed else rows.committed
+            newest = rows.newest
             if newest is not None and newest.pace != (token["burst"], token["limit"]):
                 self._hand_kept(key, self._settled(key), token)
 
@@ -183,7 +188,7 @@ class Reservations:
         none of it."""
         for key, token in tokens.items():
             rows = self._settled(key) if key in self._rows else None
-            newest = None if rows is None else rows.handed[-1] if rows.handed else rows.committed
+            newest = None if rows is None else rows.newest
             if rows is None or newest is None or not _BUCKET <= token.keys():
                 continue  # nothing handed, or the restored state of a refresher that never ran
             pace = saved_pace(token["burst"], token["limit"])
@@ -256,7 +261,7 @@ class Reservations:
         """Hand the bucket ``token`` at the lower of its level and what the newest row restores then."""
         level, at = token["level"], token["at"]
         pace = saved_pace(token["burst"], token["limit"])
-        newest = rows.handed[-1] if rows.handed else rows.committed
+        newest = rows.newest
         if newest is not None:
             level = min(level, _restore(newest, at, pace))
         if margin_of(pace.limit):

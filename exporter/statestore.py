@@ -320,6 +320,15 @@ class _Journal:
         self.rows = db.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]  # noqa: S608
         self.live = db.execute(f"SELECT count(*) FROM {self.names}").fetchone()[0]  # noqa: S608
 
+    def newest(self, table: str, alias: str = "") -> str:
+        """The WHERE clause of the rows of generation ``table`` that are the newest of their name: the
+        newest of its own, and, in the other generation, only names the current one does not hold."""
+        key = self.key  # table and column names are ours, never input
+        where = f" WHERE {alias}seq IN (SELECT max(seq) FROM {table} GROUP BY {key})"  # noqa: S608
+        if table == self.other:
+            where += f" AND {alias}{key} NOT IN (SELECT {key} FROM {self.table})"  # noqa: S608
+        return where
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
@@ -328,12 +337,8 @@ class _Journal:
         """Inside a transaction: the other generation's rows still newest for their name move into the
         current one, the other is emptied and is to become current (``turned_over``, once committed).
         The count of names."""
-        other, key = self.other, self.key
-        db.execute(
-            f"INSERT INTO {self.table} SELECT * FROM {other} "  # noqa: S608
-            f"WHERE seq IN (SELECT max(seq) FROM {other} GROUP BY {key}) "
-            f"AND {key} NOT IN (SELECT {key} FROM {self.table})"
-        )
+        other = self.other
+        db.execute(f"INSERT INTO {self.table} SELECT * FROM {other}{self.newest(other)}")  # noqa: S608
         db.execute(f"DELETE FROM {other}")  # noqa: S608 (no WHERE: the whole table's pages are freed)
         db.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -581,7 +586,7 @@ class StateStore:
                 for api, closed in closed_ones.items():
                     if closed.month is not None:
                         self._pending.months[(op, api, closed.month)] = (closed.value, closed.at)
-        self._flush()
+        self.flush()
         if not legacy.name.endswith(".migrated"):
             with contextlib.suppress(OSError):
                 os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
@@ -604,7 +609,7 @@ class StateStore:
         self._urgent.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=10.0)
-        self._flush()
+        self.flush()
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -673,16 +678,13 @@ class StateStore:
             self._wake.clear()
             self._urgent.clear()
             try:
-                self._flush()
+                self.flush()
             except Exception as error:  # a bug of ours: keep the thread (requests wait on it)
                 self._failed("unexpected error", error)
 
     def flush(self) -> None:
         """Write what is pending now, in the calling thread (the writer thread does this on its cadence;
-        a benchmark on its own clock)."""
-        self._flush()
-
-    def _flush(self) -> None:
+        ``stop`` once more; a benchmark on its own clock)."""
         with self._lock:
             pending, self._pending = self._pending, _Pending()
         if not pending:
@@ -929,11 +931,8 @@ def _newest(db: sqlite3.Connection, journal: _Journal, select: str) -> Iterator[
     """The newest row of each name of ``journal``: ``select`` (``x`` the journal's table) over the other
     generation, without the names the current one holds, then over the current one. Each generation
     on its own: a GROUP BY over the view of both copied every row into a temporary table (+5 MB)."""
-    key = journal.key  # table and column names are ours, never input
-    newer = f" AND x.{key} NOT IN (SELECT {key} FROM {journal.table})"  # noqa: S608
-    for table, rest in ((journal.other, newer), (journal.table, "")):
-        newest = f" WHERE x.seq IN (SELECT max(seq) FROM {table} GROUP BY {key})"  # noqa: S608
-        yield from db.execute(select.format(table=table) + newest + rest + " ORDER BY x.seq")
+    for table in (journal.other, journal.table):
+        yield from db.execute(select.format(table=table) + journal.newest(table, "x.") + " ORDER BY x.seq")
 
 
 def _read(

@@ -498,11 +498,11 @@ def test_failed_writes_are_counted_and_warned_about_once_an_hour(
     with caplog.at_level(logging.WARNING, logger="exporter.statestore"):
         for i in range(5):
             store.put_token(KEY, 1.0, AT + i, 0.0)
-            store._flush()
+            store.flush()
             clock[0] += 60
         clock[0] += WARN_SECONDS
         store.put_token(KEY, 1.0, AT, 0.0)
-        store._flush()
+        store.flush()
     assert store.write_errors == 6 and health[-1].write_errors == 6 and health[-1].last_write is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "disk is full" in warnings[0] and "once an hour" in warnings[0]
